@@ -1,0 +1,96 @@
+"""keeplink: reliable links to unreliable devices.
+
+The public API is what ``__all__`` lists; everything in ``keeplink._*`` is private.
+"""
+
+from keeplink._channel import Codec, StreamChannel
+from keeplink._clock import SystemClock, VirtualClock, deadline, sleep_until
+from keeplink._core.backoff import Backoff
+from keeplink._core.classify import MESSAGE_MARKERS, classify, error_from_code
+from keeplink._core.clock import Clock, Timer
+from keeplink._core.errors import (
+    AbortedError,
+    AuthError,
+    ConfigError,
+    DeviceNotFoundError,
+    DeviceUnavailableError,
+    ErrorClass,
+    ErrorCode,
+    ExpiredError,
+    InvalidRequestError,
+    KeeplinkError,
+    LinkBrokenError,
+    LinkClosedError,
+    ProtocolError,
+    RejectedError,
+    RequestCancelledError,
+    RequestTimeout,
+    SlotsExhaustedError,
+    error_class_of,
+)
+from keeplink._core.jsonline import Malformed
+from keeplink._core.states import IllegalTransitionError, LinkState
+from keeplink._driver import Channel, Driver, FrameChannel, HeartbeatReply, Reply, SessionInfo
+from keeplink._events import (
+    ErrorInfo,
+    FrameReceived,
+    LinkEvent,
+    LinkStateChanged,
+    ProtocolErrorSeen,
+    SideDataReceived,
+)
+from keeplink._link import LIVENESS_RATIO, Link, LinkStatistics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LIVENESS_RATIO",
+    "MESSAGE_MARKERS",
+    "AbortedError",
+    "AuthError",
+    "Backoff",
+    "Channel",
+    "Clock",
+    "Codec",
+    "ConfigError",
+    "DeviceNotFoundError",
+    "DeviceUnavailableError",
+    "Driver",
+    "ErrorClass",
+    "ErrorCode",
+    "ErrorInfo",
+    "ExpiredError",
+    "FrameChannel",
+    "FrameReceived",
+    "HeartbeatReply",
+    "IllegalTransitionError",
+    "InvalidRequestError",
+    "KeeplinkError",
+    "Link",
+    "LinkBrokenError",
+    "LinkClosedError",
+    "LinkEvent",
+    "LinkState",
+    "LinkStateChanged",
+    "LinkStatistics",
+    "Malformed",
+    "ProtocolError",
+    "ProtocolErrorSeen",
+    "RejectedError",
+    "Reply",
+    "RequestCancelledError",
+    "RequestTimeout",
+    "SessionInfo",
+    "SideDataReceived",
+    "SlotsExhaustedError",
+    "StreamChannel",
+    "SystemClock",
+    "Timer",
+    "VirtualClock",
+    "__version__",
+    "classify",
+    "deadline",
+    "error_class_of",
+    "error_from_code",
+    "sleep_until",
+]

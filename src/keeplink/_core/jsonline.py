@@ -1,0 +1,332 @@
+"""The jsonline reference protocol, sans-IO: typed frames, a decoder and an encoder.
+
+Newline-delimited JSON objects, UTF-8, one object a line, at most 64 KiB a line
+(DESIGN §4). Bytes go in, frames come out; frames go in, bytes come out. Nothing here
+touches a socket or a clock.
+
+A line that is not a valid frame (bad UTF-8, bad JSON, not an object, unknown type, a field
+of the wrong type, too long) becomes a :class:`Malformed` item in the decoder's output, in
+its place among the frames: it is the caller's to count and log. It never raises and never
+disturbs the frames around it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeAlias
+
+from keeplink._core.errors import InvalidRequestError
+
+__all__ = [
+    "MAX_LINE",
+    "PROTOCOL_VERSION",
+    "Ack",
+    "ErrorFrame",
+    "Frame",
+    "Hello",
+    "JsonLineDecoder",
+    "Malformed",
+    "Ping",
+    "Pong",
+    "Req",
+    "StatePush",
+    "Welcome",
+    "encode_frame",
+]
+
+MAX_LINE: Final = 64 * 1024
+"""Longest line in bytes, newline excluded (DESIGN §4)."""
+PROTOCOL_VERSION: Final = 1
+_MAX_SEQ: Final = 2**32 - 1
+_SAMPLE: Final = 80  # bytes of a bad line kept for the log: enough to recognise, never a dump
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    token: str | None = None
+    v: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    device: str
+    fw: str | None = None
+    v: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame:
+    code: str
+    msg: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Req:
+    seq: int
+    op: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """A reply. ``ok`` true carries ``result``; false carries the device's ``code``/``msg``.
+
+    ``extra`` holds side data beyond the protocol's fields (e.g. ``rssi``).
+    """
+
+    seq: int
+    ok: bool
+    result: Mapping[str, Any] | None = None
+    code: str | None = None
+    msg: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class StatePush:
+    values: Mapping[str, Any]
+
+
+Frame: TypeAlias = Hello | Welcome | ErrorFrame | Req | Ack | Ping | Pong | StatePush
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A line that is not a valid frame: why, and the first bytes of it."""
+
+    reason: str
+    sample: bytes
+
+
+class _BadFrame(Exception):
+    """Internal: a field check failed while parsing one line."""
+
+
+def _field(obj: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    if name not in obj:
+        raise _BadFrame(f"missing field {name!r}")
+    value = obj[name]
+    if (
+        isinstance(value, bool)
+        and kind is not bool
+        and not (isinstance(kind, tuple) and bool in kind)
+    ):
+        raise _BadFrame(f"field {name!r} must be {_kind_name(kind)}, got bool")
+    if not isinstance(value, kind):
+        raise _BadFrame(f"field {name!r} must be {_kind_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _optional(obj: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    if obj.get(name) is None:
+        return None
+    return _field(obj, name, kind)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return kind.__name__
+
+
+def _seq(obj: Mapping[str, Any]) -> int:
+    seq: int = _field(obj, "seq", int)
+    if not 0 <= seq <= _MAX_SEQ:
+        raise _BadFrame(f"field 'seq' out of range: {seq}")
+    return seq
+
+
+_ACK_FIELDS: Final = frozenset({"t", "seq", "ok", "result", "code", "msg"})
+
+
+def _parse(obj: Mapping[str, Any]) -> Frame:
+    kind = _field(obj, "t", str)
+    if kind == "ack":
+        ok: bool = _field(obj, "ok", bool)
+        extra = {k: v for k, v in obj.items() if k not in _ACK_FIELDS}
+        code = _optional(obj, "code", str)
+        if not ok and code is None:
+            code = "rejected"
+        return Ack(
+            seq=_seq(obj),
+            ok=ok,
+            result=_optional(obj, "result", dict),
+            code=code,
+            msg=_optional(obj, "msg", str),
+            extra=extra,
+        )
+    if kind == "state":
+        return StatePush(values=_field(obj, "values", dict))
+    if kind == "ping":
+        return Ping()
+    if kind == "pong":
+        return Pong()
+    if kind == "req":
+        args = _optional(obj, "args", dict)
+        return Req(
+            seq=_seq(obj),
+            op=_field(obj, "op", str),
+            args=args if args is not None else {},
+            key=_optional(obj, "key", str),
+        )
+    if kind == "hello":
+        v = _optional(obj, "v", int)
+        return Hello(token=_optional(obj, "token", str), v=v if v is not None else 1)
+    if kind == "welcome":
+        v = _optional(obj, "v", int)
+        return Welcome(
+            device=_field(obj, "device", str),
+            fw=_optional(obj, "fw", str),
+            v=v if v is not None else 1,
+        )
+    if kind == "error":
+        msg = _optional(obj, "msg", str)
+        return ErrorFrame(code=_field(obj, "code", str), msg=msg if msg is not None else "")
+    raise _BadFrame(f"unknown frame type {kind!r}")
+
+
+def _decode_line(line: bytes) -> Frame | Malformed:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Malformed(f"invalid UTF-8 at byte {exc.start}", line[:_SAMPLE])
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, and RecursionError-free ValueErrors
+        return Malformed(f"invalid JSON: {exc.msg if hasattr(exc, 'msg') else exc}", line[:_SAMPLE])
+    except RecursionError:
+        return Malformed("invalid JSON: nested too deeply", line[:_SAMPLE])
+    if not isinstance(obj, dict):
+        return Malformed(f"not a JSON object but {type(obj).__name__}", line[:_SAMPLE])
+    try:
+        return _parse(obj)
+    except _BadFrame as exc:
+        return Malformed(str(exc), line[:_SAMPLE])
+
+
+class JsonLineDecoder:
+    """Bytes in, frames (and :class:`Malformed` items) out, in wire order.
+
+    A line longer than ``max_line`` is reported once as malformed and skipped up to its
+    newline, without buffering it: memory stays bounded whatever the peer sends.
+    """
+
+    __slots__ = ("_buffer", "_discarded", "_discarding", "max_line")
+
+    def __init__(self, *, max_line: int = MAX_LINE) -> None:
+        self.max_line = max_line
+        self._buffer = bytearray()
+        self._discarding = False
+        self._discarded = b""
+
+    def feed(self, data: bytes) -> list[Frame | Malformed]:
+        """Consume ``data``; return every item completed by it."""
+        out: list[Frame | Malformed] = []
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while True:
+            newline = buffer.find(b"\n", start)
+            if newline < 0:
+                break
+            if self._discarding:
+                self._discarding = False
+            else:
+                line = bytes(buffer[start:newline]).rstrip(b"\r")
+                if len(line) > self.max_line:
+                    out.append(self._too_long(line[:_SAMPLE]))
+                elif line.strip():
+                    out.append(_decode_line(line))
+            start = newline + 1
+        del buffer[:start]
+        if len(buffer) > self.max_line:
+            if not self._discarding:
+                out.append(self._too_long(bytes(buffer[:_SAMPLE])))
+                self._discarding = True
+            buffer.clear()
+        return out
+
+    def _too_long(self, sample: bytes) -> Malformed:
+        return Malformed(f"line longer than {self.max_line} bytes", sample)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held waiting for a newline."""
+        return len(self._buffer)
+
+
+def _frame_to_obj(frame: Frame) -> dict[str, Any]:
+    if isinstance(frame, Req):
+        obj: dict[str, Any] = {
+            "t": "req",
+            "seq": frame.seq,
+            "op": frame.op,
+            "args": dict(frame.args),
+        }
+        if frame.key is not None:
+            obj["key"] = frame.key
+        return obj
+    if isinstance(frame, Ack):
+        obj = {"t": "ack", "seq": frame.seq, "ok": frame.ok}
+        if frame.result is not None:
+            obj["result"] = dict(frame.result)
+        if frame.code is not None:
+            obj["code"] = frame.code
+        if frame.msg is not None:
+            obj["msg"] = frame.msg
+        for key, value in frame.extra.items():
+            if key not in _ACK_FIELDS:
+                obj[key] = value
+        return obj
+    if isinstance(frame, Ping):
+        return {"t": "ping"}
+    if isinstance(frame, Pong):
+        return {"t": "pong"}
+    if isinstance(frame, StatePush):
+        return {"t": "state", "values": dict(frame.values)}
+    if isinstance(frame, Hello):
+        obj = {"t": "hello", "v": frame.v}
+        if frame.token is not None:
+            obj["token"] = frame.token
+        return obj
+    if isinstance(frame, Welcome):
+        obj = {"t": "welcome", "v": frame.v, "device": frame.device}
+        if frame.fw is not None:
+            obj["fw"] = frame.fw
+        return obj
+    return {"t": "error", "code": frame.code, "msg": frame.msg}
+
+
+def encode_frame(frame: Frame, *, max_line: int = MAX_LINE) -> bytes:
+    """Serialize one frame to one line (newline included).
+
+    Raises :class:`InvalidRequestError` if the frame holds values JSON cannot carry, a
+    sequence number outside 32 bits, or would exceed ``max_line`` bytes.
+    """
+    if isinstance(frame, Req | Ack) and not 0 <= frame.seq <= _MAX_SEQ:
+        raise InvalidRequestError(f"seq {frame.seq} is outside 0..{_MAX_SEQ}")
+    try:
+        text = json.dumps(
+            _frame_to_obj(frame), separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"frame cannot be encoded as JSON: {exc}") from exc
+    data = text.encode("utf-8")
+    if len(data) > max_line:
+        raise InvalidRequestError(
+            f"encoded frame is {len(data)} bytes, over the {max_line}-byte line limit"
+        )
+    return data + b"\n"

@@ -1,0 +1,160 @@
+"""The jsonline reference driver (DESIGN §4): newline-delimited JSON over TCP or TLS.
+
+    driver = JsonLineDriver(host="127.0.0.1", port=7001, token="s3cret")
+    async with Link(driver, name="hall-thermostat") as link:
+        await link.wait_connected()
+        outcome = await link.request("set", {"target": 21.5}, timeout=5)
+
+TLS: pass an :class:`ssl.SSLContext` (for client certificates, load them into the context
+with ``load_cert_chain``). Heartbeats are ``{"t":"ping"}``, fire and forget; a device may
+answer ``pong`` or nothing, so its silence only counts once it has answered one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Mapping
+from typing import Any, Final
+
+from keeplink._channel import CLOSING_ERRORS, StreamChannel, tune_socket
+from keeplink._core.classify import broken_from, error_from_code
+from keeplink._core.errors import ConfigError, InvalidRequestError, ProtocolError
+from keeplink._core.jsonline import (
+    MAX_LINE,
+    Ack,
+    ErrorFrame,
+    Frame,
+    Hello,
+    JsonLineDecoder,
+    Malformed,
+    Ping,
+    Pong,
+    Req,
+    Welcome,
+    encode_frame,
+)
+from keeplink._driver import FrameChannel, HeartbeatReply, Reply, SessionInfo
+
+__all__ = ["JsonLineCodec", "JsonLineDriver"]
+
+SEQ_WIDTHS: Final = (8, 16, 32)
+
+
+class JsonLineCodec:
+    """The jsonline :class:`~keeplink.Codec`: one decoder per channel, stateless encoding."""
+
+    __slots__ = ("_decoder", "max_line")
+
+    def __init__(self, *, max_line: int = MAX_LINE) -> None:
+        self.max_line = max_line
+        self._decoder = JsonLineDecoder(max_line=max_line)
+
+    def feed(self, data: bytes) -> list[Frame | Malformed]:
+        return self._decoder.feed(data)
+
+    def encode(self, frame: Frame) -> bytes:
+        return encode_frame(frame, max_line=self.max_line)
+
+
+class JsonLineDriver:
+    """Speaks jsonline to one device. Keyword-only configuration, checked at construction.
+
+    Raises :class:`ConfigError` for a bad port, sequence width or in-flight limit.
+    """
+
+    name = "jsonline"
+    heartbeat_reply = HeartbeatReply.MAYBE
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        seq_bits: int = 32,
+        max_in_flight: int = 64,
+        heartbeat: bool = True,
+    ) -> None:
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise ConfigError(f"jsonline: port must be 1..65535, got {port!r}")
+        if seq_bits not in SEQ_WIDTHS:
+            raise ConfigError(f"jsonline: seq_bits must be one of {SEQ_WIDTHS}, got {seq_bits!r}")
+        if not isinstance(max_in_flight, int) or not 1 <= max_in_flight <= 2**seq_bits:
+            raise ConfigError(
+                f"jsonline: max_in_flight must be 1..{2**seq_bits}, got {max_in_flight!r}"
+            )
+        self.host = host
+        self.port = port
+        self.token = token
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.seq_bits = seq_bits
+        self.max_in_flight = max_in_flight
+        self._heartbeat = heartbeat
+
+    def __repr__(self) -> str:
+        tls = " tls" if self.ssl_context is not None else ""
+        return f"JsonLineDriver({self.host}:{self.port}{tls})"
+
+    async def open(self) -> StreamChannel[Frame]:
+        """Open the TCP (or TLS) connection. Raises LinkBrokenError, or AuthError for a
+        certificate that does not verify; the OS error is ``__cause__``."""
+        try:
+            reader, writer = await asyncio.open_connection(
+                self.host,
+                self.port,
+                ssl=self.ssl_context,
+                server_hostname=self.server_hostname if self.ssl_context is not None else None,
+                limit=2 * MAX_LINE,
+            )
+        except CLOSING_ERRORS as exc:
+            raise broken_from(exc, f"cannot connect to {self.host}:{self.port}") from exc
+        tune_socket(writer)
+        return StreamChannel(reader, writer, JsonLineCodec(), peer=f"{self.host}:{self.port}")
+
+    async def handshake(self, channel: FrameChannel[Frame]) -> SessionInfo:
+        """Send ``hello``; wait for ``welcome``. An ``error`` frame becomes its typed error
+        (``auth_failed`` → AuthError). Other frames before the welcome are ignored."""
+        await channel.send(Hello(token=self.token))
+        while True:
+            frame = await channel.receive()
+            if isinstance(frame, Welcome):
+                return SessionInfo(device_id=frame.device, firmware=frame.fw, extra={"v": frame.v})
+            if isinstance(frame, ErrorFrame):
+                raise error_from_code(frame.code, frame.msg or f"peer refused: {frame.code}")
+            if isinstance(frame, Hello | Req):
+                raise ProtocolError(f"unexpected {type(frame).__name__} frame during handshake")
+
+    def heartbeat_frame(self) -> Frame | None:
+        return Ping() if self._heartbeat else None
+
+    def is_heartbeat_reply(self, frame: Frame) -> bool:
+        return isinstance(frame, Pong)
+
+    def build_request(self, seq: int, op: str, args: Mapping[str, Any], key: str | None) -> Frame:
+        if not isinstance(op, str) or not op:
+            raise InvalidRequestError(f"op must be a non-empty string, got {op!r}")
+        if not isinstance(args, Mapping):
+            raise InvalidRequestError(f"args must be a mapping, got {type(args).__name__}")
+        if any(not isinstance(k, str) for k in args):
+            raise InvalidRequestError("args keys must be strings")
+        if key is not None and (not isinstance(key, str) or not key):
+            raise InvalidRequestError(f"key must be a non-empty string or None, got {key!r}")
+        frame = Req(seq=seq, op=op, args=dict(args), key=key)
+        encode_frame(frame)  # fail now, before a sequence number is spent on the wire
+        return frame
+
+    def match_reply(self, frame: Frame) -> Reply | None:
+        if not isinstance(frame, Ack):
+            return None
+        return Reply(
+            seq=frame.seq,
+            ok=frame.ok,
+            result=frame.result if frame.result is not None else {},
+            code=frame.code,
+            message=frame.msg,
+            side=frame.extra,
+        )

@@ -1,0 +1,20 @@
+"""Tools for testing integrations built on keeplink; shipped because you need them too.
+
+- :class:`DeviceSimulator`: a jsonline device on loopback with real devices' bad habits.
+- :class:`FaultProxy`: a TCP proxy that injects the network's bad habits at run time.
+- :class:`VirtualClock`: exact, repeatable time for every timeout and backoff.
+- ``keeplink.testing.pytest_plugin``: a ``virtual_clock`` fixture and a leak check.
+"""
+
+from keeplink._clock import VirtualClock
+from keeplink.testing.faultproxy import FaultProxy, ProxyStatistics
+from keeplink.testing.sim import AppliedCommand, DeviceSimulator, SimStatistics
+
+__all__ = [
+    "AppliedCommand",
+    "DeviceSimulator",
+    "FaultProxy",
+    "ProxyStatistics",
+    "SimStatistics",
+    "VirtualClock",
+]
