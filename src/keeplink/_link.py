@@ -263,10 +263,12 @@ class Link(Generic[F]):
         self._attempt = 0
         self._terminal_error = None
         self._retry_at = None
-        self._supervisor = asyncio.get_running_loop().create_task(
+        loop = asyncio.get_running_loop()  # before any change: outside a loop, nothing moves
+        self._supervisor = loop.create_task(
             self._supervise(), name=f"keeplink[{self.name}].supervisor"
         )
         self._supervisor.add_done_callback(self._on_supervisor_done)
+        self._set_state(_S.CONNECTING)  # observable at once; the supervisor carries on from here
 
     def connect(self) -> None:
         """A manual connect: start the link if it is not running, else skip the backoff wait.

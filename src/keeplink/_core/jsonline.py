@@ -198,15 +198,20 @@ def _parse(obj: Mapping[str, Any]) -> Frame:
     raise _BadFrame(f"unknown frame type {kind!r}")
 
 
+def _refuse_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; JSON does not, and neither do we.
+    raise ValueError(f"{name} is not JSON")
+
+
 def _decode_line(line: bytes) -> Frame | Malformed:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
         return Malformed(f"invalid UTF-8 at byte {exc.start}", line[:_SAMPLE])
     try:
-        obj = json.loads(text)
-    except ValueError as exc:  # JSONDecodeError, and RecursionError-free ValueErrors
-        return Malformed(f"invalid JSON: {exc.msg if hasattr(exc, 'msg') else exc}", line[:_SAMPLE])
+        obj = json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as exc:  # JSONDecodeError, and the NaN/Infinity refusal
+        return Malformed(f"invalid JSON: {exc}", line[:_SAMPLE])
     except RecursionError:
         return Malformed("invalid JSON: nested too deeply", line[:_SAMPLE])
     if not isinstance(obj, dict):
