@@ -15,7 +15,7 @@ IO_BOUND_S = 10.0
 async def eventually(predicate: Callable[[], bool], *, what: str = "condition") -> None:
     """Wait until ``predicate()`` holds, yielding to the loop; fail after IO_BOUND_S."""
     async with asyncio.timeout(IO_BOUND_S):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - polls the effects of real I/O
             await asyncio.sleep(0.001)
     assert predicate(), what
 

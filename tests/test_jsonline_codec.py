@@ -125,7 +125,12 @@ frames = st.one_of(
         result=st.dictionaries(st.text(max_size=5), st.booleans()),
         extra=st.dictionaries(st.sampled_from(["rssi", "device"]), st.integers(-100, 0)),
     ),
-    st.builds(StatePush, values=st.dictionaries(st.text(max_size=5), st.floats(allow_nan=False, allow_infinity=False))),
+    st.builds(
+        StatePush,
+        values=st.dictionaries(
+            st.text(max_size=5), st.floats(allow_nan=False, allow_infinity=False)
+        ),
+    ),
 )
 
 
@@ -151,7 +156,9 @@ def test_random_bytes_never_raise_and_never_invent_frames_from_garbage(data: byt
     for item in out:
         if not isinstance(item, Malformed):
             # Anything that decoded really is a frame on the wire.
-            assert isinstance(item, Ping | Pong | Ack | Req | StatePush | Hello | Welcome | ErrorFrame)
+            assert isinstance(
+                item, Ping | Pong | Ack | Req | StatePush | Hello | Welcome | ErrorFrame
+            )
 
 
 def test_encoding_is_compact_json_one_object_a_line() -> None:

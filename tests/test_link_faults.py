@@ -11,15 +11,15 @@ import logging
 from typing import Any
 
 import pytest
-from helpers import Recorder, eventually, until_state
-from linkfixtures import HEARTBEAT_S, LinkFactory
 
+from helpers import Recorder, eventually, until_state
 from keeplink import (
     AuthError,
     Backoff,
     DeviceUnavailableError,
     ErrorCode,
     Link,
+    LinkClosedError,
     LinkState,
     RequestTimeout,
     StreamChannel,
@@ -28,6 +28,7 @@ from keeplink import (
 from keeplink._core.jsonline import Frame, Ping, Req, StatePush
 from keeplink.drivers import JsonLineDriver
 from keeplink.testing import DeviceSimulator, FaultProxy
+from linkfixtures import HEARTBEAT_S, LinkFactory
 
 S = LinkState
 
@@ -85,8 +86,8 @@ async def test_peer_reset_mid_request_is_a_lost_session_then_a_reconnect(
         assert lost[0].error is not None and lost[0].error.code == "connection_failed"
         await virtual_clock.advance(1)
         await connected(link)
-    assert rec.states() == [S.CONNECTING, S.HANDSHAKING, S.CONNECTED, S.LOST, S.BACKOFF,
-                            S.CONNECTING, S.HANDSHAKING, S.CONNECTED, S.STOPPING, S.STOPPED]  # fmt: skip
+    session = [S.CONNECTING, S.HANDSHAKING, S.CONNECTED]
+    assert rec.states() == [*session, S.LOST, S.BACKOFF, *session, S.STOPPING, S.STOPPED]
 
 
 class _RacyHeartbeatDriver(JsonLineDriver):
@@ -266,9 +267,9 @@ async def test_a_raising_subscriber_does_not_affect_the_link(
 
 async def test_not_connected_send_is_a_typed_error(make_link: LinkFactory) -> None:
     link = make_link()
-    with pytest.raises(Exception) as info:
+    with pytest.raises(LinkClosedError) as info:
         await link.send(Ping())
-    assert info.value.code == "link_closed"  # type: ignore[attr-defined]
+    assert info.value.code == "link_closed"
     async with link:
         await connected(link)
     link2 = make_link(name="other")

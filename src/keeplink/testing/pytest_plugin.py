@@ -34,7 +34,9 @@ def leak_report(loop: asyncio.AbstractEventLoop, before: set[asyncio.Task[object
         if task is not current and task not in before and not task.done()
     ]
     scheduled = getattr(loop, "_scheduled", [])  # asyncio's heap of TimerHandles
-    problems += [f"timer left scheduled: {handle!r}" for handle in scheduled if not handle.cancelled()]
+    problems += [
+        f"timer left scheduled: {handle!r}" for handle in scheduled if not handle.cancelled()
+    ]
     return problems
 
 

@@ -112,7 +112,9 @@ class DeviceSimulator:
         if seq_bits not in (8, 16, 32):
             raise InvalidRequestError(f"seq_bits must be 8, 16 or 32, got {seq_bits!r}")
         if sleepy is not None and not 0 < sleepy[0] < sleepy[1]:
-            raise InvalidRequestError(f"sleepy must be (awake_s, period_s) with 0 < a < p: {sleepy}")
+            raise InvalidRequestError(
+                f"sleepy must be (awake_s, period_s) with 0 < a < p: {sleepy}"
+            )
         self.device_id = device_id
         self.token = token
         self.host = host
@@ -126,6 +128,8 @@ class DeviceSimulator:
         self.push_interval_s = push_interval_s
         self.sleepy = sleepy
         self.reject_ops = set(reject_ops)
+        self.refuse_hello: tuple[str, str] | None = None
+        """``(code, message)``: answer every hello with this error and close (a full hub)."""
         self.ssl_context = ssl_context
         self.clock: Clock = clock if clock is not None else SystemClock()
 
@@ -325,6 +329,10 @@ class DeviceSimulator:
                 if not authed:
                     if not isinstance(item, Hello):
                         self._send(writer, ErrorFrame("protocol_error", "expected hello"))
+                        return
+                    if self.refuse_hello is not None:
+                        self._send(writer, ErrorFrame(*self.refuse_hello))
+                        await writer.drain()
                         return
                     if self.token is not None and item.token != self.token:
                         self._auth_failures += 1
