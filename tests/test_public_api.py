@@ -1,0 +1,116 @@
+"""The public surface is on purpose: the export list is pinned, layers import one way."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import keeplink
+import keeplink.drivers
+import keeplink.testing
+
+PACKAGE = pathlib.Path(keeplink.__file__).parent
+
+EXPECTED = {
+    "LIVENESS_RATIO", "MESSAGE_MARKERS", "AbortedError", "AuthError", "Backoff", "Channel",
+    "Clock", "Codec", "ConfigError", "DeviceNotFoundError", "DeviceUnavailableError", "Driver",
+    "ErrorClass", "ErrorCode", "ErrorInfo", "ExpiredError", "FrameChannel", "FrameReceived",
+    "HeartbeatReply", "IllegalTransitionError", "InvalidRequestError", "KeeplinkError", "Link",
+    "LinkBrokenError", "LinkClosedError", "LinkEvent", "LinkState", "LinkStateChanged",
+    "LinkStatistics", "Malformed", "ProtocolError", "ProtocolErrorSeen", "RejectedError",
+    "Reply", "RequestCancelledError", "RequestTimeout", "SessionInfo", "SideDataReceived",
+    "SlotsExhaustedError", "StreamChannel", "SystemClock", "Timer", "VirtualClock",
+    "__version__", "classify", "deadline", "error_class_of", "error_from_code", "sleep_until",
+}  # fmt: skip
+
+
+def test_the_export_list_is_pinned() -> None:
+    assert set(keeplink.__all__) == EXPECTED
+    assert len(keeplink.__all__) == len(EXPECTED), "duplicates in __all__"
+    for name in keeplink.__all__:
+        assert hasattr(keeplink, name), name
+
+
+def test_subpackages_export_what_they_list() -> None:
+    for module in (keeplink.drivers, keeplink.testing):
+        for name in module.__all__:
+            assert hasattr(module, name), f"{module.__name__}.{name}"
+
+
+def test_the_package_is_typed() -> None:
+    assert (PACKAGE / "py.typed").is_file()
+
+
+# Lower number = lower layer. A module may import only from its own layer or lower ones.
+LAYERS: list[tuple[str, int]] = [
+    ("keeplink._core", 0),
+    ("keeplink._clock", 1),
+    ("keeplink._channel", 1),
+    ("keeplink._driver", 1),
+    ("keeplink._events", 1),
+    ("keeplink._link", 1),
+    ("keeplink._slots", 1),
+    ("keeplink.drivers", 2),
+    ("keeplink.outbox", 3),
+    ("keeplink.presence", 3),
+    ("keeplink.testing", 4),
+    ("keeplink.gateway", 5),
+    ("keeplink.cli", 5),
+    ("keeplink", 5),  # the package __init__ re-exports from everywhere
+]
+
+
+def layer_of(module: str) -> int:
+    for prefix, layer in LAYERS:
+        if module == prefix or module.startswith(prefix + "."):
+            return layer
+    raise AssertionError(f"{module} has no layer; add it to LAYERS")
+
+
+def module_name(path: pathlib.Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return {name for name in found if name == "keeplink" or name.startswith("keeplink.")}
+
+
+def test_layers_import_one_way() -> None:
+    violations = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        me = module_name(path)
+        for imported in imports_of(path):
+            if layer_of(imported) > layer_of(me):
+                violations.append(f"{me} (layer {layer_of(me)}) imports {imported}")
+    assert violations == []
+
+
+def test_the_core_never_touches_sockets_clocks_or_the_event_loop() -> None:
+    banned = {"asyncio", "socket", "time", "selectors", "threading"}
+    for path in sorted((PACKAGE / "_core").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module.split(".")[0]]
+            for name in names:
+                assert name not in banned or (name, path.name) in ALLOWED_CORE, (
+                    f"{path.name} imports {name}"
+                )
+
+
+# classify() recognises asyncio's and socket's exception *types*; it never does I/O.
+ALLOWED_CORE = {("asyncio", "classify.py"), ("socket", "classify.py")}
