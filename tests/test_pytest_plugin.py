@@ -33,4 +33,4 @@ def test_a_leaked_task_or_timer_fails_the_test(pytester: pytest.Pytester) -> Non
     result = pytester.runpytest("-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning")
     result.assert_outcomes(passed=4, errors=3)  # the leaks fail at teardown
     result.stdout.fnmatch_lines(["*task left running: forgotten*", "*timer left scheduled*",
-                                 "*timer(s) on the virtual clock at [5]*"])  # fmt: skip
+                                 "*1 timer(s) on the virtual clock at*"])  # fmt: skip
