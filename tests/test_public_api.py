@@ -56,6 +56,7 @@ LAYERS: list[tuple[str, int]] = [
     ("keeplink.testing", 4),
     ("keeplink.gateway", 5),
     ("keeplink.cli", 5),
+    ("keeplink.__main__", 5),
     ("keeplink", 5),  # the package __init__ re-exports from everywhere
 ]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 import ssl
 from typing import Final
@@ -34,7 +35,7 @@ from keeplink._core.errors import (
     SlotsExhaustedError,
 )
 
-__all__ = ["MESSAGE_MARKERS", "broken_from", "classify", "error_from_code"]
+__all__ = ["MESSAGE_MARKERS", "broken_from", "classify", "describe", "error_from_code"]
 
 _ERRNO_CODES: Final[dict[int, ErrorCode]] = {
     errno.ECONNREFUSED: ErrorCode.CONNECTION_FAILED,
@@ -142,6 +143,16 @@ def error_from_code(wire_code: str, message: str) -> KeeplinkError:
     return cls(message, code=code)
 
 
+def describe(exc: BaseException) -> str:
+    """A short, readable description: ``Connection refused (ECONNREFUSED)``, not the repr."""
+    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.errno:
+        name = errno.errorcode.get(exc.errno)
+        # os.strerror, not exc.strerror: asyncio puts "Connect call failed (addr)" there.
+        text = os.strerror(exc.errno)
+        return f"{text} ({name})" if name else text
+    return str(exc) or type(exc).__name__
+
+
 def broken_from(exc: BaseException, context: str) -> KeeplinkError:
     """Wrap a foreign exception from a channel operation as a typed error (caller chains it).
 
@@ -149,7 +160,7 @@ def broken_from(exc: BaseException, context: str) -> KeeplinkError:
     connection a LinkBrokenError, and so on.
     """
     code = classify(exc)
-    detail = str(exc) or type(exc).__name__
+    detail = describe(exc)
     cls = _CLASS_BY_CODE.get(code, LinkBrokenError)
     if cls in (RejectedError, InvalidRequestError, ExpiredError, RequestCancelledError):
         cls = LinkBrokenError

@@ -1,0 +1,165 @@
+"""The ``keeplink`` command line.
+
+- ``keeplink demo``: simulated devices with real devices' habits, each behind a supervised
+  link, with every state change printed as it happens.
+- ``keeplink sim``: one simulated jsonline device on loopback.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from keeplink import __version__
+from keeplink._core.backoff import Backoff
+from keeplink._core.errors import KeeplinkError
+from keeplink._events import LinkEvent, LinkStateChanged
+from keeplink._link import Link
+from keeplink.drivers.jsonline import JsonLineDriver
+from keeplink.testing.faultproxy import FaultProxy
+from keeplink.testing.sim import DeviceSimulator
+from keeplink.testing.sim import main as sim_main
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+DEMO_TOKEN = "demo-token"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keeplink", description="Reliable links to unreliable devices."
+    )
+    parser.add_argument("--version", action="version", version=f"keeplink {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser(
+        "demo",
+        help="run simulated devices behind supervised links and print what happens",
+    )
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this long (default: run until Ctrl-C)",
+    )
+    # `keeplink sim ...` is dispatched before parsing; listed here for --help.
+    sub.add_parser("sim", help="run one simulated jsonline device (see keeplink sim --help)")
+    return parser
+
+
+def _print_event(event: LinkEvent) -> None:
+    if not isinstance(event, LinkStateChanged):
+        return
+    line = f"{event.link:<10} {event.old.value:>11} -> {event.new.value:<11}"
+    if event.error is not None:
+        line += f" [{event.error.code}] {event.error.message}"
+    if event.retry_at is not None:
+        line += f" (retry in {event.retry_at - event.at:.1f}s)"
+    print(line, flush=True)
+
+
+async def _flaky_faults(proxy: FaultProxy) -> None:
+    """Every few seconds the network in front of the flaky device misbehaves."""
+    while True:
+        await asyncio.sleep(4)
+        proxy.reset_all()
+        await asyncio.sleep(3)
+        proxy.set_down(True)
+        await asyncio.sleep(2)
+        proxy.set_down(False)
+
+
+async def run_demo(duration: float | None) -> int:
+    healthy = DeviceSimulator(device_id="healthy", token=DEMO_TOKEN, push_interval_s=5)
+    sleepy = DeviceSimulator(device_id="sleepy", token=DEMO_TOKEN, sleepy=(4.0, 12.0))
+    flaky = DeviceSimulator(device_id="flaky", token=DEMO_TOKEN)
+    locked = DeviceSimulator(device_id="locked", token="the-real-token")
+    sims = [healthy, sleepy, flaky, locked]
+    for sim in sims:
+        await sim.start()
+    proxy = FaultProxy(flaky.host, flaky.port, name="flaky")
+    await proxy.start()
+    fast = Backoff(initial_s=0.5, cap_s=5)
+    targets: list[tuple[str, DeviceSimulator | FaultProxy]] = [
+        ("healthy", healthy),
+        ("sleepy", sleepy),
+        ("flaky", proxy),
+        ("locked", locked),
+    ]
+    links = [
+        Link(
+            JsonLineDriver(host=target.host, port=target.port, token=DEMO_TOKEN),
+            name=name,
+            heartbeat_s=2.0,
+            backoff=fast,
+        )
+        for name, target in targets
+    ]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(
+        "keeplink demo: healthy, sleepy (awake 4 s of 12), flaky (behind a fault proxy), "
+        "locked (wrong token). Ctrl-C stops.",
+        flush=True,
+    )
+    faults = loop.create_task(_flaky_faults(proxy), name="demo.faults")
+    try:
+        for link in links:
+            link.subscribe(_print_event)
+            link.start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), duration)
+    finally:
+        faults.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await faults
+        await asyncio.gather(*(link.stop() for link in links))
+        await proxy.stop()
+        for sim in sims:
+            await sim.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    print("\nsummary:", flush=True)
+    for link in links:
+        stats = link.statistics()
+        last = f"[{stats.last_error.code}]" if stats.last_error else ""
+        print(
+            f"  {link.name:<10} connects={stats.connects} disconnects={stats.disconnects} "
+            f"failed_attempts={stats.failed_attempts} last_error={last}",
+            flush=True,
+        )
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["sim"]:
+        return sim_main(args_list[1:])
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "demo":
+            return asyncio.run(run_demo(args.duration))
+    except KeeplinkError as exc:
+        print(f"keeplink: {exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.code == "config_error" else EXIT_FAILURE
+    parser.error(f"unknown command {args.command!r}")
+    return EXIT_USAGE  # pragma: no cover - parser.error exits
