@@ -21,6 +21,8 @@ EXPECTED = {
     "Reply", "RequestCancelledError", "RequestTimeout", "SessionInfo", "SideDataReceived",
     "SlotsExhaustedError", "StreamChannel", "SystemClock", "Timer", "VirtualClock",
     "__version__", "classify", "deadline", "error_class_of", "error_from_code", "sleep_until",
+    "Acknowledged", "Cancelled", "Outcome", "Rejected", "TimedOut", "Unavailable",
+    "enum_or_none", "Correlator", "SequenceExhaustedError",
 }  # fmt: skip
 
 

@@ -8,6 +8,7 @@ from keeplink._clock import SystemClock, VirtualClock, deadline, sleep_until
 from keeplink._core.backoff import Backoff
 from keeplink._core.classify import MESSAGE_MARKERS, classify, error_from_code
 from keeplink._core.clock import Clock, Timer
+from keeplink._core.correlation import Correlator, SequenceExhaustedError
 from keeplink._core.errors import (
     AbortedError,
     AuthError,
@@ -29,6 +30,15 @@ from keeplink._core.errors import (
     error_class_of,
 )
 from keeplink._core.jsonline import Malformed
+from keeplink._core.outcomes import (
+    Acknowledged,
+    Cancelled,
+    Outcome,
+    Rejected,
+    TimedOut,
+    Unavailable,
+    enum_or_none,
+)
 from keeplink._core.states import IllegalTransitionError, LinkState
 from keeplink._driver import Channel, Driver, FrameChannel, HeartbeatReply, Reply, SessionInfo
 from keeplink._events import (
@@ -47,12 +57,15 @@ __all__ = [
     "LIVENESS_RATIO",
     "MESSAGE_MARKERS",
     "AbortedError",
+    "Acknowledged",
     "AuthError",
     "Backoff",
+    "Cancelled",
     "Channel",
     "Clock",
     "Codec",
     "ConfigError",
+    "Correlator",
     "DeviceNotFoundError",
     "DeviceUnavailableError",
     "Driver",
@@ -74,22 +87,28 @@ __all__ = [
     "LinkStateChanged",
     "LinkStatistics",
     "Malformed",
+    "Outcome",
     "ProtocolError",
     "ProtocolErrorSeen",
+    "Rejected",
     "RejectedError",
     "Reply",
     "RequestCancelledError",
     "RequestTimeout",
+    "SequenceExhaustedError",
     "SessionInfo",
     "SideDataReceived",
     "SlotsExhaustedError",
     "StreamChannel",
     "SystemClock",
+    "TimedOut",
     "Timer",
+    "Unavailable",
     "VirtualClock",
     "__version__",
     "classify",
     "deadline",
+    "enum_or_none",
     "error_class_of",
     "error_from_code",
     "sleep_until",

@@ -13,31 +13,43 @@ configuration) ends it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import math
 import random
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Final, Generic, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Generic, TypeVar
 
 from keeplink._channel import CLOSING_ERRORS
 from keeplink._clock import SystemClock, deadline, sleep_until
 from keeplink._core.backoff import Backoff
 from keeplink._core.classify import broken_from
-from keeplink._core.clock import Clock
+from keeplink._core.clock import Clock, Timer
+from keeplink._core.correlation import Correlator
 from keeplink._core.errors import (
     ConfigError,
     DeviceUnavailableError,
     ErrorCode,
+    InvalidRequestError,
     KeeplinkError,
     LinkBrokenError,
     LinkClosedError,
     RequestTimeout,
     error_class_of,
 )
+from keeplink._core.outcomes import (
+    Acknowledged,
+    Cancelled,
+    Outcome,
+    Rejected,
+    TimedOut,
+    Unavailable,
+)
 from keeplink._core.jsonline import Malformed
 from keeplink._core.states import LinkState, check_link_transition
-from keeplink._driver import Channel, Driver, HeartbeatReply, SessionInfo
+from keeplink._driver import Channel, Driver, HeartbeatReply, Reply, SessionInfo
 from keeplink._events import (
     ErrorInfo,
     EventHub,
@@ -45,6 +57,7 @@ from keeplink._events import (
     LinkEvent,
     LinkStateChanged,
     ProtocolErrorSeen,
+    SideDataReceived,
 )
 
 __all__ = ["Link", "LinkStatistics"]
@@ -93,6 +106,12 @@ class LinkStatistics:
     retry_at: float | None
     connected_since: float | None
     session: SessionInfo | None
+    requests_sent: int = 0
+    requests_in_flight: int = 0
+    late_replies: int = 0
+    """Replies for no request in flight (after its deadline, or unknown): logged, dropped."""
+    outcomes: Mapping[str, int] = field(default_factory=dict)
+    """Resolved requests by outcome: acknowledged, rejected, timed_out, cancelled, unavailable."""
 
 
 class _Session(Generic[F]):
@@ -112,6 +131,23 @@ class _Session(Generic[F]):
         if self.broken is None:
             self.broken = reason
         self.channel.close()
+
+
+@dataclass(slots=True)
+class _Waiter:
+    """What the correlator holds for one request in flight."""
+
+    future: asyncio.Future[Outcome]
+    timeout_s: float
+
+
+_OUTCOME_NAMES: Final[dict[type, str]] = {
+    Acknowledged: "acknowledged",
+    Rejected: "rejected",
+    TimedOut: "timed_out",
+    Cancelled: "cancelled",
+    Unavailable: "unavailable",
+}
 
 
 class _HandshakeChannel(Generic[F]):
@@ -214,6 +250,22 @@ class Link(Generic[F]):
         self._logged_failure_code: str | None = None
         self._logged_internal: set[type[BaseException]] = set()
         self._protocol_errors_logged = False
+
+        bits = driver.seq_bits
+        window = min(driver.max_in_flight, 1 << bits)
+        self._correlator: Correlator[_Waiter] = Correlator(
+            bits=bits, max_in_flight=window, name=name
+        )
+        # The window: requests beyond the driver's in-flight limit wait here, in order, so the
+        # correlator never runs out of sequence numbers.
+        self._window = asyncio.Semaphore(window)
+        self._expiry: Timer | None = None
+        self._expiry_at: float | None = None
+        self.side_data: dict[str, Any] = {}
+        """Side data the device sent with its acks (e.g. ``rssi``), newest value per key."""
+        self._requests_sent = 0
+        self._late_replies = 0
+        self._outcomes: collections.Counter[str] = collections.Counter()
 
         self._connects = 0
         self._disconnects = 0
@@ -370,6 +422,10 @@ class Link(Generic[F]):
             retry_at=self._retry_at if self._state is _S.BACKOFF else None,
             connected_since=session.started if session is not None else None,
             session=session.info if session is not None else None,
+            requests_sent=self._requests_sent,
+            requests_in_flight=len(self._correlator),
+            late_replies=self._late_replies,
+            outcomes=dict(self._outcomes),
         )
 
     async def send(self, frame: F, *, timeout: float | None = None) -> None:
@@ -382,6 +438,180 @@ class Link(Generic[F]):
         a broken channel the channel is closed — only the channel: the link reconnects.
         """
         await self._send_on(self._require_session(), frame, timeout)
+
+    async def request(
+        self,
+        op: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        timeout: float,
+        key: str | None = None,
+    ) -> Outcome:
+        """Send a request and wait for its outcome; never raises for link or device trouble.
+
+        Returns exactly one of :class:`Acknowledged` (with the reply's payload and side
+        data), :class:`Rejected` (the device's code and message), :class:`TimedOut`,
+        :class:`Cancelled` (``stop()``) or :class:`Unavailable` (not connected, or the write
+        failed). ``timeout`` bounds the whole request: waiting for a window slot, the write,
+        and the reply. ``key`` is an idempotency key the device uses to drop a duplicate.
+
+        Raises InvalidRequestError (code ``invalid_request``) before anything is sent if
+        ``op``, ``args``, ``key`` or ``timeout`` are invalid. If the calling task is
+        cancelled, the request's waiter is removed and CancelledError propagates.
+
+        The waiter is registered before the frame is written. If the link drops after the
+        write, the request stays pending until its own deadline: an ack arriving on the next
+        session still resolves it.
+        """
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise InvalidRequestError(f"timeout must be a number of seconds, got {timeout!r}")
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise InvalidRequestError(f"timeout must be > 0 and finite, got {timeout!r}")
+        call_args: Mapping[str, Any] = {} if args is None else args
+        self.driver.build_request(0, op, call_args, key)  # validates; raises, sends nothing
+        if self._usable_session() is None:
+            return self._tally(Unavailable(cause=self._unavailable()))
+        expires = self.clock.now() + timeout
+        try:
+            async with deadline(self.clock, expires):
+                await self._window.acquire()
+        except TimeoutError:
+            return self._tally(TimedOut(after_s=timeout, sent=False))
+        try:
+            return self._tally(await self._request_in_window(op, call_args, key, timeout, expires))
+        finally:
+            self._window.release()
+
+    async def call(
+        self,
+        op: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        timeout: float,
+        key: str | None = None,
+    ) -> Mapping[str, Any]:
+        """Like :meth:`request`, but returns the acknowledged result or raises its error:
+        RejectedError (``wire_code`` is the device's code), RequestTimeout,
+        RequestCancelledError, DeviceUnavailableError/LinkClosedError/LinkBrokenError."""
+        outcome = await self.request(op, args, timeout=timeout, key=key)
+        return outcome.unwrap()
+
+    async def _request_in_window(
+        self, op: str, args: Mapping[str, Any], key: str | None, timeout: float, expires: float
+    ) -> Outcome:
+        session = self._usable_session()
+        if session is None:
+            return Unavailable(cause=self._unavailable())
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        seq = self._correlator.allocate_nowait(_Waiter(future, timeout), deadline=expires)
+        self._arm_expiry()
+        try:
+            frame = self.driver.build_request(seq, op, args, key)
+            write_limit = min(self.send_timeout_s, max(expires - self.clock.now(), 0.0))
+            try:
+                await self._send_on(session, frame, write_limit)
+            except RequestTimeout:
+                return self._withdraw(seq, future, TimedOut(after_s=timeout, seq=seq))
+            except InvalidRequestError:
+                self._withdraw(seq, future, None)
+                raise
+            except KeeplinkError as exc:
+                return self._withdraw(seq, future, Unavailable(cause=exc, seq=seq))
+            self._requests_sent += 1
+            return await future
+        except asyncio.CancelledError:
+            self._withdraw(seq, future, None)
+            raise
+
+    def _withdraw(
+        self, seq: int, future: asyncio.Future[Outcome], outcome: Outcome | None
+    ) -> Outcome:
+        """Remove a request's waiter. If a reply won the race, its outcome stands."""
+        removed = self._correlator.cancel(seq)
+        self._arm_expiry()
+        if removed is None and future.done() and not future.cancelled():
+            return future.result()
+        if outcome is None:
+            return Cancelled(reason="withdrawn", seq=seq)
+        return outcome
+
+    def _tally(self, outcome: Outcome) -> Outcome:
+        self._outcomes[_OUTCOME_NAMES[type(outcome)]] += 1
+        return outcome
+
+    def _usable_session(self) -> _Session[F] | None:
+        session = self._session
+        return session if session is not None and session.broken is None else None
+
+    def _unavailable(self) -> KeeplinkError:
+        if self._stop_requested or self._state in (_S.STOPPING, _S.STOPPED, _S.IDLE):
+            return LinkClosedError(f"link {self.name!r} is {self._state.value}")
+        if self._state is _S.FAILED and self._terminal_error is not None:
+            return self._terminal_error
+        return DeviceUnavailableError(
+            f"link {self.name!r} is not connected (state {self._state.value})"
+        )
+
+    def _arm_expiry(self) -> None:
+        """Keep one clock timer, at the earliest deadline of the requests in flight."""
+        due = self._correlator.next_deadline()
+        if due == self._expiry_at and (due is None or self._expiry is not None):
+            return
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self._expiry_at = due
+        if due is not None:
+            self._expiry = self.clock.call_at(due, self._expire_requests)
+
+    def _expire_requests(self) -> None:
+        self._expiry = None
+        self._expiry_at = None
+        for pending in self._correlator.expire(self.clock.now()):
+            waiter = pending.token
+            if not waiter.future.done():
+                waiter.future.set_result(TimedOut(after_s=waiter.timeout_s, seq=pending.seq))
+        self._arm_expiry()
+
+    def _on_reply(self, session: _Session[F], reply: Reply) -> None:
+        if reply.side:
+            self.side_data.update(reply.side)
+            self._events.emit(
+                SideDataReceived(
+                    link=self.name,
+                    at=session.last_rx,
+                    device_id=session.info.device_id,
+                    values=dict(reply.side),
+                )
+            )
+        pending = self._correlator.resolve(reply.seq)
+        if pending is None:
+            self._late_replies += 1
+            _log.debug(
+                "link %r: reply for seq %d matches no request in flight (late or unknown); "
+                "dropped",
+                self.name,
+                reply.seq,
+            )
+            return
+        self._arm_expiry()
+        outcome: Outcome
+        if reply.ok:
+            outcome = Acknowledged(seq=pending.seq, result=reply.result, side=reply.side)
+        else:
+            outcome = Rejected(
+                seq=pending.seq,
+                code=reply.code or ErrorCode.REJECTED.value,
+                message=reply.message or "rejected by the device",
+            )
+        if not pending.token.future.done():
+            pending.token.future.set_result(outcome)
+
+    def _cancel_requests(self, reason: str) -> None:
+        for pending in self._correlator.drain():
+            if not pending.token.future.done():
+                pending.token.future.set_result(Cancelled(reason=reason, seq=pending.seq))
+        self._arm_expiry()
 
     # ------------------------------------------------------------------ state
 
@@ -483,6 +713,7 @@ class Link(Generic[F]):
             _log.error("link %r: supervisor ended with an error", self.name, exc_info=exc)
 
     def _finish_stop(self) -> None:
+        self._cancel_requests(f"link {self.name!r} stopped")
         if self._state is _S.STOPPED:
             return
         if self._state is not _S.STOPPING:
@@ -642,6 +873,10 @@ class Link(Generic[F]):
             self._dispatch(session, item)
 
     def _dispatch(self, session: _Session[F], frame: F) -> None:
+        reply = self.driver.match_reply(frame)
+        if reply is not None:
+            self._on_reply(session, reply)
+            return
         if self.driver.is_heartbeat_reply(frame):
             if not self._peer_answers_heartbeat:
                 _log.debug("link %r: peer answers heartbeats; liveness applies", self.name)

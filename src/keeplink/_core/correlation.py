@@ -110,7 +110,7 @@ class Correlator(Generic[T]):
     def __init__(
         self, *, bits: int = 32, max_in_flight: int | None = None, name: str = "link"
     ) -> None:
-        if isinstance(bits, bool) or bits not in _SEQUENCE_WIDTHS:
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in _SEQUENCE_WIDTHS:
             raise ValueError(f"bits must be one of {_SEQUENCE_WIDTHS}, got {bits!r}")
         modulus = 1 << bits
         if max_in_flight is None:
@@ -263,7 +263,7 @@ class Correlator(Generic[T]):
         heap = self._heap
         entries = self._entries
         due: list[Pending[T]] = []
-        while heap and heap[0][0] <= now:
+        while heap and heap[0][0] < now:
             _, serial, seq = heapq.heappop(heap)
             entry = entries.get(seq)
             if entry is None or entry[0] != serial:

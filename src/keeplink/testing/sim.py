@@ -7,6 +7,10 @@ state pushes, refusing ops, and sleeping (awake ``A`` seconds every ``S``, unrea
 between). It keeps a log of every command it applied, honouring idempotency keys, so a test
 can prove that each command was applied exactly once.
 
+Ops: ``set`` (merge args into the state), ``get``, ``echo`` (ack with the args), ``slow``
+(echo after ``args["delay_s"]`` seconds), ``noreply`` (never acked), ``fail`` (reject with
+``args["code"]``), and the firmware ops ``ota.begin``/``ota.chunk``/``ota.end``.
+
 Run one from a shell::
 
     python -m keeplink.testing.sim --port 7001 --device-id hall --token s3cret
@@ -72,6 +76,9 @@ class SimStatistics:
     pings: int
     malformed: int
     asleep: bool
+    acks_sent: int
+    max_outstanding: int
+    """Most requests received but not yet answered at once (on one connection)."""
 
 
 @dataclass(slots=True)
@@ -128,6 +135,9 @@ class DeviceSimulator:
         self.push_interval_s = push_interval_s
         self.sleepy = sleepy
         self.reject_ops = set(reject_ops)
+        self.ack_to_newest_connection = False
+        """Send a delayed ack on the newest connection rather than the one the request came
+        on, as a device (or cloud) does that answers after the client reconnected."""
         self.refuse_hello: tuple[str, str] | None = None
         """``(code, message)``: answer every hello with this error and close (a full hub)."""
         self.ssl_context = ssl_context
@@ -154,6 +164,9 @@ class DeviceSimulator:
         self._duplicates = 0
         self._pings = 0
         self._malformed = 0
+        self._acks_sent = 0
+        self._outstanding: dict[int, int] = {}
+        self._max_outstanding = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -268,6 +281,8 @@ class DeviceSimulator:
             pings=self._pings,
             malformed=self._malformed,
             asleep=self._asleep,
+            acks_sent=self._acks_sent,
+            max_outstanding=self._max_outstanding,
         )
 
     async def push_state(self, values: Mapping[str, Any]) -> int:
@@ -359,16 +374,31 @@ class DeviceSimulator:
             return  # acks, pongs, pushes from a client: ignore, as a device would
         self._requests += 1
         ack = self._execute(conn, frame)
-        if self.drop_acks:
+        if self.drop_acks or frame.op == "noreply":
             return
-        if self.ack_delay_s > 0:
-            self._spawn(self._delayed(writer, ack, self.ack_delay_s), "ack")
+        delay = self.ack_delay_s
+        if frame.op == "slow" and isinstance(frame.args.get("delay_s"), int | float):
+            delay = float(frame.args["delay_s"])
+        self._outstanding[conn] = self._outstanding.get(conn, 0) + 1
+        self._max_outstanding = max(self._max_outstanding, self._outstanding[conn])
+        if delay > 0:
+            self._spawn(self._delayed(conn, writer, ack, delay), "ack")
         else:
-            self._send(writer, ack)
+            self._send_ack(conn, writer, ack)
 
-    async def _delayed(self, writer: asyncio.StreamWriter, ack: Ack, delay: float) -> None:
+    async def _delayed(
+        self, conn: int, writer: asyncio.StreamWriter, ack: Ack, delay: float
+    ) -> None:
         await sleep_until(self.clock, self.clock.now() + delay)
-        self._send(writer, ack)
+        if self.ack_to_newest_connection and self._writers:
+            writer = self._writers[max(self._writers)]
+        self._send_ack(conn, writer, ack)
+
+    def _send_ack(self, conn: int, writer: asyncio.StreamWriter, ack: Ack) -> None:
+        self._outstanding[conn] -= 1
+        if not writer.is_closing():
+            writer.write(encode_frame(ack))
+            self._acks_sent += 1
 
     def _ack(self, seq: int, result: Mapping[str, Any]) -> Ack:
         extra = {"rssi": self.rssi} if self.rssi is not None else {}
@@ -399,7 +429,7 @@ class DeviceSimulator:
             return {"state": dict(self.state)}
         if req.op == "get":
             return {"state": dict(self.state)}
-        if req.op == "echo":
+        if req.op in ("echo", "slow", "noreply"):
             return dict(args)
         if req.op == "fail":
             raise _Refused(str(args.get("code", "rejected")), str(args.get("msg", "told to fail")))
