@@ -8,11 +8,10 @@ import logging
 from typing import Any
 
 import pytest
-from helpers import Recorder, eventually, until_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from linkfixtures import TOKEN, LinkFactory
 
+from helpers import Recorder, eventually, until_state
 from keeplink import (
     Acknowledged,
     Cancelled,
@@ -30,6 +29,7 @@ from keeplink import (
 )
 from keeplink.drivers import JsonLineDriver
 from keeplink.testing import DeviceSimulator, FaultProxy
+from linkfixtures import TOKEN, LinkFactory
 
 S = LinkState
 
@@ -240,7 +240,9 @@ async def test_cancelling_the_callers_task_removes_its_waiter(
         with pytest.raises(asyncio.CancelledError):
             await task
         assert link.statistics().requests_in_flight == 0
-        assert virtual_clock.pending() == []  # and its timer is gone with it
+        await virtual_clock.advance(60)  # the shared expiry timer finds nothing due
+        assert virtual_clock.pending() == []  # and is not re-armed for nothing
+        assert link.statistics().outcomes == {}
 
 
 async def test_a_strict_device_gets_one_request_at_a_time(
@@ -354,8 +356,10 @@ async def test_mixed_outcomes_each_resolve_exactly_once_to_the_right_outcome(
             # Real I/O settles: every started request reached the device, every ack the link.
             await clock.settle()
             await eventually(
-                lambda: device.statistics().requests == link.statistics().requests_sent
-                and link.statistics().frames_in == 1 + device.statistics().acks_sent
+                lambda: (
+                    device.statistics().requests == link.statistics().requests_sent
+                    and link.statistics().frames_in == 1 + device.statistics().acks_sent
+                )
             )
 
         t = 0.0

@@ -108,6 +108,10 @@ class EventHub(Generic[E]):
 
         return unsubscribe
 
+    def __bool__(self) -> bool:
+        """True if anyone listens (so a publisher can skip building an event)."""
+        return bool(self._subscribers)
+
     def emit(self, event: E) -> None:
         for callback in tuple(self._subscribers):
             try:

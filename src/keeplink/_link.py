@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
-from keeplink._channel import CLOSING_ERRORS
+from keeplink._channel import CLOSING_ERRORS, PushChannel
 from keeplink._clock import SystemClock, deadline, sleep_until
 from keeplink._core.backoff import Backoff
 from keeplink._core.classify import broken_from
@@ -39,6 +39,7 @@ from keeplink._core.errors import (
     RequestTimeout,
     error_class_of,
 )
+from keeplink._core.jsonline import Malformed
 from keeplink._core.outcomes import (
     Acknowledged,
     Cancelled,
@@ -47,7 +48,6 @@ from keeplink._core.outcomes import (
     TimedOut,
     Unavailable,
 )
-from keeplink._core.jsonline import Malformed
 from keeplink._core.states import LinkState, check_link_transition
 from keeplink._driver import Channel, Driver, HeartbeatReply, Reply, SessionInfo
 from keeplink._events import (
@@ -117,10 +117,12 @@ class LinkStatistics:
 class _Session(Generic[F]):
     """One connected session. ``broken`` is the first reason it was closed for."""
 
-    __slots__ = ("broken", "channel", "info", "last_rx", "started")
+    __slots__ = ("broken", "channel", "info", "last_rx", "push", "started")
 
     def __init__(self, channel: Channel[F], info: SessionInfo, now: float) -> None:
         self.channel = channel
+        # Decided once: isinstance() against a runtime-checkable Protocol is slow.
+        self.push: PushChannel | None = channel if isinstance(channel, PushChannel) else None
         self.info = info
         self.started = now
         self.last_rx = now
@@ -468,15 +470,21 @@ class Link(Generic[F]):
         if not (timeout > 0 and math.isfinite(timeout)):
             raise InvalidRequestError(f"timeout must be > 0 and finite, got {timeout!r}")
         call_args: Mapping[str, Any] = {} if args is None else args
-        self.driver.build_request(0, op, call_args, key)  # validates; raises, sends nothing
-        if self._usable_session() is None:
-            return self._tally(Unavailable(cause=self._unavailable()))
         expires = self.clock.now() + timeout
-        try:
-            async with deadline(self.clock, expires):
-                await self._window.acquire()
-        except TimeoutError:
-            return self._tally(TimedOut(after_s=timeout, sent=False))
+        if self._usable_session() is None or self._window.locked():
+            # Off the fast path, validate first: bad arguments fail at once, whatever the
+            # link is doing. On the fast path the one build in the window validates, before
+            # any await and before anything is written.
+            self.driver.build_request(0, op, call_args, key)
+            if self._usable_session() is None:
+                return self._tally(Unavailable(cause=self._unavailable()))
+            try:
+                async with deadline(self.clock, expires):
+                    await self._window.acquire()
+            except TimeoutError:
+                return self._tally(TimedOut(after_s=timeout, sent=False))
+        else:
+            await self._window.acquire()  # a free slot: returns without suspending
         try:
             return self._tally(await self._request_in_window(op, call_args, key, timeout, expires))
         finally:
@@ -504,9 +512,13 @@ class Link(Generic[F]):
             return Unavailable(cause=self._unavailable())
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         seq = self._correlator.allocate_nowait(_Waiter(future, timeout), deadline=expires)
-        self._arm_expiry()
         try:
             frame = self.driver.build_request(seq, op, args, key)
+        except BaseException:
+            self._correlator.cancel(seq)
+            raise
+        self._arm_expiry()
+        try:
             write_limit = min(self.send_timeout_s, max(expires - self.clock.now(), 0.0))
             try:
                 await self._send_on(session, frame, write_limit)
@@ -528,7 +540,6 @@ class Link(Generic[F]):
     ) -> Outcome:
         """Remove a request's waiter. If a reply won the race, its outcome stands."""
         removed = self._correlator.cancel(seq)
-        self._arm_expiry()
         if removed is None and future.done() and not future.cancelled():
             return future.result()
         if outcome is None:
@@ -553,16 +564,27 @@ class Link(Generic[F]):
         )
 
     def _arm_expiry(self) -> None:
-        """Keep one clock timer, at the earliest deadline of the requests in flight."""
+        """Keep one clock timer at or before the earliest deadline in flight.
+
+        Lazy on purpose: a timer that fires early (its request already resolved) finds
+        nothing due and re-arms, which is far cheaper than cancelling and re-creating a
+        timer for every request. Stopping the link cancels it.
+        """
         due = self._correlator.next_deadline()
-        if due == self._expiry_at and (due is None or self._expiry is not None):
+        if due is None:
+            return
+        if self._expiry is not None and self._expiry_at is not None and self._expiry_at <= due:
             return
         if self._expiry is not None:
             self._expiry.cancel()
-            self._expiry = None
         self._expiry_at = due
-        if due is not None:
-            self._expiry = self.clock.call_at(due, self._expire_requests)
+        self._expiry = self.clock.call_at(due, self._expire_requests)
+
+    def _disarm_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry = None
+        self._expiry_at = None
 
     def _expire_requests(self) -> None:
         self._expiry = None
@@ -576,6 +598,7 @@ class Link(Generic[F]):
     def _on_reply(self, session: _Session[F], reply: Reply) -> None:
         if reply.side:
             self.side_data.update(reply.side)
+        if reply.side and self._events:
             self._events.emit(
                 SideDataReceived(
                     link=self.name,
@@ -588,13 +611,11 @@ class Link(Generic[F]):
         if pending is None:
             self._late_replies += 1
             _log.debug(
-                "link %r: reply for seq %d matches no request in flight (late or unknown); "
-                "dropped",
+                "link %r: reply for seq %d matches no request in flight (late or unknown); dropped",
                 self.name,
                 reply.seq,
             )
             return
-        self._arm_expiry()
         outcome: Outcome
         if reply.ok:
             outcome = Acknowledged(seq=pending.seq, result=reply.result, side=reply.side)
@@ -611,7 +632,7 @@ class Link(Generic[F]):
         for pending in self._correlator.drain():
             if not pending.token.future.done():
                 pending.token.future.set_result(Cancelled(reason=reason, seq=pending.seq))
-        self._arm_expiry()
+        self._disarm_expiry()
 
     # ------------------------------------------------------------------ state
 
@@ -863,14 +884,28 @@ class Link(Generic[F]):
     async def _read_loop(self, session: _Session[F]) -> None:
         """Reads until the channel ends; ending is this task's only way out (it raises)."""
         channel = session.channel
+        if session.push is not None:
+            # Frames now go straight from the transport to _on_item; this task only waits
+            # for the end, which is still the one disconnect path.
+            session.push.deliver_to(lambda item: self._on_item(session, item))
         while True:
-            item = await channel.receive()
-            session.last_rx = self.clock.now()
-            if isinstance(item, Malformed):
-                self._on_malformed(item)
-                continue
-            self._frames_in += 1
+            self._on_item(session, await channel.receive())
+
+    def _on_item(self, session: _Session[F], item: F | Malformed) -> None:
+        session.last_rx = self.clock.now()
+        if isinstance(item, Malformed):
+            self._on_malformed(item)
+            return
+        self._frames_in += 1
+        try:
             self._dispatch(session, item)
+        except Exception as exc:  # noqa: BLE001 - a driver's match_reply bug: see below
+            # Called from the transport's callback: raising here would kill the transport
+            # in asyncio's hands. Route it to the supervisor's log and end the session.
+            self._note_internal(exc, "frame dispatch")
+            err = LinkBrokenError(f"internal error while handling a frame: {exc!r}")
+            err.__cause__ = exc
+            session.break_(err)
 
     def _dispatch(self, session: _Session[F], frame: F) -> None:
         reply = self.driver.match_reply(frame)
@@ -910,10 +945,18 @@ class Link(Generic[F]):
     async def _send_on(self, session: _Session[F], frame: F, timeout: float | None) -> None:
         if session.broken is not None:
             raise LinkBrokenError(f"link {self.name!r}: session closed: {session.broken.message}")
+        channel = session.channel
+        try:
+            if session.push is not None and session.push.send_nowait(frame):
+                self._frames_out += 1  # queued without waiting: no deadline needed
+                return
+        except LinkBrokenError as exc:
+            session.break_(exc)
+            raise
         limit = self.send_timeout_s if timeout is None else timeout
         try:
             async with deadline(self.clock, self.clock.now() + limit):
-                await session.channel.send(frame)
+                await channel.send(frame)
         except TimeoutError as exc:
             err = RequestTimeout(f"send did not complete within {limit:g}s; channel closed")
             session.break_(err)

@@ -263,7 +263,7 @@ class Correlator(Generic[T]):
         heap = self._heap
         entries = self._entries
         due: list[Pending[T]] = []
-        while heap and heap[0][0] < now:
+        while heap and heap[0][0] <= now:
             _, serial, seq = heapq.heappop(heap)
             entry = entries.get(seq)
             if entry is None or entry[0] != serial:

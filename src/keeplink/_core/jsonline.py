@@ -34,6 +34,7 @@ __all__ = [
     "StatePush",
     "Welcome",
     "encode_frame",
+    "encoded_request",
 ]
 
 MAX_LINE: Final = 64 * 1024
@@ -68,6 +69,8 @@ class Req:
     op: str
     args: Mapping[str, Any] = field(default_factory=dict)
     key: str | None = None
+    wire: bytes | None = field(default=None, compare=False, repr=False)
+    """The frame's line, when it was encoded in advance (:func:`encoded_request`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,20 +318,39 @@ def _frame_to_obj(frame: Frame) -> dict[str, Any]:
     return {"t": "error", "code": frame.code, "msg": frame.msg}
 
 
+def encoded_request(
+    seq: int, op: str, args: Mapping[str, Any], key: str | None, *, max_line: int = MAX_LINE
+) -> Req:
+    """A request frame, encoded once now (raising InvalidRequestError if it cannot be),
+    carrying its line so that sending it does not encode it again."""
+    obj: dict[str, Any] = {"t": "req", "seq": seq, "op": op, "args": args}
+    if key is not None:
+        obj["key"] = key
+    if not 0 <= seq <= _MAX_SEQ:
+        raise InvalidRequestError(f"seq {seq} is outside 0..{_MAX_SEQ}")
+    return Req(seq=seq, op=op, args=args, key=key, wire=_encode_obj(obj, max_line))
+
+
 def encode_frame(frame: Frame, *, max_line: int = MAX_LINE) -> bytes:
     """Serialize one frame to one line (newline included).
 
     Raises :class:`InvalidRequestError` if the frame holds values JSON cannot carry, a
     sequence number outside 32 bits, or would exceed ``max_line`` bytes.
     """
+    if isinstance(frame, Req) and frame.wire is not None:
+        return frame.wire
     if isinstance(frame, Req | Ack) and not 0 <= frame.seq <= _MAX_SEQ:
         raise InvalidRequestError(f"seq {frame.seq} is outside 0..{_MAX_SEQ}")
+    return _encode_obj(_frame_to_obj(frame), max_line)
+
+
+def _encode_obj(obj: dict[str, Any], max_line: int) -> bytes:
     try:
-        text = json.dumps(
-            _frame_to_obj(frame), separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"frame cannot be encoded as JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidRequestError("frame cannot be encoded as JSON: nested too deeply") from exc
     data = text.encode("utf-8")
     if len(data) > max_line:
         raise InvalidRequestError(

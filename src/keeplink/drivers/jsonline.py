@@ -12,13 +12,12 @@ answer ``pong`` or nothing, so its silence only counts once it has answered one.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from collections.abc import Mapping
 from typing import Any, Final
 
-from keeplink._channel import CLOSING_ERRORS, StreamChannel, tune_socket
-from keeplink._core.classify import broken_from, error_from_code
+from keeplink._channel import StreamChannel, open_stream_channel
+from keeplink._core.classify import error_from_code
 from keeplink._core.errors import ConfigError, InvalidRequestError, ProtocolError
 from keeplink._core.jsonline import (
     MAX_LINE,
@@ -33,6 +32,7 @@ from keeplink._core.jsonline import (
     Req,
     Welcome,
     encode_frame,
+    encoded_request,
 )
 from keeplink._driver import FrameChannel, HeartbeatReply, Reply, SessionInfo
 
@@ -102,18 +102,13 @@ class JsonLineDriver:
     async def open(self) -> StreamChannel[Frame]:
         """Open the TCP (or TLS) connection. Raises LinkBrokenError, or AuthError for a
         certificate that does not verify; the OS error is ``__cause__``."""
-        try:
-            reader, writer = await asyncio.open_connection(
-                self.host,
-                self.port,
-                ssl=self.ssl_context,
-                server_hostname=self.server_hostname if self.ssl_context is not None else None,
-                limit=2 * MAX_LINE,
-            )
-        except CLOSING_ERRORS as exc:
-            raise broken_from(exc, f"cannot connect to {self.host}:{self.port}") from exc
-        tune_socket(writer)
-        return StreamChannel(reader, writer, JsonLineCodec(), peer=f"{self.host}:{self.port}")
+        return await open_stream_channel(
+            self.host,
+            self.port,
+            JsonLineCodec(),
+            ssl_context=self.ssl_context,
+            server_hostname=self.server_hostname,
+        )
 
     async def handshake(self, channel: FrameChannel[Frame]) -> SessionInfo:
         """Send ``hello``; wait for ``welcome``. An ``error`` frame becomes its typed error
@@ -143,9 +138,8 @@ class JsonLineDriver:
             raise InvalidRequestError("args keys must be strings")
         if key is not None and (not isinstance(key, str) or not key):
             raise InvalidRequestError(f"key must be a non-empty string or None, got {key!r}")
-        frame = Req(seq=seq, op=op, args=dict(args), key=key)
-        encode_frame(frame)  # fail now, before a sequence number is spent on the wire
-        return frame
+        # Encoded once, here: a value JSON cannot carry fails now, before anything is sent.
+        return encoded_request(seq, op, dict(args), key, max_line=MAX_LINE)
 
     def match_reply(self, frame: Frame) -> Reply | None:
         if not isinstance(frame, Ack):
