@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -100,6 +101,9 @@ OPS = st.sampled_from(
         *["start", "connect", "wake", "drop", "mode:ok", "advance:1", "advance:2"] * 2,
         "stop",
         "stop_soon",
+        "start+stop",
+        "start+stop_soon",
+        "stop_soon+start",
         "wake",
         "drop",
         "mode:ok",
@@ -130,6 +134,19 @@ async def apply(op: str, link: Link[str], driver: ScriptedDriver, clock: Virtual
     elif op == "stop":
         await link.stop()
         assert link.state is S.STOPPED
+    elif op in ("start+stop", "start+stop_soon"):
+        # In the same tick: the supervisor is stopped before its first step.
+        with contextlib.suppress(LinkClosedError):
+            link.start()
+        if op == "start+stop":
+            await link.stop()
+            assert link.state is S.STOPPED
+        else:
+            link.stop_soon()
+    elif op == "stop_soon+start":
+        link.stop_soon()
+        with pytest.raises(LinkClosedError) if link_tasks() else contextlib.nullcontext():
+            link.start()
     elif op == "stop_soon":
         link.stop_soon()
     elif op == "wake":

@@ -59,6 +59,7 @@ from keeplink._events import (
     ProtocolErrorSeen,
     SideDataReceived,
 )
+from keeplink._slots import Slot, SlotPool
 
 __all__ = ["Link", "LinkStatistics"]
 
@@ -201,6 +202,7 @@ class Link(Generic[F]):
         handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
         send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S,
         rng: Callable[[], float] = random.random,
+        slots: SlotPool | None = None,
     ) -> None:
         if not name:
             raise ConfigError("a link needs a non-empty name")
@@ -235,6 +237,7 @@ class Link(Generic[F]):
         self.connect_timeout_s = connect_timeout_s
         self.handshake_timeout_s = handshake_timeout_s
         self.send_timeout_s = send_timeout_s
+        self.slots = slots
         self._rng = rng
 
         self._events: EventHub[LinkEvent] = EventHub(f"link {name!r}")
@@ -729,6 +732,9 @@ class Link(Generic[F]):
     def _on_supervisor_done(self, task: asyncio.Task[None]) -> None:
         if self._supervisor is task:
             self._supervisor = None
+            if self._stop_requested:
+                # A supervisor cancelled before its first step never ran its finally.
+                self._finish_stop()
         if not task.cancelled() and (exc := task.exception()) is not None:
             # Unreachable by design; if it ever happens, say so loudly rather than silently.
             _log.error("link %r: supervisor ended with an error", self.name, exc_info=exc)
@@ -767,8 +773,12 @@ class Link(Generic[F]):
         """One connect + handshake + session. Returns why it ended; raises only to stop."""
         self._advance(_S.CONNECTING)
         channel: Channel[F] | None = None
+        slot: Slot | None = None
         connected = False
         try:
+            if self.slots is not None:
+                # Held for the channel's whole life; the pool bounds the wait itself.
+                slot = await self.slots.acquire(self.name)
             try:
                 async with deadline(self.clock, self.clock.now() + self.connect_timeout_s):
                     channel = await self.driver.open()
@@ -776,6 +786,10 @@ class Link(Generic[F]):
                 raise RequestTimeout(
                     f"connect did not complete within {self.connect_timeout_s:g}s"
                 ) from exc
+            if slot is not None:
+                # The generation check: if the pool aborted while we were connecting, this
+                # closes the channel at once and raises AbortedError.
+                slot.attach(channel.close)
             self._advance(_S.HANDSHAKING)
             try:
                 async with deadline(self.clock, self.clock.now() + self.handshake_timeout_s):
@@ -799,10 +813,14 @@ class Link(Generic[F]):
             err.__cause__ = exc
             return self._attempt_failed(err, connected)
         finally:
-            if channel is not None:
-                channel.close()
-                with contextlib.suppress(*CLOSING_ERRORS):
-                    await channel.wait_closed()
+            try:
+                if channel is not None:
+                    channel.close()
+                    with contextlib.suppress(*CLOSING_ERRORS):
+                        await channel.wait_closed()  # fully closed before the slot is free
+            finally:
+                if slot is not None:
+                    slot.release()  # exactly once (idempotent), even if cancelled above
 
     def _attempt_failed(self, error: KeeplinkError, connected: bool) -> KeeplinkError:
         if not connected:

@@ -67,9 +67,11 @@ class Rejected:
 
     @property
     def error(self) -> KeeplinkError:
+        """The typed error for the device's code: ``out_of_connection_slots`` is a
+        SlotsExhaustedError, ``rejected`` a RejectedError, and so on. A code this version
+        does not know is a RejectedError whose ``wire_code`` keeps the device's word."""
         err = error_from_code(self.code, self.message)
-        if err.code is ErrorCode.UNKNOWN or not isinstance(err, RejectedError):
-            # A refusal is a refusal, whatever the device called it: keep its word verbatim.
+        if err.code is ErrorCode.UNKNOWN:
             return RejectedError(self.message, code=ErrorCode.REJECTED, wire_code=self.code)
         return err
 

@@ -77,6 +77,9 @@ class SimStatistics:
     malformed: int
     asleep: bool
     acks_sent: int
+    sessions_active: int
+    """Connections past the handshake (welcomed) and not yet closed."""
+    max_sessions: int
     max_outstanding: int
     """Most requests received but not yet answered at once (on one connection)."""
 
@@ -165,6 +168,8 @@ class DeviceSimulator:
         self._pings = 0
         self._malformed = 0
         self._acks_sent = 0
+        self._sessions = 0
+        self._max_sessions = 0
         self._outstanding: dict[int, int] = {}
         self._max_outstanding = 0
 
@@ -282,6 +287,8 @@ class DeviceSimulator:
             malformed=self._malformed,
             asleep=self._asleep,
             acks_sent=self._acks_sent,
+            sessions_active=self._sessions,
+            max_sessions=self._max_sessions,
             max_outstanding=self._max_outstanding,
         )
 
@@ -331,6 +338,20 @@ class DeviceSimulator:
     async def _session(
         self, conn: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        welcomed = [False]
+        try:
+            await self._converse(conn, reader, writer, welcomed)
+        finally:
+            if welcomed[0]:
+                self._sessions -= 1
+
+    async def _converse(
+        self,
+        conn: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        welcomed: list[bool],
+    ) -> None:
         decoder = JsonLineDecoder()
         authed = False
         while True:
@@ -355,6 +376,9 @@ class DeviceSimulator:
                         await writer.drain()
                         return
                     authed = True
+                    welcomed[0] = True
+                    self._sessions += 1
+                    self._max_sessions = max(self._max_sessions, self._sessions)
                     self._send(writer, Welcome(device=self.device_id, fw=self.fw))
                     continue
                 self._handle(conn, writer, item)
