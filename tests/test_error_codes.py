@@ -300,7 +300,7 @@ async def test_a_real_failure_produces_the_code(code: ErrorCode) -> None:
 
 
 async def test_classify_goes_by_type_for_real_exceptions() -> None:
-    with pytest.raises(OSError) as refused:
+    with pytest.raises(ConnectionRefusedError) as refused:
         await asyncio.open_connection("127.0.0.1", await free_port())
     assert classify(refused.value) is ErrorCode.CONNECTION_FAILED
     with pytest.raises(TimeoutError) as timeout:
