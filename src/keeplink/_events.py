@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeAlias, TypeVar
 
-from keeplink._core.errors import KeeplinkError
+from keeplink._core.errors import ErrorInfo
 from keeplink._core.states import LinkState
 
 __all__ = [
@@ -21,18 +21,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger("keeplink.events")
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorInfo:
-    """An error as it crosses a wire: its stable code and a message for people."""
-
-    code: str
-    message: str
-
-    @classmethod
-    def of(cls, exc: KeeplinkError) -> ErrorInfo:
-        return cls(code=exc.wire_code, message=exc.message)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,6 +12,7 @@ A peer may send a code this version does not know. It is kept verbatim in
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Final
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "DeviceUnavailableError",
     "ErrorClass",
     "ErrorCode",
+    "ErrorInfo",
     "ExpiredError",
     "InvalidRequestError",
     "KeeplinkError",
@@ -216,3 +218,15 @@ class ExpiredError(KeeplinkError):
     """A deadline passed before delivery."""
 
     default_code = ErrorCode.EXPIRED
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """An error as it crosses a wire or a database row: its stable code and a message."""
+
+    code: str
+    message: str
+
+    @classmethod
+    def of(cls, exc: KeeplinkError) -> ErrorInfo:
+        return cls(code=exc.wire_code, message=exc.message)
