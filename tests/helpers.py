@@ -40,3 +40,12 @@ class Recorder:
 
     def of(self, kind: type) -> list[LinkEvent]:
         return [e for e in self.events if isinstance(e, kind)]
+
+
+async def io_settle() -> None:
+    """Give real sockets a moment to carry what was written at this virtual instant.
+
+    Tests that run timing rules on a VirtualClock step it forward; between steps, bytes on
+    loopback still travel in real time. This is that travel time, never a timing rule.
+    """
+    await asyncio.sleep(0.002)

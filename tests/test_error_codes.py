@@ -9,6 +9,7 @@ import ssl
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,8 +36,11 @@ from keeplink import (
     classify,
     error_from_code,
 )
+from keeplink._core.errors import CommandNotFoundError, ConflictError
 from keeplink._slots import SlotPool
 from keeplink.drivers import JsonLineDriver
+from keeplink.outbox import MemoryStore, Outbox
+from keeplink.presence import PresenceTracker
 from keeplink.testing import DeviceSimulator, FaultProxy
 
 S = LinkState
@@ -280,13 +284,77 @@ async def peer_speaks_a_newer_dialect() -> KeeplinkError:
     return error
 
 
-# Produced by the durable-command outbox, which keeps commands across restarts; their
-# producers live with it.
-OUTBOX_CODES = {ErrorCode.EXPIRED, ErrorCode.PRECONDITION_FAILED}
+async def _outbox_with_a_command(**submit: Any) -> tuple[Outbox, VirtualClock, str]:
+    clock = VirtualClock(start=1_800_000_000.0)
+    outbox = Outbox(MemoryStore(), clock=clock)
+    await outbox.start()
+    command = await outbox.submit("absent-device", "set", {"x": 1}, **submit)
+    return outbox, clock, command.id
+
+
+@produces(ErrorCode.EXPIRED)
+async def deadline_passes_while_the_device_is_away() -> KeeplinkError:
+    outbox, clock, command_id = await _outbox_with_a_command(ttl_s=30)
+    await clock.advance(30)
+    command = await asyncio.wait_for(outbox.wait(command_id), 10)
+    await outbox.close()
+    assert command.last_error is not None
+    return error_from_code(command.last_error.code, command.last_error.message)
+
+
+@produces(ErrorCode.PRECONDITION_FAILED)
+async def image_changed_before_delivery() -> KeeplinkError:
+    import tempfile
+
+    from keeplink.outbox.firmware import image_matches
+
+    async with DeviceSimulator(device_id="ota") as sim:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/fw.bin"
+            await asyncio.to_thread(Path(path).write_bytes, b"v1 image")
+            outbox = Outbox(
+                MemoryStore(),
+                presence=PresenceTracker(debounce_online_s=0, debounce_offline_s=0),
+            )
+            outbox.preconditions["image_matches"] = image_matches
+            await outbox.start()
+            command = await outbox.submit(
+                "ota", "firmware", {"path": path, "sha256": "0" * 64}, precondition="image_matches"
+            )
+            link = Link(JsonLineDriver(host=sim.host, port=sim.port), name="ota")
+            await outbox.attach("ota", link)
+            link.start()
+            try:
+                done = await asyncio.wait_for(outbox.wait(command.id), 10)
+            finally:
+                await link.stop()
+                await outbox.close()
+                outbox.presence.close()
+    assert done.last_error is not None
+    return error_from_code(done.last_error.code, done.last_error.message)
+
+
+@produces(ErrorCode.CONFLICT)
+async def cancel_a_finished_command() -> KeeplinkError:
+    outbox, _, command_id = await _outbox_with_a_command()
+    await outbox.cancel(command_id)
+    with pytest.raises(ConflictError) as info:
+        await outbox.cancel(command_id)
+    await outbox.close()
+    return info.value
+
+
+@produces(ErrorCode.COMMAND_NOT_FOUND)
+async def no_such_command() -> KeeplinkError:
+    outbox, _, _ = await _outbox_with_a_command()
+    with pytest.raises(CommandNotFoundError) as info:
+        await outbox.get("0" * 32)
+    await outbox.close()
+    return info.value
 
 
 def test_every_code_has_a_producer() -> None:
-    assert set(PRODUCERS) | OUTBOX_CODES == set(ErrorCode)
+    assert set(PRODUCERS) == set(ErrorCode)
 
 
 @pytest.mark.parametrize("code", sorted(PRODUCERS, key=lambda c: c.value), ids=lambda c: c.value)

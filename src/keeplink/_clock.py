@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import time
 from collections.abc import Callable
 from types import TracebackType
 
 from keeplink._core.clock import Clock, Timer
 
-__all__ = ["SystemClock", "VirtualClock", "deadline", "sleep_until"]
+__all__ = ["SystemClock", "VirtualClock", "WallClock", "deadline", "sleep_until"]
 
 
 class SystemClock:
@@ -34,6 +35,24 @@ class SystemClock:
 
     def __repr__(self) -> str:
         return "SystemClock()"
+
+
+class WallClock:
+    """Wall-clock time (seconds since the epoch), for deadlines that must survive a restart
+    (a durable command's expiry). Timers still run on the loop's monotonic clock, so a
+    wall-clock step (NTP) moves a pending timer's deadline with it rather than firing it."""
+
+    __slots__ = ()
+
+    def now(self) -> float:
+        return time.time()
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> Timer:
+        loop = asyncio.get_running_loop()
+        return loop.call_at(loop.time() + max(0.0, when - time.time()), callback)
+
+    def __repr__(self) -> str:
+        return "WallClock()"
 
 
 class _VirtualTimer:

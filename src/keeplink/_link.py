@@ -118,7 +118,7 @@ class LinkStatistics:
 class _Session(Generic[F]):
     """One connected session. ``broken`` is the first reason it was closed for."""
 
-    __slots__ = ("broken", "channel", "info", "last_rx", "push", "started")
+    __slots__ = ("broken", "channel", "fragile", "info", "last_rx", "push", "started")
 
     def __init__(self, channel: Channel[F], info: SessionInfo, now: float) -> None:
         self.channel = channel
@@ -128,6 +128,8 @@ class _Session(Generic[F]):
         self.started = now
         self.last_rx = now
         self.broken: KeeplinkError | None = None
+        self.fragile: set[int] = set()
+        """Requests sent on this session with fail_on_drop: they end with it."""
 
     def break_(self, reason: KeeplinkError) -> None:
         """Close the channel (only the channel) and remember why. The reader ends next."""
@@ -451,6 +453,7 @@ class Link(Generic[F]):
         *,
         timeout: float,
         key: str | None = None,
+        fail_on_drop: bool = False,
     ) -> Outcome:
         """Send a request and wait for its outcome; never raises for link or device trouble.
 
@@ -466,7 +469,9 @@ class Link(Generic[F]):
 
         The waiter is registered before the frame is written. If the link drops after the
         write, the request stays pending until its own deadline: an ack arriving on the next
-        session still resolves it.
+        session still resolves it. With ``fail_on_drop=True`` it resolves as
+        :class:`Unavailable` as soon as its session ends instead (for replies that can only
+        come on the session that carried the request, like a firmware chunk's).
         """
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
             raise InvalidRequestError(f"timeout must be a number of seconds, got {timeout!r}")
@@ -489,7 +494,9 @@ class Link(Generic[F]):
         else:
             await self._window.acquire()  # a free slot: returns without suspending
         try:
-            return self._tally(await self._request_in_window(op, call_args, key, timeout, expires))
+            return self._tally(
+                await self._request_in_window(op, call_args, key, timeout, expires, fail_on_drop)
+            )
         finally:
             self._window.release()
 
@@ -500,15 +507,22 @@ class Link(Generic[F]):
         *,
         timeout: float,
         key: str | None = None,
+        fail_on_drop: bool = False,
     ) -> Mapping[str, Any]:
         """Like :meth:`request`, but returns the acknowledged result or raises its error:
         RejectedError (``wire_code`` is the device's code), RequestTimeout,
         RequestCancelledError, DeviceUnavailableError/LinkClosedError/LinkBrokenError."""
-        outcome = await self.request(op, args, timeout=timeout, key=key)
+        outcome = await self.request(op, args, timeout=timeout, key=key, fail_on_drop=fail_on_drop)
         return outcome.unwrap()
 
     async def _request_in_window(
-        self, op: str, args: Mapping[str, Any], key: str | None, timeout: float, expires: float
+        self,
+        op: str,
+        args: Mapping[str, Any],
+        key: str | None,
+        timeout: float,
+        expires: float,
+        fail_on_drop: bool,
     ) -> Outcome:
         session = self._usable_session()
         if session is None:
@@ -533,6 +547,12 @@ class Link(Generic[F]):
             except KeeplinkError as exc:
                 return self._withdraw(seq, future, Unavailable(cause=exc, seq=seq))
             self._requests_sent += 1
+            if fail_on_drop:
+                session.fragile.add(seq)
+                try:
+                    return await future
+                finally:
+                    session.fragile.discard(seq)
             return await future
         except asyncio.CancelledError:
             self._withdraw(seq, future, None)
@@ -886,6 +906,10 @@ class Link(Generic[F]):
             reason = LinkBrokenError("session ended")
         if session.broken is None:
             session.broken = reason
+        for seq in list(session.fragile):
+            pending = self._correlator.cancel(seq)
+            if pending is not None and not pending.token.future.done():
+                pending.token.future.set_result(Unavailable(cause=reason, seq=seq))
         self._disconnects += 1
         self._last_error = reason
         _log.warning("link %r: lost: %s [%s]", self.name, reason.message, reason.wire_code)

@@ -19,7 +19,9 @@ from typing import Final
 from keeplink._core.errors import (
     AbortedError,
     AuthError,
+    CommandNotFoundError,
     ConfigError,
+    ConflictError,
     DeviceNotFoundError,
     DeviceUnavailableError,
     ErrorCode,
@@ -28,6 +30,7 @@ from keeplink._core.errors import (
     KeeplinkError,
     LinkBrokenError,
     LinkClosedError,
+    PreconditionFailedError,
     ProtocolError,
     RejectedError,
     RequestCancelledError,
@@ -124,7 +127,9 @@ _CLASS_BY_CODE: Final[dict[ErrorCode, type[KeeplinkError]]] = {
     ErrorCode.LINK_CLOSED: LinkClosedError,
     ErrorCode.CONFIG_ERROR: ConfigError,
     ErrorCode.CHECKSUM_MISMATCH: RejectedError,
-    ErrorCode.PRECONDITION_FAILED: RejectedError,
+    ErrorCode.PRECONDITION_FAILED: PreconditionFailedError,
+    ErrorCode.CONFLICT: ConflictError,
+    ErrorCode.COMMAND_NOT_FOUND: CommandNotFoundError,
 }
 
 
@@ -162,6 +167,14 @@ def broken_from(exc: BaseException, context: str) -> KeeplinkError:
     code = classify(exc)
     detail = describe(exc)
     cls = _CLASS_BY_CODE.get(code, LinkBrokenError)
-    if cls in (RejectedError, InvalidRequestError, ExpiredError, RequestCancelledError):
+    if cls in (
+        RejectedError,
+        InvalidRequestError,
+        ExpiredError,
+        RequestCancelledError,
+        ConflictError,
+        PreconditionFailedError,
+        CommandNotFoundError,
+    ):
         cls = LinkBrokenError
     return cls(f"{context}: {detail}", code=code)

@@ -103,6 +103,9 @@ class DeviceRecord:
     """Per-device delivery state that must survive a restart (the breaker)."""
 
     device: str
+    cycle: int = 0
+    """Presence cycles seen so far (one per announced online), kept across restarts so that
+    "at most one delivery per cycle" still holds after a crash."""
     failed_cycles: int = 0
     """Consecutive presence cycles whose deliveries all failed."""
     parked_reason: str | None = None

@@ -18,7 +18,9 @@ from typing import Final
 __all__ = [
     "AbortedError",
     "AuthError",
+    "CommandNotFoundError",
     "ConfigError",
+    "ConflictError",
     "DeviceNotFoundError",
     "DeviceUnavailableError",
     "ErrorClass",
@@ -29,6 +31,7 @@ __all__ = [
     "KeeplinkError",
     "LinkBrokenError",
     "LinkClosedError",
+    "PreconditionFailedError",
     "ProtocolError",
     "RejectedError",
     "RequestCancelledError",
@@ -75,6 +78,10 @@ class ErrorCode(enum.StrEnum):
     """A transferred image did not match its announced hash."""
     PRECONDITION_FAILED = "precondition_failed"
     """A durable command's precondition did not hold at delivery time."""
+    CONFLICT = "conflict"
+    """The request conflicts with the current state (e.g. cancelling a finished command)."""
+    COMMAND_NOT_FOUND = "command_not_found"
+    """No command with that id."""
     UNKNOWN = "unknown"
     """A code from a peer that this version does not know (kept verbatim in ``wire_code``)."""
 
@@ -212,6 +219,24 @@ class DeviceUnavailableError(KeeplinkError):
     """The device is known but not reachable now."""
 
     default_code = ErrorCode.DEVICE_UNAVAILABLE
+
+
+class CommandNotFoundError(KeeplinkError, LookupError):
+    """No command with that id."""
+
+    default_code = ErrorCode.COMMAND_NOT_FOUND
+
+
+class ConflictError(KeeplinkError):
+    """The request conflicts with the current state, e.g. cancelling a finished command."""
+
+    default_code = ErrorCode.CONFLICT
+
+
+class PreconditionFailedError(KeeplinkError):
+    """A durable command's precondition did not hold at delivery time."""
+
+    default_code = ErrorCode.PRECONDITION_FAILED
 
 
 class ExpiredError(KeeplinkError):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import hashlib
 import logging
@@ -148,6 +149,8 @@ class DeviceSimulator:
 
         self.state: dict[str, Any] = {}
         self.applied: list[AppliedCommand] = []
+        self.received_keys: collections.Counter[str] = collections.Counter()
+        """How many times each idempotency key arrived (applied or not)."""
         self._results_by_key: dict[str, dict[str, Any]] = {}
         self._ota: _Ota | None = None
         self.firmware_images: list[bytes] = []
@@ -432,6 +435,8 @@ class DeviceSimulator:
         return Ack(seq=seq % (1 << self.seq_bits), ok=False, code=code, msg=msg)
 
     def _execute(self, conn: int, req: Req) -> Ack:
+        if req.key is not None:
+            self.received_keys[req.key] += 1
         if req.key is not None and req.key in self._results_by_key:
             self._duplicates += 1
             return self._ack(req.seq, self._results_by_key[req.key])

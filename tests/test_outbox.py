@@ -1,0 +1,359 @@
+"""The outbox: durable commands delivered when the device is present, in virtual time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from helpers import eventually, io_settle
+from keeplink import Backoff, Link, VirtualClock
+from keeplink._core.commands import Command, CommandState
+from keeplink._core.errors import ConflictError, InvalidRequestError
+from keeplink.drivers import JsonLineDriver
+from keeplink.outbox import (
+    CommandStateChanged,
+    DeliveryParked,
+    MemoryStore,
+    Outbox,
+    PreconditionResult,
+)
+from keeplink.presence import PresenceTracker
+from keeplink.testing import DeviceSimulator, FaultProxy
+
+Q = CommandState
+EPOCH = 1_800_000_000.0  # virtual wall-clock start: deadlines are epoch seconds
+
+
+class RecordingStore(MemoryStore):
+    """A MemoryStore that logs each committed update, to check commit-then-announce."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[str] = []
+
+    async def update(self, command: Command, *, expect: CommandState) -> bool:
+        ok = await super().update(command, expect=expect)
+        if ok:
+            self.log.append(f"commit {command.id} {command.state.value}")
+        return ok
+
+
+@dataclass
+class Rig:
+    clock: VirtualClock
+    sim: DeviceSimulator
+    proxy: FaultProxy
+    link: Link[Any]
+    outbox: Outbox
+    store: RecordingStore
+    events: list[object]
+
+    def states(self, command_id: str) -> list[str]:
+        return [
+            e.command.state.value
+            for e in self.events
+            if isinstance(e, CommandStateChanged) and e.command.id == command_id
+        ]
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    clock = VirtualClock(start=EPOCH)
+    async with DeviceSimulator(device_id="valve", clock=clock) as sim:
+        async with FaultProxy(sim.host, sim.port, name="valve") as proxy:
+            presence = PresenceTracker(clock=clock, debounce_online_s=1, debounce_offline_s=2)
+            store = RecordingStore()
+            outbox = Outbox(store, clock=clock, presence=presence, request_timeout_s=5)
+            link = Link(
+                JsonLineDriver(host=proxy.host, port=proxy.port),
+                name="valve",
+                clock=clock,
+                heartbeat_s=None,
+                backoff=Backoff(initial_s=1, cap_s=1),
+                rng=lambda: 1.0,
+            )
+            events: list[object] = []
+            outbox.subscribe(events.append)
+            await outbox.start()
+            await outbox.attach("valve", link)
+            try:
+                yield Rig(clock, sim, proxy, link, outbox, store, events)
+            finally:
+                await link.stop()
+                await outbox.close()
+                presence.close()
+
+
+async def online(rig: Rig) -> None:
+    """Bring the link up and let presence announce it (1 s debounce)."""
+    if rig.link.state.value == "idle":
+        rig.link.start()
+    async with asyncio.timeout(10):
+        await rig.link.wait_connected()
+    await rig.clock.advance(1)
+    await eventually(lambda: rig.outbox.presence.presence("valve").value == "online")
+
+
+async def final(rig: Rig, command_id: str) -> Command:
+    async with asyncio.timeout(10):
+        return await rig.outbox.wait(command_id)
+
+
+async def test_a_command_for_an_absent_device_is_queued_then_delivered_when_it_comes(
+    rig: Rig,
+) -> None:
+    command = await rig.outbox.submit("valve", "set", {"open": True})
+    assert command.state is Q.QUEUED  # said explicitly: the device is away
+    assert rig.sim.applied == []
+    await online(rig)
+    done = await final(rig, command.id)
+    assert done.state is Q.SUCCEEDED
+    assert done.result == {"state": {"open": True}}
+    assert [c.key for c in rig.sim.applied] == [command.idempotency_key]
+    assert rig.states(command.id) == ["queued", "sending", "succeeded"]
+
+
+async def test_every_transition_is_committed_before_it_is_announced(rig: Rig) -> None:
+    order: list[str] = []
+
+    def on_event(event: object) -> None:
+        if isinstance(event, CommandStateChanged) and event.old is not None:
+            order.append(f"commit {event.command.id} {event.command.state.value}")
+            assert order[-1] in rig.store.log, "announced before it was committed"
+
+    rig.outbox.subscribe(on_event)
+    command = await rig.outbox.submit("valve", "set", {"x": 1})
+    await online(rig)
+    await final(rig, command.id)
+    assert order == [f"commit {command.id} sending", f"commit {command.id} succeeded"]
+
+
+async def test_delivery_is_in_priority_then_submission_order(rig: Rig) -> None:
+    ids = [
+        (await rig.outbox.submit("valve", "echo", {"n": n}, priority=p)).id
+        for n, p in enumerate([0, 0, 5, 0, 5])
+    ]
+    await online(rig)
+    for command_id in ids:
+        await final(rig, command_id)
+    assert [c.args["n"] for c in rig.sim.applied] == [2, 4, 0, 1, 3]
+
+
+async def test_a_newer_command_with_the_same_key_supersedes_a_queued_one(rig: Rig) -> None:
+    old = await rig.outbox.submit("valve", "set", {"target": 20}, key="target")
+    other = await rig.outbox.submit("valve", "set", {"mode": "eco"}, key="mode")
+    new = await rig.outbox.submit("valve", "set", {"target": 22}, key="target")
+    superseded = await rig.outbox.get(old.id)
+    assert superseded.state is Q.SUPERSEDED
+    assert superseded.last_error is not None
+    assert new.id in superseded.last_error.message
+    assert rig.states(old.id) == ["queued", "superseded"]
+    await online(rig)
+    assert (await final(rig, new.id)).state is Q.SUCCEEDED
+    assert (await final(rig, other.id)).state is Q.SUCCEEDED
+    assert [c.args for c in rig.sim.applied] == [{"mode": "eco"}, {"target": 22}]
+
+
+async def test_a_command_past_its_deadline_expires_without_the_device(rig: Rig) -> None:
+    command = await rig.outbox.submit("valve", "set", {"open": True}, ttl_s=60)
+    await rig.clock.advance(59.9)
+    assert (await rig.outbox.get(command.id)).state is Q.QUEUED
+    await rig.clock.advance(0.1)
+    done = await final(rig, command.id)
+    assert done.state is Q.EXPIRED
+    assert done.updated_at == EPOCH + 60
+    assert done.last_error is not None
+    assert done.last_error.code == "expired"
+    await online(rig)
+    assert rig.sim.applied == []
+
+
+async def test_cancel_a_queued_command(rig: Rig) -> None:
+    command = await rig.outbox.submit("valve", "set", {"open": True})
+    cancelled = await rig.outbox.cancel(command.id)
+    assert cancelled.state is Q.CANCELLED
+    assert rig.states(command.id) == ["queued", "cancelled"]
+    with pytest.raises(ConflictError) as info:
+        await rig.outbox.cancel(command.id)
+    assert info.value.code == "conflict"
+    await online(rig)
+    assert rig.sim.applied == []
+
+
+async def test_cancel_a_command_in_flight(rig: Rig) -> None:
+    rig.sim.ack_delay_s = 3  # the device takes its time
+    command = await rig.outbox.submit("valve", "set", {"open": True})
+    await online(rig)
+    await eventually(lambda: rig.sim.statistics().requests == 1)
+    assert (await rig.outbox.get(command.id)).state is Q.SENDING
+    cancelled = await rig.outbox.cancel(command.id)
+    assert cancelled.state is Q.CANCELLED
+    assert rig.states(command.id) == ["queued", "sending", "cancelled"]
+    assert rig.link.statistics().requests_in_flight == 0
+
+
+async def test_a_rejected_command_is_never_retried(rig: Rig) -> None:
+    rig.sim.reject_ops.add("open-vent")
+    command = await rig.outbox.submit("valve", "open-vent", {}, max_attempts=5)
+    await online(rig)
+    done = await final(rig, command.id)
+    assert done.state is Q.REJECTED
+    assert (done.attempts, done.last_error.code if done.last_error else None) == (1, "rejected")
+    rig.sim.drop_connections()  # a new presence cycle: still not retried
+    await rig.clock.advance(5)
+    await online(rig)
+    assert rig.sim.statistics().requests == 1
+
+
+async def test_a_failed_precondition_fails_the_command_at_delivery_time(rig: Rig) -> None:
+    config = {"built_from": "v1"}
+
+    async def same_config(command: Command, ctx: Any) -> PreconditionResult:
+        if command.precondition_args["config"] == config["built_from"]:
+            return PreconditionResult.passed()
+        return PreconditionResult.failed(f"configuration is now {config['built_from']}")
+
+    rig.outbox.preconditions["same_config"] = same_config
+    command = await rig.outbox.submit(
+        "valve", "set", {"x": 1}, precondition="same_config", precondition_args={"config": "v1"}
+    )
+    config["built_from"] = "v2"  # changed while the device was away
+    await online(rig)
+    done = await final(rig, command.id)
+    assert done.state is Q.FAILED
+    assert done.last_error is not None
+    assert done.last_error.code == "precondition_failed"
+    assert "configuration is now v2" in done.last_error.message
+    assert rig.sim.applied == []
+
+
+async def test_a_minimum_time_online_is_waited_for(rig: Rig) -> None:
+    command = await rig.outbox.submit(
+        "valve", "set", {"big": True}, precondition="min_online", precondition_args={"seconds": 30}
+    )
+    await online(rig)  # online since EPOCH (raw), announced at EPOCH + 1
+    await rig.clock.advance(28)
+    assert (await rig.outbox.get(command.id)).state is Q.QUEUED
+    await rig.clock.advance(1)
+    done = await final(rig, command.id)
+    assert done.state is Q.SUCCEEDED
+    assert done.updated_at == pytest.approx(EPOCH + 30, abs=0.01)
+
+
+async def test_bad_submissions_are_refused_and_store_nothing(rig: Rig) -> None:
+    for kwargs in (
+        {"op": ""},
+        {"op": "set", "max_attempts": 0},
+        {"op": "set", "ttl_s": -1},
+        {"op": "set", "precondition": "nonexistent"},
+        {"op": "set", "key": ""},
+    ):
+        with pytest.raises(InvalidRequestError):
+            await rig.outbox.submit("valve", **kwargs)  # type: ignore[arg-type]
+    assert await rig.outbox.list() == []
+
+
+# ---------------------------------------------------------------------------- sleepy device
+
+
+async def test_a_hundred_commands_reach_a_sleepy_device_in_order_across_wake_windows() -> None:
+    clock = VirtualClock(start=EPOCH)
+    # Awake 2 s every 20 s; each ack takes 0.1 s, so one window carries at most ~20.
+    async with DeviceSimulator(
+        device_id="sleepy", clock=clock, sleepy=(2.0, 20.0), ack_delay_s=0.1
+    ) as sim:
+        presence = PresenceTracker(clock=clock, debounce_online_s=0.05, debounce_offline_s=0.5)
+        outbox = Outbox(MemoryStore(), clock=clock, presence=presence, request_timeout_s=1)
+        link = Link(
+            JsonLineDriver(host=sim.host, port=sim.port),
+            name="sleepy",
+            clock=clock,
+            heartbeat_s=None,
+            backoff=Backoff(initial_s=0.25, cap_s=0.25),
+            rng=lambda: 1.0,
+        )
+        await outbox.start()
+        await outbox.attach("sleepy", link)
+        try:
+            ids = [
+                (await outbox.submit("sleepy", "set", {"n": n}, max_attempts=5)).id
+                for n in range(100)
+            ]
+            link.start()
+            for _ in range(2000):  # at most 200 s of virtual time, in 0.1 s steps
+                await clock.advance(0.1)
+                await io_settle()
+                if all(c.final for c in await outbox.list()):
+                    break
+            commands = [await outbox.get(i) for i in ids]
+        finally:
+            await link.stop()
+            await outbox.close()
+            presence.close()
+    assert [c.state for c in commands] == [Q.SUCCEEDED] * 100
+    applied = [c.args["n"] for c in sim.applied]
+    assert applied == list(range(100))  # in order, each exactly once
+    assert Counter(c.key for c in sim.applied).most_common(1)[0][1] == 1
+    assert sim.statistics().connections_total >= 5  # it took several wake windows
+
+
+# ---------------------------------------------------------------------------- flapping
+
+
+async def test_a_flapping_device_gets_bounded_attempts_then_the_breaker_parks_it() -> None:
+    clock = VirtualClock(start=EPOCH)
+    async with DeviceSimulator(device_id="flappy", clock=clock, ack_delay_s=0.3) as sim:
+        async with FaultProxy(sim.host, sim.port, name="flappy") as proxy:
+            presence = PresenceTracker(clock=clock, debounce_online_s=0.0, debounce_offline_s=0.0)
+            outbox = Outbox(
+                MemoryStore(),
+                clock=clock,
+                presence=presence,
+                request_timeout_s=0.25,
+                breaker_cycles=3,
+                park_s=3600,
+            )
+            link = Link(
+                JsonLineDriver(host=proxy.host, port=proxy.port),
+                name="flappy",
+                clock=clock,
+                heartbeat_s=None,
+                backoff=Backoff(initial_s=0.01, cap_s=0.01),
+                rng=lambda: 1.0,
+            )
+            events: list[object] = []
+            outbox.subscribe(events.append)
+            await outbox.start()
+            await outbox.attach("flappy", link)
+            try:
+                ids = [
+                    (await outbox.submit("flappy", "set", {"n": n}, max_attempts=5)).id
+                    for n in range(3)
+                ]
+                link.start()
+                for _ in range(100):  # online 200 ms, offline 200 ms, ×100
+                    for down in (False, True):
+                        proxy.set_down(down)
+                        for _ in range(4):
+                            await clock.advance(0.05)
+                            await io_settle()
+                record = await outbox.device_record("flappy")
+                commands = [await outbox.get(i) for i in ids]
+            finally:
+                await link.stop()
+                await outbox.close()
+                presence.close()
+    assert sim.received_keys  # it was reached, and more than once
+    assert max(sim.received_keys.values()) <= 5  # each command at most max_attempts times
+    assert all(c.attempts <= c.max_attempts for c in commands)
+    assert len(sim.applied) == len({c.key for c in sim.applied})  # never applied twice
+    assert record.parked_reason is not None
+    assert "3 presence cycles in a row failed" in record.parked_reason
+    parked = [e for e in events if isinstance(e, DeliveryParked)]
+    assert len(parked) == 1
+    assert parked[0].reason == record.parked_reason
