@@ -26,15 +26,25 @@ from keeplink import (
 from keeplink._slots import Slot, SlotPool
 
 
-def make_pool(clock: VirtualClock, size: int = 1, **kwargs: object) -> SlotPool:
-    return SlotPool(size=size, name="ble-hub", clock=clock, **kwargs)  # type: ignore[arg-type]
+def make_pool(
+    clock: VirtualClock, size: int = 1, acquire_timeout_s: float | None = 20.0
+) -> SlotPool:
+    return SlotPool(size=size, name="ble-hub", clock=clock, acquire_timeout_s=acquire_timeout_s)
 
 
 async def queue_up(
-    clock: VirtualClock, pool: SlotPool, holder: str, **kwargs: object
+    clock: VirtualClock,
+    pool: SlotPool,
+    holder: str,
+    *,
+    abort: asyncio.Event | None = None,
+    timeout: float | str | None = "pool default",
 ) -> asyncio.Task[Slot]:
     """Start ``pool.acquire(holder)`` in a task and let it reach the queue."""
-    task = asyncio.create_task(pool.acquire(holder, **kwargs))  # type: ignore[arg-type]
+    if isinstance(timeout, str):
+        task = asyncio.create_task(pool.acquire(holder, abort=abort))
+    else:
+        task = asyncio.create_task(pool.acquire(holder, abort=abort, timeout=timeout))
     await clock.settle()
     assert not task.done(), "expected the acquire to queue"
     return task
