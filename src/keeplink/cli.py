@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"keeplink {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway daemon")
+    serve.add_argument("--config", required=True, metavar="FILE", help="TOML config file")
     demo = sub.add_parser(
         "demo",
         help="run simulated devices behind supervised links and print what happens",
@@ -158,6 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return asyncio.run(run_demo(args.duration))
+        if args.command == "serve":
+            from keeplink.gateway.server import serve
+
+            return asyncio.run(serve(args.config))
     except KeeplinkError as exc:
         print(f"keeplink: {exc}", file=sys.stderr)
         return EXIT_USAGE if exc.code == "config_error" else EXIT_FAILURE

@@ -1,0 +1,242 @@
+"""Gateway configuration: TOML, validated at start. A bad file names the key and the problem.
+
+    [gateway]
+    listen = "127.0.0.1:8470"          # loopback unless told otherwise
+    store = "sqlite:///keeplink.db"
+    token = "change-me"                # bearer token for writes
+
+    [[devices]]
+    id = "hall-thermostat"
+    driver = "jsonline"
+    host = "192.0.2.10"
+    port = 7001
+    token = "device-secret"
+    seq_bits = 8
+    heartbeat_s = 30
+    backoff = { initial_s = 5, cap_s = 300 }
+
+Every error is a ConfigError: ``keeplink.toml: devices[1].port: must be an integer in
+1..65535, got "70000"`` — and nothing starts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from keeplink._core.backoff import Backoff
+from keeplink._core.errors import ConfigError
+
+__all__ = ["DeviceConfig", "GatewayConfig", "load_config", "parse_config"]
+
+DEFAULT_LISTEN: Final = "127.0.0.1:8470"
+DEFAULT_STORE: Final = "sqlite:///keeplink.db"
+DRIVERS: Final = ("jsonline", "modbus", "mqtt")
+_ID_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceConfig:
+    id: str
+    driver: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    token: str | None = None
+    seq_bits: int = 32
+    max_in_flight: int | None = None
+    heartbeat_s: float | None = 30.0
+    backoff: Backoff = field(default_factory=Backoff)
+    hub: str | None = None
+    """Devices with the same hub share one slot pool of ``hub_slots`` connections."""
+    hub_slots: int = 1
+    unit: int | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Driver-specific extras, passed through."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayConfig:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8470
+    store: str = DEFAULT_STORE
+    token: str | None = None
+    devices: tuple[DeviceConfig, ...] = ()
+    source: str = "<config>"
+
+    @property
+    def listen(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"{host}:{self.listen_port}"
+
+
+class _Checker:
+    """Reads values from a TOML table, raising ConfigError with file and key on trouble."""
+
+    def __init__(self, source: str, where: str, table: Mapping[str, Any], allowed: set[str]):
+        self.source = source
+        self.where = where
+        self.table = table
+        unknown = sorted(set(table) - allowed)
+        if unknown:
+            self.fail(unknown[0], f"unknown key; expected one of {', '.join(sorted(allowed))}")
+
+    def fail(self, key: str, problem: str) -> None:
+        prefix = f"{self.where}.{key}" if self.where else key
+        raise ConfigError(f"{self.source}: {prefix}: {problem}")
+
+    def text(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
+        if key not in self.table:
+            if required:
+                self.fail(key, "is required")
+            return default
+        value = self.table[key]
+        if not isinstance(value, str) or not value:
+            self.fail(key, f"must be a non-empty string, got {value!r}")
+        return str(value)
+
+    def integer(self, key: str, default: int | None, lo: int, hi: int) -> int | None:
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            self.fail(key, f"must be an integer in {lo}..{hi}, got {value!r}")
+        return int(value)
+
+    def seconds(self, key: str, default: float | None, *, allow_none: bool = False) -> float | None:
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        if allow_none and value is False:
+            return None
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or not value > 0
+        ):
+            hint = " (or false to turn it off)" if allow_none else ""
+            self.fail(key, f"must be a positive number of seconds{hint}, got {value!r}")
+        return float(value)
+
+
+def _listen(source: str, value: object) -> tuple[str, int]:
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(f"{source}: gateway.listen: must be 'host:port', got {value!r}")
+    host, _, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ConfigError(
+                f"{source}: gateway.listen: {host!r} is not an IP address (or localhost)"
+            ) from None
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{source}: gateway.listen: port must be 0..65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+def _device(source: str, index: int, table: object) -> DeviceConfig:
+    where = f"devices[{index}]"
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{source}: {where}: must be a table")
+    c = _Checker(
+        source,
+        where,
+        table,
+        {
+            "id", "driver", "host", "port", "token", "seq_bits", "max_in_flight",
+            "heartbeat_s", "backoff", "hub", "hub_slots", "unit", "options",
+        },
+    )  # fmt: skip
+    device_id = c.text("id", required=True)
+    assert device_id is not None
+    if not set(device_id) <= _ID_CHARS or len(device_id) > 64:
+        c.fail("id", f"use up to 64 letters, digits, '-', '_' or '.', got {device_id!r}")
+    driver = c.text("driver", required=True)
+    if driver not in DRIVERS:
+        c.fail("driver", f"must be one of {', '.join(DRIVERS)}, got {driver!r}")
+    port = c.integer("port", None, 1, 65535)
+    if port is None:
+        c.fail("port", "is required")
+    seq_bits = c.integer("seq_bits", 32 if driver == "jsonline" else 16, 8, 32)
+    if seq_bits not in (8, 16, 32):
+        c.fail("seq_bits", f"must be 8, 16 or 32, got {seq_bits!r}")
+    backoff = Backoff()
+    if "backoff" in table:
+        raw = table["backoff"]
+        if not isinstance(raw, Mapping):
+            c.fail("backoff", "must be a table like { initial_s = 5, cap_s = 300 }")
+        b = _Checker(source, f"{where}.backoff", raw, {"initial_s", "cap_s", "factor"})
+        try:
+            backoff = Backoff(
+                initial_s=b.seconds("initial_s", 1.0) or 1.0,
+                cap_s=b.seconds("cap_s", 60.0) or 60.0,
+                factor=b.seconds("factor", 2.0) or 2.0,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {where}.backoff: {exc.message}") from exc
+    options = table.get("options", {})
+    if not isinstance(options, Mapping):
+        c.fail("options", "must be a table")
+    assert driver is not None and port is not None and seq_bits is not None
+    return DeviceConfig(
+        id=device_id,
+        driver=driver,
+        host=c.text("host", "127.0.0.1") or "127.0.0.1",
+        port=port,
+        token=c.text("token"),
+        seq_bits=seq_bits,
+        max_in_flight=c.integer("max_in_flight", None, 1, 1 << 16),
+        heartbeat_s=c.seconds("heartbeat_s", 30.0, allow_none=True),
+        backoff=backoff,
+        hub=c.text("hub"),
+        hub_slots=c.integer("hub_slots", 1, 1, 64) or 1,
+        unit=c.integer("unit", None, 0, 247),
+        options=dict(options),
+    )
+
+
+def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> GatewayConfig:
+    """Validate a parsed TOML document. Raises ConfigError naming the key and the problem."""
+    top = _Checker(source, "", data, {"gateway", "devices"})
+    gateway = data.get("gateway", {})
+    if not isinstance(gateway, Mapping):
+        top.fail("gateway", "must be a table")
+    g = _Checker(source, "gateway", gateway, {"listen", "store", "token"})
+    host, port = _listen(source, gateway.get("listen", DEFAULT_LISTEN))
+    store = g.text("store", DEFAULT_STORE) or DEFAULT_STORE
+    if not store.startswith(("sqlite://", "postgresql://", "postgres://", "memory:")):
+        g.fail("store", f"must be a sqlite:///path URL (or memory:), got {store!r}")
+    token = g.text("token")
+    raw_devices = data.get("devices", [])
+    if not isinstance(raw_devices, list):
+        top.fail("devices", "must be an array of tables ([[devices]])")
+    devices = tuple(_device(source, i, t) for i, t in enumerate(raw_devices))
+    seen: set[str] = set()
+    for i, device in enumerate(devices):
+        if device.id in seen:
+            raise ConfigError(f"{source}: devices[{i}].id: duplicate id {device.id!r}")
+        seen.add(device.id)
+    return GatewayConfig(
+        listen_host=host, listen_port=port, store=store, token=token, devices=devices, source=source
+    )
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a TOML file. Raises ConfigError (file, key, problem)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_config(data, source=str(path))

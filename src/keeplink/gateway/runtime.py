@@ -1,0 +1,306 @@
+"""The gateway runtime: one supervised link per device, presence, and the outbox on a store.
+
+It turns every typed event (link state, command state, presence, firmware progress, the
+breaker) into one JSON stream with a sequence number, for the API's WebSocket and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from keeplink._core.commands import Command, CommandState
+from keeplink._core.errors import ConfigError, DeviceNotFoundError
+from keeplink._core.presence import Presence
+from keeplink._events import LinkEvent, LinkStateChanged
+from keeplink._link import Link
+from keeplink._slots import SlotPool
+from keeplink.drivers.jsonline import JsonLineDriver
+from keeplink.gateway.config import DeviceConfig, GatewayConfig
+from keeplink.outbox import (
+    CommandStateChanged,
+    CommandStore,
+    DeliveryParked,
+    FirmwareProgress,
+    FirmwareTransfer,
+    MemoryStore,
+    Outbox,
+    SqliteStore,
+    image_matches,
+)
+from keeplink.presence import PresenceChanged, PresenceTracker
+
+__all__ = ["Gateway", "command_json", "open_store"]
+
+_log = logging.getLogger("keeplink.gateway")
+
+EVENT_BACKLOG = 1000
+"""Events kept for a WebSocket client that connects late (``?since=SEQ``)."""
+
+
+def open_store(url: str, *, base: Path | None = None) -> CommandStore:
+    """A store from a config URL: ``sqlite:///relative.db``, ``sqlite:////abs.db``, ``memory:``."""
+    if url == "memory:":
+        return MemoryStore()
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if url.startswith("sqlite:////"):
+            path = Path("/" + url.removeprefix("sqlite:////"))
+        elif base is not None:
+            path = base / path
+        return SqliteStore(path)
+    raise ConfigError(f"store {url!r}: only sqlite:///path and memory: are supported here")
+
+
+def _driver(device: DeviceConfig) -> Any:
+    if device.driver == "jsonline":
+        return JsonLineDriver(
+            host=device.host,
+            port=device.port,
+            token=device.token,
+            seq_bits=device.seq_bits,
+            max_in_flight=device.max_in_flight or 64,
+        )
+    raise ConfigError(
+        f"devices[{device.id}]: driver {device.driver!r} is not available in this gateway yet"
+    )
+
+
+def command_json(command: Command) -> dict[str, Any]:
+    """The API's JSON shape of a command."""
+    return {
+        "id": command.id,
+        "device": command.device,
+        "op": command.op,
+        "args": dict(command.args),
+        "state": command.state.value,
+        "key": command.key,
+        "idempotency_key": command.idempotency_key,
+        "priority": command.priority,
+        "attempts": command.attempts,
+        "max_attempts": command.max_attempts,
+        "created_at": command.created_at,
+        "updated_at": command.updated_at,
+        "expires_at": command.expires_at,
+        "last_error": (
+            {"code": command.last_error.code, "message": command.last_error.message}
+            if command.last_error is not None
+            else None
+        ),
+        "result": dict(command.result) if command.result is not None else None,
+    }
+
+
+class Gateway:
+    """Everything ``keeplink serve`` runs, minus HTTP. Start it, use it, stop it."""
+
+    def __init__(self, config: GatewayConfig, *, base_dir: Path | None = None) -> None:
+        self.config = config
+        self.base_dir = base_dir
+        self.store = open_store(config.store, base=base_dir)
+        self.presence = PresenceTracker(debounce_online_s=1.0, debounce_offline_s=3.0)
+        self.outbox = Outbox(
+            self.store,
+            presence=self.presence,
+            executors={"firmware": FirmwareTransfer()},
+            preconditions={"image_matches": image_matches},
+        )
+        self.devices: dict[str, DeviceConfig] = {d.id: d for d in config.devices}
+        self.links: dict[str, Link[Any]] = {}
+        self.pools: dict[str, SlotPool] = {}
+        self._seq = 0
+        self._backlog: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENT_BACKLOG)
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._unsubscribers: list[Callable[[], None]] = []
+        self.started_at: float | None = None
+        self.delivery_latencies: collections.deque[float] = collections.deque(maxlen=10_000)
+        self.on_delivered: Callable[[float], None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open the store (recovering from a crash), then start every link."""
+        for device in self.config.devices:  # fail on a bad driver before touching anything
+            _driver(device)
+        await self.outbox.start()
+        self._unsubscribers.append(self.outbox.subscribe(self._on_outbox))
+        self._unsubscribers.append(self.presence.subscribe(self._on_presence))
+        for device in self.config.devices:
+            pool = None
+            if device.hub is not None:
+                pool = self.pools.get(device.hub)
+                if pool is None:
+                    pool = self.pools[device.hub] = SlotPool(size=device.hub_slots, name=device.hub)
+            link = Link(
+                _driver(device),
+                name=device.id,
+                heartbeat_s=device.heartbeat_s,
+                backoff=device.backoff,
+                slots=pool,
+            )
+            self.links[device.id] = link
+            self._unsubscribers.append(link.subscribe(self._on_link))
+            await self.outbox.attach(device.id, link)
+            link.start()
+        self.started_at = time.time()
+        _log.info("gateway: %d device(s), store %s", len(self.links), self.config.store)
+
+    async def stop(self) -> None:
+        """Graceful: stop the links, then close the outbox and store. A command that was
+        being delivered stays ``sending`` on disk and is re-queued (attempt counted) at the
+        next start — the same recovery a crash gets, so both leave a consistent store."""
+        await asyncio.gather(*(link.stop() for link in self.links.values()))
+        await self.outbox.close()
+        for pool in self.pools.values():
+            await pool.close()
+        for unsubscribe in self._unsubscribers:
+            unsubscribe()
+        self._unsubscribers.clear()
+        self.presence.close()
+
+    # ------------------------------------------------------------------ events
+
+    def listen(self, callback: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
+
+    def backlog(self, since: int = 0) -> list[dict[str, Any]]:
+        return [event for event in self._backlog if event["seq"] > since]
+
+    def _publish(self, event: dict[str, Any]) -> None:
+        self._seq += 1
+        event = {"seq": self._seq, "at": time.time(), **event}
+        self._backlog.append(event)
+        for listener in tuple(self._listeners):
+            with contextlib.suppress(Exception):  # a slow or gone client never hurts delivery
+                listener(event)
+
+    def _on_link(self, event: LinkEvent) -> None:
+        if not isinstance(event, LinkStateChanged):
+            return
+        retry_in = None
+        link = self.links.get(event.link)
+        if event.retry_at is not None and link is not None:
+            retry_in = max(0.0, event.retry_at - link.clock.now())
+        self._publish(
+            {
+                "type": "link",
+                "device": event.link,
+                "old": event.old.value,
+                "new": event.new.value,
+                "error": (
+                    {"code": event.error.code, "message": event.error.message}
+                    if event.error is not None
+                    else None
+                ),
+                "retry_in_s": retry_in,
+            }
+        )
+
+    def _on_outbox(self, event: object) -> None:
+        if isinstance(event, CommandStateChanged):
+            command = event.command
+            if command.state is CommandState.SUCCEEDED:
+                latency = command.updated_at - command.created_at
+                self.delivery_latencies.append(latency)
+                if self.on_delivered is not None:
+                    self.on_delivered(latency)
+            self._publish(
+                {
+                    "type": "command",
+                    "old": event.old.value if event.old is not None else None,
+                    "command": command_json(command),
+                }
+            )
+        elif isinstance(event, FirmwareProgress):
+            self._publish(
+                {
+                    "type": "firmware_progress",
+                    "command_id": event.command_id,
+                    "device": event.device,
+                    "offset": event.offset,
+                    "size": event.size,
+                    "percent": round(event.percent, 2),
+                    "rate_bps": round(event.rate_bps, 1),
+                    "resumes": event.resumes,
+                }
+            )
+        elif isinstance(event, DeliveryParked):
+            self._publish(
+                {
+                    "type": "parked",
+                    "device": event.device,
+                    "reason": event.reason,
+                    "until": event.until,
+                }
+            )
+
+    def _on_presence(self, change: PresenceChanged) -> None:
+        self._publish(
+            {
+                "type": "presence",
+                "device": change.device,
+                "old": change.old.value,
+                "new": change.new.value,
+                "cycle": change.cycle,
+            }
+        )
+
+    # ------------------------------------------------------------------ views
+
+    def device(self, device_id: str) -> DeviceConfig:
+        try:
+            return self.devices[device_id]
+        except KeyError:
+            raise DeviceNotFoundError(f"no device {device_id!r}") from None
+
+    async def device_view(self, device_id: str) -> dict[str, Any]:
+        config = self.device(device_id)
+        link = self.links.get(device_id)
+        stats = link.statistics() if link is not None else None
+        record = await self.outbox.device_record(device_id)
+        queued = await self.store.count(device=device_id, states=[CommandState.QUEUED])
+        sending = await self.store.count(device=device_id, states=[CommandState.SENDING])
+        last = stats.last_error if stats is not None else None
+        retry_in = None
+        if stats is not None and stats.retry_at is not None and link is not None:
+            retry_in = max(0.0, stats.retry_at - link.clock.now())
+        return {
+            "id": device_id,
+            "driver": config.driver,
+            "presence": self.presence.presence(device_id).value,
+            "link": {
+                "state": stats.state.value if stats else "idle",
+                "attempt": stats.attempt if stats else 0,
+                "connects": stats.connects if stats else 0,
+                "disconnects": stats.disconnects if stats else 0,
+                "retry_in_s": retry_in,
+                "last_error": {"code": last.code, "message": last.message} if last else None,
+                "firmware": stats.session.firmware if stats and stats.session else None,
+            },
+            "queued": queued,
+            "sending": sending,
+            "parked": (
+                {"reason": record.parked_reason, "until": record.parked_until}
+                if record.parked_reason is not None
+                else None
+            ),
+        }
+
+    async def devices_view(self) -> list[dict[str, Any]]:
+        return [await self.device_view(device_id) for device_id in self.devices]
+
+    def presence_of(self, device_id: str) -> Presence:
+        return self.presence.presence(device_id)
+
+    def link_counts(self) -> Mapping[str, int]:
+        counts: collections.Counter[str] = collections.Counter()
+        for link in self.links.values():
+            counts[link.state.value] += 1
+        return counts
