@@ -161,9 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return asyncio.run(run_demo(args.duration))
         if args.command == "serve":
-            from keeplink.gateway.server import serve
+            from keeplink.gateway.server import read_config, serve
 
-            return asyncio.run(serve(args.config))
+            config, base_dir = read_config(args.config)  # a bad file: nothing starts
+            return asyncio.run(serve(config, base_dir=base_dir))
     except KeeplinkError as exc:
         print(f"keeplink: {exc}", file=sys.stderr)
         return EXIT_USAGE if exc.code == "config_error" else EXIT_FAILURE

@@ -184,7 +184,9 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
     options = table.get("options", {})
     if not isinstance(options, Mapping):
         c.fail("options", "must be a table")
-    assert driver is not None and port is not None and seq_bits is not None
+    assert driver is not None
+    assert port is not None
+    assert seq_bits is not None
     return DeviceConfig(
         id=device_id,
         driver=driver,

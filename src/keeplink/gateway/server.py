@@ -16,7 +16,7 @@ from keeplink.gateway.api import build_app
 from keeplink.gateway.config import GatewayConfig, load_config
 from keeplink.gateway.runtime import Gateway
 
-__all__ = ["Server", "serve"]
+__all__ = ["Server", "read_config", "serve"]
 
 _log = logging.getLogger("keeplink.gateway")
 
@@ -61,12 +61,18 @@ class Server:
         await self.gateway.stop()
 
 
-async def serve(config_path: str | Path, *, ready: asyncio.Event | None = None) -> int:
-    """Run until SIGINT/SIGTERM. Raises ConfigError (before anything starts) for a bad file."""
-    path = Path(config_path)
-    config = load_config(path)
+def read_config(config_path: str | Path) -> tuple[GatewayConfig, Path]:
+    """Load and validate the file, before any event loop runs. Raises ConfigError."""
+    path = Path(config_path).absolute()
+    return load_config(path), path.parent
+
+
+async def serve(
+    config: GatewayConfig, *, base_dir: Path, ready: asyncio.Event | None = None
+) -> int:
+    """Run until SIGINT/SIGTERM; relative store paths are relative to ``base_dir``."""
     token = config.token or os.environ.get("KEEPLINK_TOKEN") or secrets.token_urlsafe(18)
-    server = Server(config, token=token, base_dir=path.resolve().parent)
+    server = Server(config, token=token, base_dir=base_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

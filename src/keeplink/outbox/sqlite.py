@@ -29,7 +29,7 @@ import builtins
 import os
 import sqlite3
 from collections.abc import Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
@@ -185,6 +185,12 @@ def _migrate(conn: sqlite3.Connection) -> None:
         _write(conn, step)
 
 
+def _close_result_of(job: Future[sqlite3.Connection]) -> None:
+    """Close the connection ``job`` opened, if it opened one (it has finished by now)."""
+    if not job.cancelled() and job.exception() is None:
+        job.result().close()
+
+
 class SqliteStore:
     """A :class:`~keeplink.outbox.store.CommandStore` in an SQLite file.
 
@@ -267,7 +273,7 @@ class SqliteStore:
 
     # ------------------------------------------------------------------ worker thread
 
-    def _connect(self) -> None:
+    def _connect(self) -> sqlite3.Connection:
         """Open, configure and migrate the database (on the worker thread)."""
         try:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
@@ -290,18 +296,7 @@ class SqliteStore:
         except BaseException:
             conn.close()
             raise
-        self._conn = conn
-
-    def _disconnect(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
-    def _call(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        conn = self._conn
-        if conn is None:  # pragma: no cover - _run checks the status first
-            raise RuntimeError("store is closed")
-        return work(conn)
+        return conn
 
     def _check_usable(self) -> None:
         if self._status != "open":
@@ -310,9 +305,12 @@ class SqliteStore:
             )
 
     async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``work(connection)`` on the worker thread."""
         self._check_usable()
+        conn = self._conn  # bound now: close() clears self._conn while this may still wait
+        assert conn is not None
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, work)
+        return await loop.run_in_executor(self._executor, work, conn)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -325,28 +323,31 @@ class SqliteStore:
             executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keeplink-sqlite")
             job = executor.submit(self._connect)
             try:
-                await asyncio.wrap_future(job)
+                conn = await asyncio.wrap_future(job)
             except BaseException:
-                # Cancelled while connecting: close whatever it opens, after it finishes.
-                executor.submit(self._disconnect)
+                # Failed, or cancelled while connecting: close what it opens once it is done.
+                executor.submit(_close_result_of, job)
                 executor.shutdown(wait=job.done())
                 raise
-            self._executor = executor
+            self._executor, self._conn = executor, conn
             self._status = "open"
 
     async def close(self) -> None:
         async with self._lock:
             if self._status == "closed":
                 return
-            was_open, self._status = self._status == "open", "closed"
+            self._status = "closed"
             executor, self._executor = self._executor, None
-            if not was_open or executor is None:
-                return
-            # Queued after every operation already submitted; nothing new can be submitted.
-            job = executor.submit(self._disconnect)
+            conn, self._conn = self._conn, None
+            if executor is None or conn is None:
+                return  # never opened
+            # Runs after every operation already submitted; nothing new can be submitted.
+            job = executor.submit(conn.close)
             try:
                 await asyncio.shield(asyncio.wrap_future(job))
             finally:
+                # If close() itself is cancelled the worker still closes the connection,
+                # then exits; otherwise it is idle now and joins at once.
                 executor.shutdown(wait=job.done())
 
     # ------------------------------------------------------------------ commands
