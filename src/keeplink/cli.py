@@ -1,7 +1,8 @@
 """The ``keeplink`` command line.
 
-- ``keeplink demo``: simulated devices with real devices' habits, each behind a supervised
-  link, with every state change printed as it happens.
+- ``keeplink serve --config FILE``: the gateway daemon.
+- ``keeplink demo``: simulated devices with real devices' habits and the gateway in front of
+  them, on the embedded SQLite store; every link state change is printed as it happens.
 - ``keeplink sim``: one simulated jsonline device on loopback.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration.
@@ -18,11 +19,8 @@ import sys
 from collections.abc import Sequence
 
 from keeplink import __version__
-from keeplink._core.backoff import Backoff
 from keeplink._core.errors import KeeplinkError
 from keeplink._events import LinkEvent, LinkStateChanged
-from keeplink._link import Link
-from keeplink.drivers.jsonline import JsonLineDriver
 from keeplink.testing.faultproxy import FaultProxy
 from keeplink.testing.sim import DeviceSimulator
 from keeplink.testing.sim import main as sim_main
@@ -48,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="run simulated devices behind supervised links and print what happens",
+    )
+    demo.add_argument("--port", type=int, default=8470, help="gateway port (0: any free port)")
+    demo.add_argument(
+        "--store",
+        default="sqlite:///keeplink-demo.db",
+        help="command store URL (default: keeplink-demo.db in the current directory)",
     )
     demo.add_argument(
         "--duration",
@@ -83,7 +87,11 @@ async def _flaky_faults(proxy: FaultProxy) -> None:
         proxy.set_down(False)
 
 
-async def run_demo(duration: float | None) -> int:
+async def run_demo(duration: float | None, *, port: int, store: str) -> int:
+    """Simulated devices with real devices' habits, and the gateway in front of them."""
+    from keeplink.gateway.config import parse_config
+    from keeplink.gateway.server import Server
+
     healthy = DeviceSimulator(device_id="healthy", token=DEMO_TOKEN, push_interval_s=5)
     sleepy = DeviceSimulator(device_id="sleepy", token=DEMO_TOKEN, sleepy=(4.0, 12.0))
     flaky = DeviceSimulator(device_id="flaky", token=DEMO_TOKEN)
@@ -93,43 +101,52 @@ async def run_demo(duration: float | None) -> int:
         await sim.start()
     proxy = FaultProxy(flaky.host, flaky.port, name="flaky")
     await proxy.start()
-    fast = Backoff(initial_s=0.5, cap_s=5)
-    targets: list[tuple[str, DeviceSimulator | FaultProxy]] = [
-        ("healthy", healthy),
-        ("sleepy", sleepy),
-        ("flaky", proxy),
-        ("locked", locked),
-    ]
-    links = [
-        Link(
-            JsonLineDriver(host=target.host, port=target.port, token=DEMO_TOKEN),
-            name=name,
-            heartbeat_s=2.0,
-            backoff=fast,
-        )
-        for name, target in targets
-    ]
+    fast = {"initial_s": 0.5, "cap_s": 5}
+    targets = {"healthy": healthy.port, "sleepy": sleepy.port, "flaky": proxy.port,
+               "locked": locked.port}  # fmt: skip
+    config = parse_config(
+        {
+            "gateway": {"listen": f"127.0.0.1:{port}", "store": store, "token": DEMO_TOKEN},
+            "devices": [
+                {
+                    "id": name,
+                    "driver": "jsonline",
+                    "port": p,
+                    "token": DEMO_TOKEN,
+                    "heartbeat_s": 2,
+                    "backoff": fast,
+                }
+                for name, p in targets.items()
+            ],
+        },
+        source="keeplink demo",
+    )
+    server = Server(config, token=DEMO_TOKEN)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(
-        "keeplink demo: healthy, sleepy (awake 4 s of 12), flaky (behind a fault proxy), "
-        "locked (wrong token). Ctrl-C stops.",
-        flush=True,
-    )
     faults = loop.create_task(_flaky_faults(proxy), name="demo.faults")
     try:
-        for link in links:
+        await server.start()
+        for link in server.gateway.links.values():
             link.subscribe(_print_event)
-            link.start()
+        command = await server.gateway.outbox.submit("sleepy", "set", {"target": 20.5})
+        print(
+            f"keeplink demo: dashboard {server.url}/  (write token: {DEMO_TOKEN})\n"
+            "  healthy: always there   sleepy: awake 4 s of 12   flaky: behind a fault proxy\n"
+            f"  locked: wrong token     command {command.id[:8]} queued for sleepy until it wakes\n"
+            "Ctrl-C stops.",
+            flush=True,
+        )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), duration)
     finally:
         faults.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await faults
-        await asyncio.gather(*(link.stop() for link in links))
+        links = list(server.gateway.links.values())
+        await server.stop()
         await proxy.stop()
         for sim in sims:
             await sim.stop()
@@ -159,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "demo":
-            return asyncio.run(run_demo(args.duration))
+            return asyncio.run(run_demo(args.duration, port=args.port, store=args.store))
         if args.command == "serve":
             from keeplink.gateway.server import read_config, serve
 
