@@ -12,29 +12,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable
 
+from bench.common import start_sim
 from keeplink import Acknowledged, Link
 from keeplink.drivers import JsonLineDriver
 
 Measure = Callable[[int], Awaitable[float]]
-
-
-async def start_sim() -> tuple[asyncio.subprocess.Process, int]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "keeplink", "sim", "--port", "0", "--device-id", "bench",
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-    match = re.search(r":(\d+)$", line.strip())
-    if match is None:
-        raise RuntimeError(f"simulator did not start: {line!r}")
-    return proc, int(match.group(1))
 
 
 async def raw_client(port: int, window: int) -> Measure:
@@ -96,33 +82,36 @@ async def keeplink_client(port: int, window: int) -> tuple[Measure, Link[object]
     return measure, link
 
 
-async def main(count: int, rounds: int) -> None:
-    proc, port = await start_sim()
+async def measure(*, count: int, rounds: int) -> dict[str, float]:
+    """Requests/s per mode (median of ``rounds`` interleaved rounds)."""
+    sim = await start_sim("--device-id", "bench")
     links: list[Link[object]] = []
+    modes: dict[str, Measure] = {}
     try:
-        modes: dict[str, Measure] = {}
         for window in (1, 32):
-            modes[f"raw asyncio, window {window}"] = await raw_client(port, window)
-            measure, link = await keeplink_client(port, window)
+            modes[f"raw asyncio, window {window}"] = await raw_client(sim.port, window)
+            measure_fn, link = await keeplink_client(sim.port, window)
             links.append(link)
-            modes[f"keeplink, window {window}"] = measure
+            modes[f"keeplink, window {window}"] = measure_fn
         times: dict[str, list[float]] = {name: [] for name in modes}
-        for measure in modes.values():  # warm-up
-            await measure(min(count, 500))
+        for measure_fn in modes.values():  # warm-up
+            await measure_fn(min(count, 500))
         for _ in range(rounds):
-            for name, measure in modes.items():
-                times[name].append(await measure(count))
+            for name, measure_fn in modes.items():
+                times[name].append(await measure_fn(count))
     finally:
         for link in links:
             await link.stop()
-        for measure in modes.values():
-            close = getattr(measure, "close", None)
+        for measure_fn in modes.values():
+            close = getattr(measure_fn, "close", None)
             if close is not None:
                 close()
-        proc.terminate()
-        await proc.wait()
+        await sim.stop()
+    return {name: count / statistics.median(t) for name, t in times.items()}
 
-    rate = {name: count / statistics.median(t) for name, t in times.items()}
+
+async def main(count: int, rounds: int) -> None:
+    rate = await measure(count=count, rounds=rounds)
     print(f"request throughput, {count} echo requests a round, median of {rounds} rounds")
     print(f"{'mode':<26} {'req/s':>10} {'vs raw':>8}  goal")
     goals = {1: 0.8, 32: 0.7}

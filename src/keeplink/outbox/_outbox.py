@@ -519,34 +519,46 @@ class Outbox:
                 return
             await self.resume(state.name)
         while self._deliverable(state) and not self._closing:
+            # One read of the queue per batch, walked in order: re-reading it for every
+            # command made draining N commands cost N² row reads. Something new (a submit,
+            # a presence change) ends the batch so the queue is read again, in order.
+            state.again = False
             queue = await self.store.queued(state.name)
             if not queue:
                 return
-            command = queue[0]
-            now = self.clock.now()
-            if command.expires_at is not None and now >= command.expires_at:
-                await self._expire(command)
-                continue
-            if command.cycle >= state.record.cycle:
-                return  # already tried in this presence cycle: wait for the next one
-            verdict = await self._check_precondition(state, command)
-            if verdict == "wait":
-                return  # a timer wakes this device when it may be ready
-            if verdict == "failed":
-                continue
-            sending = transition(
-                command,
-                _Q.SENDING,
-                now=now,
-                attempts=command.attempts + 1,
-                cycle=state.record.cycle,
-            )
-            if not await self._persist(command, sending):
-                continue  # cancelled or superseded meanwhile
-            outcome = await self._execute(state, sending)
-            await self._settle(state, sending, outcome)
-            if state.record.parked_reason is not None:
-                return
+            for command in queue:
+                if state.again or self._closing or not self._deliverable(state):
+                    break
+                if not await self._deliver_one(state, command):
+                    return
+                if state.record.parked_reason is not None:
+                    return
+
+    async def _deliver_one(self, state: _Device, command: Command) -> bool:
+        """Deliver one queued command. False: stop this pass (wait for a cycle or a timer)."""
+        now = self.clock.now()
+        if command.expires_at is not None and now >= command.expires_at:
+            await self._expire(command)
+            return True
+        if command.cycle >= state.record.cycle:
+            return False  # already tried in this presence cycle: wait for the next one
+        verdict = await self._check_precondition(state, command)
+        if verdict == "wait":
+            return False  # a timer wakes this device when it may be ready
+        if verdict == "failed":
+            return True
+        sending = transition(
+            command,
+            _Q.SENDING,
+            now=now,
+            attempts=command.attempts + 1,
+            cycle=state.record.cycle,
+        )
+        if not await self._persist(command, sending):
+            return True  # cancelled or superseded meanwhile
+        outcome = await self._execute(state, sending)
+        await self._settle(state, sending, outcome)
+        return True
 
     async def _check_precondition(self, state: _Device, command: Command) -> str:
         """ "ok", "wait" (a wake-up is scheduled) or "failed" (the command was failed)."""

@@ -1,0 +1,111 @@
+"""All benchmarks, one table: ``python -m bench [--links 10000] [--quick]``.
+
+Every row is measured side by side in the same run; ratios compare against a baseline
+measured in that same run. ``--quick`` is the short version CI runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import logging
+import time
+from typing import Any
+
+from bench import fleet
+from bench.common import machine
+
+
+async def run(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = []
+    from bench import requests as req
+
+    figures = await req.measure(count=args.count, rounds=args.rounds)
+    for window in (1, 32):
+        raw = figures[f"raw asyncio, window {window}"]
+        ours = figures[f"keeplink, window {window}"]
+        goal = {1: 0.8, 32: 0.7}[window]
+        rows.append(
+            (
+                f"requests, window {window}",
+                f"{ours:,.0f} req/s vs raw asyncio {raw:,.0f} req/s",
+                f"{ours / raw:.2f}x (goal {goal}x)",
+            )
+        )
+    if importlib.util.find_spec("pymodbus") is not None and importlib.util.find_spec(
+        "bench.modbus"
+    ):
+        from bench import modbus
+
+        result: dict[str, Any] = await modbus.measure(rounds=args.rounds)
+        for window, (ours, theirs) in result.items():
+            rows.append(
+                (
+                    f"modbus, window {window}",
+                    f"{ours:,.0f} req/s vs pymodbus client {theirs:,.0f} req/s",
+                    f"{ours / theirs:.2f}x (goal 1.3x at window 1)",
+                )
+            )
+    else:
+        rows.append(("modbus", "skipped: pymodbus not installed", "-"))
+    wake = await fleet.wake(devices=args.devices, commands=10)
+    rows.append(
+        (
+            f"wake-to-delivery, {wake['devices']} devices x 10",
+            f"p50 {wake['p50_ms']:.0f} ms, p99 {wake['p99_ms']:.0f} ms (presence-online to ack)",
+            f"all {wake['commands']} in {wake['drain_s']:.2f} s",
+        )
+    )
+    tp = await fleet.outbox_throughput(commands=args.commands)
+    for kind in ("memory", "sqlite"):
+        rows.append(
+            (
+                f"outbox on {kind}",
+                f"{tp[f'{kind}_submits_per_s']:,.0f} durable submits/s",
+                f"{tp[f'{kind}_deliveries_per_s']:,.0f} deliveries/s (one device)",
+            )
+        )
+    idle = await fleet.idle(links=args.links, idle_s=args.idle_s, heartbeat_s=args.heartbeat_s)
+    rows.append(
+        (
+            f"idle links, {idle['links']}, heartbeat {idle['heartbeat_s']:g} s",
+            f"{idle['rss_per_link_kib']:.1f} KiB resident per link (goal <= 30)",
+            f"{idle['idle_cpu_pct']:.2f}% of one core idle (goal <= 5%)",
+        )
+    )
+    storm = await fleet.storm(links=args.storm_links)
+    rows.append(
+        (
+            f"reconnect storm, {storm['links']} links",
+            f"peak {storm['peak_connects_per_s']} connects/s",
+            f"all up after {storm['all_up_s']:.2f} s",
+        )
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="keeplink benchmarks, one table")
+    parser.add_argument("--quick", action="store_true", help="the short version CI runs")
+    parser.add_argument("--links", type=int, default=None, help="idle links (default 1000)")
+    args = parser.parse_args()
+    args.count = 1000 if args.quick else 4000
+    args.rounds = 2 if args.quick else 5
+    args.devices = 20 if args.quick else 100
+    args.commands = 300 if args.quick else 2000
+    args.links = args.links or (200 if args.quick else 1000)
+    args.idle_s = 5.0 if args.quick else 30.0
+    args.heartbeat_s = 2.0 if args.quick else 30.0
+    args.storm_links = 200 if args.quick else 1000
+    logging.basicConfig(level=logging.ERROR)  # thousands of expected reconnect warnings
+    begin = time.perf_counter()
+    rows = asyncio.run(run(args))
+    print(f"\nkeeplink benchmarks ({machine()}), {time.perf_counter() - begin:.0f} s")
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)))
+
+
+if __name__ == "__main__":
+    main()
