@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import gc
 import json
+import logging
 import tempfile
 import time
 from collections import Counter
@@ -266,14 +267,16 @@ def main() -> None:
     parser.add_argument("--commands", type=int, default=None)
     parser.add_argument("--links", type=int, default=1000)
     parser.add_argument("--idle-s", type=float, default=20.0)
+    parser.add_argument("--heartbeat-s", type=float, default=30.0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)  # expected reconnect warnings, by the thousand
     if args.which == "wake":
         result = asyncio.run(wake(args.devices, args.commands or 10))
     elif args.which == "outbox":
         result = asyncio.run(outbox_throughput(args.commands or 2000))
     elif args.which == "idle":
-        result = asyncio.run(idle(args.links, args.idle_s))
+        result = asyncio.run(idle(args.links, args.idle_s, args.heartbeat_s))
     else:
         result = asyncio.run(storm(args.links))
     if args.json:
