@@ -55,9 +55,12 @@ LAYERS: list[tuple[str, int]] = [
     ("keeplink.drivers", 2),
     ("keeplink.outbox", 3),
     ("keeplink.presence", 3),
+    ("keeplink.mdns", 3),
     ("keeplink.testing", 4),
     ("keeplink.gateway", 5),
     ("keeplink.cli", 5),
+    ("keeplink.cli_client", 5),
+    ("keeplink.client", 5),
     ("keeplink.__main__", 5),
     ("keeplink", 5),  # the package __init__ re-exports from everywhere
 ]
