@@ -13,7 +13,7 @@ import pytest
 from helpers import eventually, io_settle
 from keeplink import Backoff, Link, VirtualClock
 from keeplink._core.commands import Command, CommandState
-from keeplink._core.errors import ConflictError, InvalidRequestError
+from keeplink._core.errors import ConflictError, ErrorCode, InvalidRequestError
 from keeplink.drivers import JsonLineDriver
 from keeplink.outbox import (
     CommandStateChanged,
@@ -87,6 +87,11 @@ async def rig() -> AsyncIterator[Rig]:
                 await link.stop()
                 await outbox.close()
                 presence.close()
+            # Every error a command carries has a code from the one enum.
+            codes = {code.value for code in ErrorCode}
+            for event in events:
+                if isinstance(event, CommandStateChanged) and event.command.last_error:
+                    assert event.command.last_error.code in codes, event.command.last_error
 
 
 async def online(rig: Rig) -> None:

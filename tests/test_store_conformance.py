@@ -444,7 +444,7 @@ async def test_recover_requeues_or_fails_what_was_sending(store: CommandStore) -
             state=S.FAILED,
             updated_at=now,
             last_error=ErrorInfo(
-                "failed",
+                "connection_aborted",
                 "attempts exhausted (3 of 3); the last one was interrupted by a restart",
             ),
         ),
@@ -454,7 +454,7 @@ async def test_recover_requeues_or_fails_what_was_sending(store: CommandStore) -
             state=S.FAILED,
             updated_at=now,
             last_error=ErrorInfo(
-                "failed",
+                "connection_aborted",
                 "attempts exhausted (6 of 5); the last one was interrupted by a restart",
             ),
         ),
@@ -579,7 +579,7 @@ DEVICES = ["a", "b", "ü"]
 def _model_recover(command: Command, now: float) -> Command:
     if command.attempts >= command.max_attempts:
         error = ErrorInfo(
-            "failed",
+            "connection_aborted",
             f"attempts exhausted ({command.attempts} of {command.max_attempts}); "
             "the last one was interrupted by a restart",
         )

@@ -378,7 +378,9 @@ class Outbox:
                             old,
                             _Q.SUPERSEDED,
                             now=self.clock.now(),
-                            last_error=ErrorInfo("superseded", f"superseded by {stored.id}"),
+                            last_error=ErrorInfo(
+                                ErrorCode.CANCELLED.value, f"superseded by {stored.id}"
+                            ),
                         ),
                     )
         if stored.expires_at is not None:

@@ -28,6 +28,7 @@ import asyncio
 import builtins
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
@@ -167,6 +168,25 @@ def _write(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], _T]) -
     return result
 
 
+def _enable_wal(conn: sqlite3.Connection) -> str:
+    """``PRAGMA journal_mode = WAL``; the journal mode it reports.
+
+    Switching a new file to WAL while another connection opens it can fail with "database is
+    locked" without waiting for the busy timeout, so it is retried until that timeout.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            mode: str = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            busy = exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+        else:
+            return mode
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     """Apply the missing migrations, one transaction each (safe against a concurrent
     opener: the version is read again under the write lock)."""
@@ -217,7 +237,7 @@ class SqliteStore:
         self._status = "new"
         self._lock = asyncio.Lock()
         self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None  # used on the worker thread only
+        self._conn: sqlite3.Connection | None = None  # only ever used on the worker thread
 
     @classmethod
     def from_url(cls, url: str) -> SqliteStore:
@@ -284,7 +304,7 @@ class SqliteStore:
             version = _user_version(conn)  # first, before anything could write
             if version > SCHEMA_VERSION:
                 raise _too_new(version)
-            journal = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            journal = _enable_wal(conn)
             if str(journal).lower() != "wal" and self.path != ":memory:":
                 raise ConfigError(f"sqlite store {self.path!r}: cannot use WAL (got {journal})")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")

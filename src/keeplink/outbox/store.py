@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any, Final, Protocol, Self, runtime_checkable
 
 from keeplink._core.commands import Command, CommandState, DeviceRecord, transition
-from keeplink._core.errors import ErrorInfo, InvalidRequestError
+from keeplink._core.errors import ErrorCode, ErrorInfo, InvalidRequestError
 
 __all__ = [
     "COMMAND_COLUMNS",
@@ -165,7 +165,7 @@ def recovered(command: Command, *, now: float) -> Command:
             CommandState.FAILED,
             now=now,
             last_error=ErrorInfo(
-                "failed",
+                ErrorCode.CONNECTION_ABORTED.value,
                 f"attempts exhausted ({command.attempts} of {command.max_attempts}); "
                 "the last one was interrupted by a restart",
             ),
