@@ -45,16 +45,16 @@ EVENT_BACKLOG = 1000
 
 
 def open_store(url: str, *, base: Path | None = None) -> CommandStore:
-    """A store from a config URL: ``sqlite:///relative.db``, ``sqlite:////abs.db``, ``memory:``."""
+    """A store from a config URL: ``sqlite:///relative.db`` (relative to ``base``, the config
+    file's folder), ``sqlite:////abs.db``, ``…?synchronous=NORMAL``, or ``memory:``."""
     if url == "memory:":
         return MemoryStore()
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        if url.startswith("sqlite:////"):
-            path = Path("/" + url.removeprefix("sqlite:////"))
-        elif base is not None:
-            path = base / path
-        return SqliteStore(path)
+    if base is not None and url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        relative = url.removeprefix("sqlite:///")
+        if not relative.startswith(":memory:"):
+            url = "sqlite:///" + str(base / relative)
+    if url.startswith("sqlite:"):
+        return SqliteStore.from_url(url)
     raise ConfigError(f"store {url!r}: only sqlite:///path and memory: are supported here")
 
 
