@@ -192,7 +192,15 @@ async def list_commands(request: web.Request) -> web.Response:
     limit_text = request.query.get("limit", "100")
     if not limit_text.isdigit() or not 1 <= int(limit_text) <= 10_000:
         raise InvalidRequestError(f"limit must be an integer in 1..10000, got {limit_text!r}")
-    commands = await gateway.outbox.list(device=device, states=states, limit=int(limit_text))
+    limit = int(limit_text)
+    order = request.query.get("order", "oldest")
+    if order not in ("oldest", "newest"):
+        raise InvalidRequestError(f"order must be oldest or newest, got {order!r}")
+    if order == "newest":
+        everything = await gateway.outbox.list(device=device, states=states, limit=10_000)
+        commands = everything[::-1][:limit]
+    else:
+        commands = await gateway.outbox.list(device=device, states=states, limit=limit)
     return web.json_response({"commands": [command_json(c) for c in commands]})
 
 
@@ -455,8 +463,13 @@ OPENAPI: Final[dict[str, Any]] = {
         },
         "/api/commands": {
             "get": {
-                "summary": "Commands, newest last",
+                "summary": "Commands, oldest first (order=newest for newest first)",
                 "parameters": [
+                    {
+                        "name": "order",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": ["oldest", "newest"]},
+                    },
                     {"name": "device", "in": "query", "schema": {"type": "string"}},
                     {"name": "state", "in": "query", "schema": {"type": "string"}},
                     {
