@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="stop after this long (default: run until Ctrl-C)",
     )
+    from keeplink.cli_client import add_client_commands
+
+    add_client_commands(sub)
     # `keeplink sim ...` is dispatched before parsing; listed here for --help.
     sub.add_parser("sim", help="run one simulated jsonline device (see keeplink sim --help)")
     return parser
@@ -174,6 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
+    from keeplink.cli_client import CLIENT_COMMANDS, run_client
+
+    if args.command in CLIENT_COMMANDS:
+        return run_client(args)
     try:
         if args.command == "demo":
             return asyncio.run(run_demo(args.duration, port=args.port, store=args.store))

@@ -418,7 +418,7 @@ OPENAPI: Final[dict[str, Any]] = {
                     "op": {"type": "string", "minLength": 1},
                     "args": {"type": "object"},
                     "key": {"type": "string", "minLength": 1},
-                    "ttl_s": {"type": "number", "exclusiveMinimum": 0},
+                    "ttl_s": {"type": "number", "minimum": 0, "exclusiveMinimum": True},
                     "max_attempts": {"type": "integer", "minimum": 1, "maximum": 1000},
                     "idempotency_key": {"type": "string", "minLength": 1},
                     "priority": {"type": "integer"},
