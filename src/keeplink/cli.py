@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import signal
 import sys
@@ -32,6 +33,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 DEMO_TOKEN = "demo-token"
+GATEWAY_EXTRA = "pip install 'keeplink[gateway]'"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,9 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="stop after this long (default: run until Ctrl-C)",
     )
-    from keeplink.cli_client import add_client_commands
-
-    add_client_commands(sub)
+    try:
+        from keeplink.cli_client import add_client_commands
+    except ImportError:  # the core install: no aiohttp, so no gateway and no client
+        for name in ("devices", "send", "commands", "cancel"):
+            sub.add_parser(name, help=f"(needs {GATEWAY_EXTRA})")
+    else:
+        add_client_commands(sub)
     # `keeplink sim ...` is dispatched before parsing; listed here for --help.
     sub.add_parser("sim", help="run one simulated jsonline device (see keeplink sim --help)")
     return parser
@@ -177,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
+    if args.command != "sim" and importlib.util.find_spec("aiohttp") is None:
+        print(f"keeplink: {args.command} needs the gateway extra: {GATEWAY_EXTRA}", file=sys.stderr)
+        return EXIT_USAGE
     from keeplink.cli_client import CLIENT_COMMANDS, run_client
 
     if args.command in CLIENT_COMMANDS:

@@ -158,6 +158,7 @@ class _Device:
     cycle_succeeded: bool = False
     wake_timer: Timer | None = None
     unsubscribe: Callable[[], None] | None = None
+    hub: bool = False
 
 
 class Outbox:
@@ -281,12 +282,20 @@ class Outbox:
 
     # ------------------------------------------------------------------ devices
 
-    async def attach(self, device: str, link: Link[Any]) -> None:
-        """Deliver ``device``'s commands through ``link``; its state feeds presence."""
+    async def attach(self, device: str, link: Link[Any], *, hub: bool = False) -> None:
+        """Deliver ``device``'s commands through ``link``.
+
+        For a device's own link, the link's state is its presence (the highest-precedence
+        source). ``hub=True`` is for a link shared by many devices (a Modbus gateway, an
+        MQTT broker, a cloud): a connected hub says nothing about one device behind it, so
+        the link only gates delivery and presence must come from elsewhere (a probe, MQTT
+        availability, mDNS).
+        """
         state = await self._device(device)
         if state.unsubscribe is not None:
             state.unsubscribe()
         state.link = link
+        state.hub = hub
 
         def on_link(event: LinkEvent) -> None:
             if isinstance(event, LinkStateChanged):
@@ -309,10 +318,17 @@ class Outbox:
         return (await self._device(device)).record
 
     def _on_link_state(self, device: str, state: LinkState) -> None:
+        hub = self._devices[device].hub if device in self._devices else False
         if state is LinkState.CONNECTED:
-            self.presence.report(device, Source.LINK, True)
+            if not hub:
+                self.presence.report(device, Source.LINK, True)
             self._kick(device)
-        elif state in (LinkState.LOST, LinkState.BACKOFF, LinkState.FAILED, LinkState.STOPPED):
+        elif not hub and state in (
+            LinkState.LOST,
+            LinkState.BACKOFF,
+            LinkState.FAILED,
+            LinkState.STOPPED,
+        ):
             self.presence.report(device, Source.LINK, False)
 
     def _on_presence(self, change: PresenceChanged) -> None:
