@@ -196,7 +196,10 @@ async def keeplink_client(
 # ------------------------------------------------------------------------------ the run
 
 
-async def main(count: int, rounds: int, peer: str) -> None:
+async def measure(
+    *, count: int, rounds: int, peer: str = "pymodbus"
+) -> tuple[dict[str, float], dict[str, float], bool]:
+    """Requests/s and client CPU µs/request per mode, and whether the server pipelines."""
     proc, port = await start_server(peer)
     links: list[Link[ModbusFrame]] = []
     closers: list[Callable[[], None]] = []
@@ -234,6 +237,11 @@ async def main(count: int, rounds: int, peer: str) -> None:
 
     rate = {name: count / statistics.median(t) for name, t in times.items()}
     cpu_us = {name: 1e6 * statistics.median(c) / count for name, c in cpus.items()}
+    return rate, cpu_us, pipelining
+
+
+async def main(count: int, rounds: int, peer: str) -> None:
+    rate, cpu_us, pipelining = await measure(count=count, rounds=rounds, peer=peer)
     server = "pymodbus ModbusTcpServer" if peer == "pymodbus" else "raw asyncio responder"
     print(
         f"Modbus TCP read_holding_registers x{COUNT}, {count} requests a round, "
