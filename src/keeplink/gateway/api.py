@@ -151,6 +151,7 @@ async def submit_command(request: web.Request) -> web.Response:
     link = gateway.links[device_id]
     if not isinstance(op, str) or not op:
         raise InvalidRequestError(f"op must be a non-empty string, got {op!r}")
+    args = gateway.command_args(device_id, args)
     # The device's driver validates op and args now, so a bad command fails at once (422)
     # rather than being stored and failing on delivery.
     link.driver.build_request(0, op, args, body.get("idempotency_key"))

@@ -184,6 +184,10 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
     options = table.get("options", {})
     if not isinstance(options, Mapping):
         c.fail("options", "must be a table")
+    if driver == "modbus" and "unit" not in table:
+        c.fail("unit", "is required for a modbus device (the unit id behind the gateway)")
+    if driver != "modbus" and "unit" in table:
+        c.fail("unit", f"only modbus devices have a unit, this one is {driver}")
     assert driver is not None
     assert port is not None
     assert seq_bits is not None

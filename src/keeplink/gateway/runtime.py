@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import importlib.util
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ def open_store(url: str, *, base: Path | None = None) -> CommandStore:
 
 
 def _driver(device: DeviceConfig) -> Any:
+    """The driver for a device with its own link (jsonline)."""
     if device.driver == "jsonline":
         return JsonLineDriver(
             host=device.host,
@@ -67,9 +70,12 @@ def _driver(device: DeviceConfig) -> Any:
             seq_bits=device.seq_bits,
             max_in_flight=device.max_in_flight or 64,
         )
-    raise ConfigError(
-        f"devices[{device.id}]: driver {device.driver!r} is not available in this gateway yet"
-    )
+    raise ConfigError(f"devices[{device.id}]: driver {device.driver!r} has no own link")
+
+
+def _needs(extra: str, module: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"the {extra} driver needs: pip install 'keeplink[{extra}]'")
 
 
 def command_json(command: Command) -> dict[str, Any]:
@@ -113,7 +119,9 @@ class Gateway:
         )
         self.devices: dict[str, DeviceConfig] = {d.id: d for d in config.devices}
         self.links: dict[str, Link[Any]] = {}
+        """Device id → the link it is reached through (shared by a hub's devices)."""
         self.pools: dict[str, SlotPool] = {}
+        self.probes: list[Any] = []
         self._seq = 0
         self._backlog: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENT_BACKLOG)
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -125,37 +133,111 @@ class Gateway:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Open the store (recovering from a crash), then start every link."""
-        for device in self.config.devices:  # fail on a bad driver before touching anything
-            _driver(device)
+        """Open the store (recovering from a crash), then start every link.
+
+        A jsonline device has its own link. Devices behind one Modbus gateway, or on one
+        MQTT broker, share that hub's link; their presence comes from a unit probe or from
+        MQTT availability, not from the shared link.
+        """
+        plans = self._plan()  # fail on a bad driver before touching anything
         await self.outbox.start()
         self._unsubscribers.append(self.outbox.subscribe(self._on_outbox))
         self._unsubscribers.append(self.presence.subscribe(self._on_presence))
-        for device in self.config.devices:
-            pool = None
-            if device.hub is not None:
-                pool = self.pools.get(device.hub)
-                if pool is None:
-                    pool = self.pools[device.hub] = SlotPool(size=device.hub_slots, name=device.hub)
-            link = Link(
-                _driver(device),
-                name=device.id,
-                heartbeat_s=device.heartbeat_s,
-                backoff=device.backoff,
-                slots=pool,
-            )
-            self.links[device.id] = link
+        for link, devices, hub in plans:
             self._unsubscribers.append(link.subscribe(self._on_link))
-            await self.outbox.attach(device.id, link)
+            for device in devices:
+                self.links[device.id] = link
+                await self.outbox.attach(device.id, link, hub=hub)
             link.start()
+        for probe in self.probes:
+            probe.start()
         self.started_at = time.time()
         _log.info("gateway: %d device(s), store %s", len(self.links), self.config.store)
+
+    def _pool(self, device: DeviceConfig) -> SlotPool | None:
+        if device.hub is None:
+            return None
+        pool = self.pools.get(device.hub)
+        if pool is None:
+            pool = self.pools[device.hub] = SlotPool(size=device.hub_slots, name=device.hub)
+        return pool
+
+    def _plan(self) -> list[tuple[Link[Any], list[DeviceConfig], bool]]:
+        plans: list[tuple[Link[Any], list[DeviceConfig], bool]] = []
+        hubs: dict[tuple[str, str, int], list[DeviceConfig]] = {}
+        for device in self.config.devices:
+            if device.driver == "jsonline":
+                link: Link[Any] = Link(
+                    _driver(device),
+                    name=device.id,
+                    heartbeat_s=device.heartbeat_s,
+                    backoff=device.backoff,
+                    slots=self._pool(device),
+                )
+                plans.append((link, [device], False))
+            else:
+                hubs.setdefault((device.driver, device.host, device.port), []).append(device)
+        for (driver, host, port), devices in hubs.items():
+            first = devices[0]
+            if driver == "modbus":
+                _needs("modbus", "pymodbus")
+                from keeplink.drivers.modbus import ProbeTarget, UnitProbe, modbus_link
+
+                link = modbus_link(
+                    host,
+                    port,
+                    max_in_flight=first.max_in_flight or 1,
+                    backoff=first.backoff,
+                    slots=self._pool(first),
+                )
+                interval = float(first.options.get("probe_interval_s", 10.0))
+                self.probes.append(
+                    UnitProbe(
+                        link=link,
+                        presence=self.presence,
+                        units=[ProbeTarget(device=d.id, unit=d.unit or 0) for d in devices],
+                        interval_s=interval,
+                    )
+                )
+            else:
+                _needs("mqtt", "aiomqtt")
+                from keeplink.drivers.mqtt import MqttDriver
+
+                options = dict(first.options)
+                link = Link(
+                    MqttDriver(
+                        host,
+                        port,
+                        client_id=str(options.pop("client_id", f"keeplink-{uuid.uuid4().hex[:8]}")),
+                        devices=[d.id for d in devices],
+                        presence=self.presence,
+                        **options,
+                    ),
+                    name=f"mqtt:{host}:{port}",
+                    heartbeat_s=None,
+                    backoff=first.backoff,
+                )
+            plans.append((link, devices, True))
+        return plans
+
+    def command_args(self, device_id: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        """A command's args as the device's driver needs them: a Modbus unit id, or the
+        MQTT device name, filled in from the config when the caller left them out."""
+        config = self.device(device_id)
+        out = dict(args)
+        if config.driver == "modbus":
+            out.setdefault("unit", config.unit)
+        elif config.driver == "mqtt":
+            out.setdefault("device", device_id)
+        return out
 
     async def stop(self) -> None:
         """Graceful: stop the links, then close the outbox and store. A command that was
         being delivered stays ``sending`` on disk and is re-queued (attempt counted) at the
         next start — the same recovery a crash gets, so both leave a consistent store."""
-        await asyncio.gather(*(link.stop() for link in self.links.values()))
+        for probe in self.probes:
+            await probe.close()
+        await asyncio.gather(*(link.stop() for link in set(self.links.values())))
         await self.outbox.close()
         for pool in self.pools.values():
             await pool.close()
@@ -185,7 +267,7 @@ class Gateway:
         if not isinstance(event, LinkStateChanged):
             return
         retry_in = None
-        link = self.links.get(event.link)
+        link = next((lk for lk in self.links.values() if lk.name == event.link), None)
         if event.retry_at is not None and link is not None:
             retry_in = max(0.0, event.retry_at - link.clock.now())
         self._publish(
@@ -301,6 +383,6 @@ class Gateway:
 
     def link_counts(self) -> Mapping[str, int]:
         counts: collections.Counter[str] = collections.Counter()
-        for link in self.links.values():
+        for link in set(self.links.values()):
             counts[link.state.value] += 1
         return counts

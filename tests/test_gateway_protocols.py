@@ -1,0 +1,126 @@
+"""The gateway drives Modbus units and MQTT devices too: config in, HTTP out, real peers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from helpers import eventually
+
+pytest.importorskip("pymodbus", minversion="3.16")
+pytest.importorskip("aiomqtt")
+
+from keeplink.gateway.config import ConfigError, parse_config
+from keeplink.gateway.server import Server
+from mosquitto import Mosquitto
+from test_modbus import Gateway as ModbusServer
+from test_modbus import gateway as modbus_server  # noqa: F401  (the fixture)
+from test_mqtt import FakeDevice, broker  # noqa: F401  (the fixture)
+
+TOKEN = "t0k"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def gateway_server(
+    modbus_server: ModbusServer, broker: Mosquitto, tmp_path: Path
+) -> AsyncIterator[Server]:
+    fast = {"initial_s": 0.05, "cap_s": 0.2}
+    config = parse_config(
+        {
+            "gateway": {"listen": "127.0.0.1:0", "store": "memory:", "token": TOKEN},
+            "devices": [
+                {"id": "boiler", "driver": "modbus", "port": modbus_server.port, "unit": 1,
+                 "backoff": fast, "options": {"probe_interval_s": 0.1}},
+                {"id": "pump", "driver": "modbus", "port": modbus_server.port, "unit": 2,
+                 "backoff": fast, "options": {"probe_interval_s": 0.1}},
+                {"id": "plug", "driver": "mqtt", "port": broker.port, "backoff": fast},
+            ],
+        }
+    )  # fmt: skip
+    server = Server(config, token=TOKEN)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def submit(http: aiohttp.ClientSession, url: str, device: str, body: Any) -> Any:
+    async with http.post(f"{url}/api/devices/{device}/commands", json=body, headers=AUTH) as r:
+        return r.status, await r.json()
+
+
+async def final_state(http: aiohttp.ClientSession, url: str, command_id: str) -> Any:
+    async with asyncio.timeout(15):
+        while True:
+            async with http.get(f"{url}/api/commands/{command_id}") as response:
+                command = await response.json()
+            if command["state"] not in ("queued", "sending"):
+                return command
+            await asyncio.sleep(0.05)  # polling the live API, not a timing rule
+
+
+async def test_modbus_units_and_an_mqtt_device_through_the_gateway(
+    gateway_server: Server, modbus_server: ModbusServer, broker: Mosquitto
+) -> None:
+    url = gateway_server.url
+    gateway = gateway_server.gateway
+    assert gateway.links["boiler"] is gateway.links["pump"]  # one link to the Modbus gateway
+    modbus_server.offline.add(2)  # the pump is away: its gateway answers exception 11
+    device = FakeDevice("plug", broker.host, broker.port)
+    async with aiohttp.ClientSession() as http:
+        # Modbus: the unit id comes from the config; presence from the unit probe.
+        await eventually(lambda: gateway.presence_of("boiler").value == "online")
+        status, body = await submit(
+            http, url, "boiler", {"op": "write_registers", "args": {"address": 0, "values": [7, 8]}}
+        )
+        assert status == 202
+        assert body["command"]["args"]["unit"] == 1
+        done = await final_state(http, url, body["command"]["id"])
+        assert done["state"] == "succeeded", done
+        assert await modbus_server.registers(1, 0, 2) == [7, 8]
+
+        # The pump is offline behind a connected gateway: its write waits, then lands.
+        await eventually(lambda: gateway.presence_of("pump").value == "offline")
+        status, body = await submit(
+            http, url, "pump", {"op": "write_register", "args": {"address": 3, "value": 42}}
+        )
+        assert body["device_presence"] == "offline"
+        probe = gateway.probes[0]
+        target = probe.rounds + 3
+        await eventually(lambda: probe.rounds >= target)  # three probe rounds go by
+        async with http.get(f"{url}/api/commands/{body['command']['id']}") as response:
+            assert (await response.json())["state"] == "queued"
+        modbus_server.offline.discard(2)
+        done = await final_state(http, url, body["command"]["id"])
+        assert done["state"] == "succeeded", done
+        assert await modbus_server.registers(2, 3, 1) == [42]
+
+        # Invalid Modbus arguments are refused by the driver at submit time.
+        status, body = await submit(
+            http, url, "boiler", {"op": "write_register", "args": {"address": -1, "value": 1}}
+        )
+        assert (status, body["code"]) == (422, "invalid_request")
+
+        # MQTT: availability drives presence; the command is published when it is online.
+        status, body = await submit(http, url, "plug", {"op": "set", "args": {"on": True}})
+        assert body["device_presence"] != "online"
+        device.start()
+        try:
+            done = await final_state(http, url, body["command"]["id"])
+            assert done["state"] == "succeeded", done
+            assert device.commands[0]["args"] == {"on": True, "device": "plug"}
+            assert device.applied == [done["idempotency_key"]]
+        finally:
+            await device.stop()
+
+
+def test_a_modbus_device_without_a_unit_is_refused_at_start() -> None:
+    with pytest.raises(ConfigError, match=r"devices\[0\]\.unit: is required"):
+        parse_config({"devices": [{"id": "x", "driver": "modbus", "port": 502}]})
