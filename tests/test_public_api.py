@@ -22,7 +22,8 @@ EXPECTED = {
     "SlotsExhaustedError", "StreamChannel", "SystemClock", "Timer", "VirtualClock",
     "__version__", "classify", "deadline", "error_class_of", "error_from_code", "sleep_until",
     "Acknowledged", "Cancelled", "Outcome", "Rejected", "TimedOut", "Unavailable",
-    "enum_or_none", "Correlator", "SequenceExhaustedError",
+    "enum_or_none", "Correlator", "SequenceExhaustedError", "Slot", "SlotPool",
+    "SlotPoolStatistics", "CommandNotFoundError", "ConflictError", "PreconditionFailedError",
 }  # fmt: skip
 
 

@@ -12,7 +12,9 @@ from keeplink._core.correlation import Correlator, SequenceExhaustedError
 from keeplink._core.errors import (
     AbortedError,
     AuthError,
+    CommandNotFoundError,
     ConfigError,
+    ConflictError,
     DeviceNotFoundError,
     DeviceUnavailableError,
     ErrorClass,
@@ -22,6 +24,7 @@ from keeplink._core.errors import (
     KeeplinkError,
     LinkBrokenError,
     LinkClosedError,
+    PreconditionFailedError,
     ProtocolError,
     RejectedError,
     RequestCancelledError,
@@ -50,6 +53,7 @@ from keeplink._events import (
     SideDataReceived,
 )
 from keeplink._link import LIVENESS_RATIO, Link, LinkStatistics
+from keeplink._slots import Slot, SlotPool, SlotPoolStatistics
 
 __version__ = "0.1.0"
 
@@ -64,7 +68,9 @@ __all__ = [
     "Channel",
     "Clock",
     "Codec",
+    "CommandNotFoundError",
     "ConfigError",
+    "ConflictError",
     "Correlator",
     "DeviceNotFoundError",
     "DeviceUnavailableError",
@@ -88,6 +94,7 @@ __all__ = [
     "LinkStatistics",
     "Malformed",
     "Outcome",
+    "PreconditionFailedError",
     "ProtocolError",
     "ProtocolErrorSeen",
     "Rejected",
@@ -98,6 +105,9 @@ __all__ = [
     "SequenceExhaustedError",
     "SessionInfo",
     "SideDataReceived",
+    "Slot",
+    "SlotPool",
+    "SlotPoolStatistics",
     "SlotsExhaustedError",
     "StreamChannel",
     "SystemClock",
