@@ -14,8 +14,12 @@ for supersede, with a TTL, refused by the device, cancelled later) and fires a f
 ``link.request()`` calls with short timeouts. Every fault is undone after a few cycles.
 
 After the cycles every fault is cleared, tokens are restored, failed links are connected
-and the outbox is given a bounded time to drain (a device whose remaining commands were
-already tried in its current presence cycle is bounced so a new cycle begins). Then:
+and the outbox is given a bounded time to drain. A device whose queue waits by design (its
+head command was already tried in the current presence cycle: at most one delivery per
+cycle, FIFO behind it) is bounced, so a new presence cycle begins; a device that is
+connected and online in a cycle its head command was not tried in, with nothing moving, is
+reported as stuck (with its recent history) and not bounced: its commands count as lost.
+Then:
 
 supervisors dead
     incidents of a link that should be running (not ``failed`` on an auth flip) without
@@ -66,6 +70,7 @@ from keeplink import (
     AuthError,
     Backoff,
     Cancelled,
+    ConflictError,
     Link,
     LinkEvent,
     LinkState,
@@ -104,7 +109,10 @@ REQUEST_SETTLE_S: Final = 5.0
 SETTLE_S: Final = 30.0
 """Bound on the drain of the outbox after the faults stop."""
 STALL_S: Final = 0.4
-"""A device whose unfinished commands have not changed for this long is bounced."""
+"""A device whose unfinished commands have not changed for this long is looked at: bounced
+if it waits for a new presence cycle by design, reported as stuck otherwise."""
+STALL_GIVE_UP_S: Final = 3.0
+"""A stuck device that has not moved for this long is given up on (its commands are lost)."""
 AUTH_GRACE_S: Final = 2.0
 """After a token is restored, an auth failure of a handshake already under way is late,
 not a bug: the soak connects again (an operator would too)."""
@@ -265,8 +273,9 @@ class SoakReport:
             if len(self.details) > DETAILS_MAX:
                 lines.append(f"  … {len(self.details) - DETAILS_MAX} more")
         if self.errors_logged:
-            lines.append(f"errors logged: {len(self.errors_logged)} (first shown)")
-            lines.append("  " + self.errors_logged[0].replace("\n", "\n  "))
+            kinds = collections.Counter(e.split("\n", 1)[0][:160] for e in self.errors_logged)
+            lines.append(f"errors and warnings logged: {len(self.errors_logged)}")
+            lines.extend(f"  {n} x {first}" for first, n in kinds.most_common(5))
         lines.append("verdict: " + ("PASS" if self.ok else "FAIL"))
         return "\n".join(lines)
 
@@ -356,8 +365,7 @@ class _Soak:
         self.keys_by_device: dict[str, list[str]] = collections.defaultdict(list)
         self.args_by_key: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
         self.submitted: list[_Submitted] = []
-        self.cancels: list[tuple[int, str]] = []
-        self.aux: set[asyncio.Task[Any]] = set()
+        self.cancels: list[tuple[int, str, str]] = []
         self.history: dict[str, collections.deque[str]] = collections.defaultdict(
             lambda: collections.deque(maxlen=HISTORY)
         )
@@ -401,15 +409,27 @@ class _Soak:
     def note(self, text: str) -> None:
         self.details.append(f"[cycle {self.cycle}] {text}")
 
-    async def bounded(self, what: str, awaitable: Awaitable[_T]) -> _T | None:
+    async def bounded(
+        self, what: str, awaitable: Awaitable[_T], *, device: str | None = None
+    ) -> _T | None:
         """Await with a bound; a hang is counted and reported, never waited out."""
         try:
             async with asyncio.timeout(OP_BOUND_S):
                 return await awaitable
         except TimeoutError:
             self.hung += 1
-            self.note(f"hung for {OP_BOUND_S:g}s: {what}")
+            text = f"hung for {OP_BOUND_S:g}s: {what}"
+            if device is not None:
+                text += "\n" + self.explain(device)
+            self.note(text)
             return None
+
+    async def cancel_command(self, command_id: str, device: str) -> None:
+        self.log(device, f"chaos: cancel {command_id[:8]}")
+        with contextlib.suppress(ConflictError):  # already final
+            await self.bounded(
+                f"outbox.cancel({command_id})", self.outbox.cancel(command_id), device=device
+            )
 
     # ------------------------------------------------------------------ setup / teardown
 
@@ -479,10 +499,6 @@ class _Soak:
             await self.bounded(f"{device.name}: proxy.stop()", device.proxy.stop())
             await self.bounded(f"{device.name}: sim.stop()", device.sim.stop())
         self.presence.close()
-        for task in self.aux:
-            task.cancel()
-        if self.aux:
-            await asyncio.wait(self.aux, timeout=OP_BOUND_S)
         for sub in self.submitted:
             if not sub.waiter.done():
                 sub.waiter.cancel()
@@ -541,7 +557,7 @@ class _Soak:
             dev.clear_at = None
             return
         elif action == "sim_restart":
-            await self.bounded(f"{dev.name}: sim.restart()", sim.restart())
+            await self.bounded(f"{dev.name}: sim.restart()", sim.restart(), device=dev.name)
             dev.wake_at = None  # a reboot wakes it
             return
         elif action == "sim_sleep":
@@ -567,7 +583,7 @@ class _Soak:
             self.auth_flips += 1
             return
         elif action == "link_restart":
-            await self.bounded(f"{dev.name}: link.stop()", dev.link.stop())
+            await self.bounded(f"{dev.name}: link.stop()", dev.link.stop(), device=dev.name)
             dev.link.start()
             return
         if dev.clear_at is None:
@@ -638,20 +654,19 @@ class _Soak:
         if command is None:
             return
         if kind == "cancel":
-            self.cancels.append((self.cycle + rng.randint(0, 4), command.id))
+            self.cancels.append((self.cycle + rng.randint(0, 4), command.id, dev.name))
         waiter = asyncio.get_running_loop().create_task(
             self.outbox.wait(command.id), name=f"chaos.wait[{command.id}]"
         )
         self.submitted.append(_Submitted(command, kind, waiter))
 
     async def cancel_due(self) -> None:
-        keep: list[tuple[int, str]] = []
-        for due, command_id in self.cancels:
+        keep: list[tuple[int, str, str]] = []
+        for due, command_id, device in self.cancels:
             if due > self.cycle:
-                keep.append((due, command_id))
+                keep.append((due, command_id, device))
                 continue
-            with contextlib.suppress(Exception):  # already final: ConflictError
-                await self.bounded(f"outbox.cancel({command_id})", self.outbox.cancel(command_id))
+            await self.cancel_command(command_id, device)
         self.cancels = keep
 
     # ------------------------------------------------------------------ direct requests
@@ -735,9 +750,8 @@ class _Soak:
             if dev.flip_until is not None:
                 self.restore_token(dev, now)
             dev.link.connect()
-        for _, command_id in self.cancels:
-            with contextlib.suppress(Exception):
-                await self.bounded(f"outbox.cancel({command_id})", self.outbox.cancel(command_id))
+        for _, command_id, device in self.cancels:
+            await self.cancel_command(command_id, device)
         self.cancels = []
 
         pending = [r.task for r in self.requests if not r.task.done()]
@@ -747,6 +761,7 @@ class _Soak:
         signatures: dict[str, tuple[Any, ...]] = {}
         changed_at: dict[str, float] = {}
         bounces: collections.Counter[str] = collections.Counter()
+        stalled: set[str] = set()
         deadline = loop.time() + SETTLE_S
         while loop.time() < deadline:
             self.check_supervisors(phase="settle")
@@ -757,50 +772,65 @@ class _Soak:
             for command in open_:
                 by_device[command.device].append(command)
             now = loop.time()
+            waiting = False  # anything that may still move on its own (or after a bounce)
             for name, commands in by_device.items():
                 dev = self.by_name[name]
                 sig = tuple(sorted((c.id, c.state.value, c.attempts) for c in commands))
                 if signatures.get(name) != sig:
                     signatures[name] = sig
                     changed_at[name] = now
+                    stalled.discard(name)
+                    waiting = True
                     continue
-                if now - changed_at[name] < STALL_S:
+                quiet_for = now - changed_at[name]
+                if quiet_for < STALL_S or any(c.state is _S.SENDING for c in commands):
+                    waiting = True  # an attempt under way ends by its own timeout
                     continue
-                if any(c.state is _S.SENDING for c in commands):
-                    continue  # an attempt is under way; its own timeout ends it
                 if dev.link.state is not LinkState.CONNECTED:
                     dev.link.connect()
+                    waiting = True
+                    continue
+                if self.presence.presence(name) is not Presence.ONLINE:
+                    waiting = True
                     continue
                 record = await self.outbox.device_record(name)
                 head = min(commands, key=lambda c: (-c.priority, c.seq))  # delivery order
-                if (
-                    self.presence.presence(name) is Presence.ONLINE
-                    and record.parked_reason is None
-                    and head.cycle < record.cycle
-                ):
-                    # The head of the queue is due in this presence cycle, yet nothing moves:
-                    # the dispatcher is stuck (a bug), not waiting by design.
-                    self.stalls += 1
-                    self.note(
-                        f"settle: {name}: head command {head.id} due (its cycle {head.cycle} < "
-                        f"presence cycle {record.cycle}), link connected, presence online, "
-                        f"yet not delivered for {now - changed_at[name]:.2f}s\n"
-                        + self.explain(name)
-                    )
-                else:
-                    # By design: the head was already tried in this presence cycle (at most
-                    # one delivery per cycle) and FIFO keeps the rest behind it.
-                    self.head_waits.append(
-                        f"{name}: {len(commands)} queued behind {head.id} (attempts "
-                        f"{head.attempts}, tried in cycle {head.cycle} = presence cycle "
-                        f"{record.cycle}, last error {head.last_error})"
-                    )
+                announced = self.presence.cycle(name)
+                if announced > record.cycle or head.cycle < record.cycle:
+                    # Not a wait by design: the device is online in a presence cycle its
+                    # head command was not tried in, its link is up, and nothing moves. A
+                    # bounce would hide this, so none is made: the commands count as lost.
+                    if name not in stalled:
+                        stalled.add(name)
+                        self.stalls += 1
+                        self.note(
+                            f"settle: {name}: {len(commands)} command(s) stuck for "
+                            f"{quiet_for:.2f}s: link connected, presence online in cycle "
+                            f"{announced}, outbox device cycle {record.cycle}, head command "
+                            f"{head.id} last tried in cycle {head.cycle}, no delivery running"
+                            "\n" + self.explain(name)
+                        )
+                    if quiet_for < STALL_GIVE_UP_S:
+                        waiting = True
+                    continue
+                # By design: the head was already tried in this presence cycle (at most one
+                # delivery per cycle) and FIFO keeps the rest behind it. A new presence cycle
+                # (the device goes away and comes back) delivers them.
+                waiting = True
                 if bounces[name] >= 20:
                     continue
+                self.head_waits.append(
+                    f"{name}: {len(commands)} queued behind {head.id} (attempts "
+                    f"{head.attempts}, tried in presence cycle {head.cycle} = current "
+                    f"{announced} {time.time() - head.updated_at:.1f}s ago, last error "
+                    f"{head.last_error})"
+                )
                 bounces[name] += 1
                 self.bounces += 1
                 await self.bounce(dev)
                 changed_at[name] = loop.time()
+            if not waiting:
+                break
             await asyncio.sleep(0.05)
 
     async def bounce(self, dev: _Device) -> None:

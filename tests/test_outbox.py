@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -43,6 +44,20 @@ class RecordingStore(MemoryStore):
         return ok
 
 
+class StaleReads(RecordingStore):
+    """A store whose get() answers late, with what it read before (as a busy thread can)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: asyncio.Event | None = None
+
+    async def get(self, command_id: str) -> Command | None:
+        got = await super().get(command_id)
+        if self.gate is not None:
+            await self.gate.wait()
+        return got
+
+
 @dataclass
 class Rig:
     clock: VirtualClock
@@ -50,7 +65,7 @@ class Rig:
     proxy: FaultProxy
     link: Link[Any]
     outbox: Outbox
-    store: RecordingStore
+    store: StaleReads
     events: list[object]
 
     def states(self, command_id: str) -> list[str]:
@@ -67,7 +82,7 @@ async def rig() -> AsyncIterator[Rig]:
     async with DeviceSimulator(device_id="valve", clock=clock) as sim:
         async with FaultProxy(sim.host, sim.port, name="valve") as proxy:
             presence = PresenceTracker(clock=clock, debounce_online_s=1, debounce_offline_s=2)
-            store = RecordingStore()
+            store = StaleReads()
             outbox = Outbox(store, clock=clock, presence=presence, request_timeout_s=5)
             link = Link(
                 JsonLineDriver(host=proxy.host, port=proxy.port),
@@ -362,3 +377,71 @@ async def test_a_flapping_device_gets_bounded_attempts_then_the_breaker_parks_it
     parked = [e for e in events if isinstance(e, DeliveryParked)]
     assert len(parked) == 1
     assert parked[0].reason == record.parked_reason
+
+
+# ---------------------------------------------------------------------------- races the
+# chaos soak found (bench/chaos.py); each of these failed before its fix.
+
+
+async def test_a_presence_cycle_that_begins_during_a_delivery_is_not_missed(rig: Rig) -> None:
+    await online(rig)
+    rig.sim.drop_acks = True
+    a = await rig.outbox.submit("valve", "set", {"a": 1}, max_attempts=10)
+    await eventually(lambda: rig.sim.statistics().requests == 1)
+    await rig.clock.advance(5)  # A times out: tried in this presence cycle, back in the queue
+    c = await rig.outbox.submit("valve", "set", {"c": 1}, max_attempts=10, priority=1)
+    await eventually(lambda: rig.sim.statistics().requests == 2)
+    sent_c = rig.clock.now()  # C is in flight until sent_c + 5 ...
+    rig.proxy.set_down(True)  # ... when the device goes away (offline after 2 s) ...
+    await rig.clock.advance(2.5)
+    rig.sim.drop_acks = False
+    rig.proxy.set_down(False)  # ... and comes back: reconnect at the next 1 s retry
+    await rig.clock.advance_to(sent_c + 4.5)  # online again (1 s debounce): a new cycle
+    assert rig.outbox.presence.cycle("valve") == 2
+    assert (await rig.outbox.get(c.id)).state is Q.SENDING  # begun while C is in flight
+    await rig.clock.advance_to(sent_c + 5.5)  # C's deadline: its delivery ends
+    assert (await final(rig, a.id)).state is Q.SUCCEEDED
+    assert (await final(rig, c.id)).state is Q.SUCCEEDED
+
+
+async def test_cancelling_the_head_of_the_queue_lets_the_rest_go(rig: Rig) -> None:
+    await online(rig)
+    rig.sim.drop_acks = True
+    a = await rig.outbox.submit("valve", "set", {"a": 1}, max_attempts=10)
+    await eventually(lambda: rig.sim.statistics().requests == 1)
+    await rig.clock.advance(5)  # A timed out in this cycle: B waits behind it (FIFO)
+    rig.sim.drop_acks = False
+    b = await rig.outbox.submit("valve", "set", {"b": 1})
+    await io_settle()
+    assert (await rig.outbox.get(b.id)).state is Q.QUEUED
+    await rig.outbox.cancel(a.id)
+    assert (await final(rig, b.id)).state is Q.SUCCEEDED
+
+
+async def test_cancel_racing_the_end_of_an_attempt_still_cancels(rig: Rig) -> None:
+    stale = rig.store
+    await online(rig)
+    rig.sim.drop_acks = True
+    command = await rig.outbox.submit("valve", "set", {"a": 1}, max_attempts=10)
+    await eventually(lambda: rig.sim.statistics().requests == 1)
+    stale.gate = asyncio.Event()
+    cancel = asyncio.create_task(rig.outbox.cancel(command.id))  # reads "sending"...
+    await io_settle()
+    await rig.clock.advance(5)  # ... the attempt times out and goes back to "queued" ...
+    gate, stale.gate = stale.gate, None
+    gate.set()  # ... and only then does the stale "sending" reach cancel()
+    assert (await asyncio.wait_for(cancel, 10)).state is Q.CANCELLED
+    rig.sim.drop_acks = False
+    rig.sim.drop_connections()  # a new presence cycle must not deliver it again
+    await rig.clock.advance(5)
+    await online(rig)
+    assert rig.sim.received_keys[command.idempotency_key] == 1
+
+
+async def test_cancel_as_the_delivery_starts_leaves_nothing_unawaited(rig: Rig) -> None:
+    await online(rig)
+    command = await rig.outbox.submit("valve", "set", {"x": 1})
+    await asyncio.sleep(0)  # the delivery task takes its first step
+    done = await rig.outbox.cancel(command.id)
+    assert done.state in (Q.CANCELLED, Q.SUCCEEDED)  # whichever won, it is final
+    gc.collect()  # an un-awaited coroutine would warn here (warnings are errors)

@@ -91,8 +91,9 @@ class TimedOut:
 
     @property
     def error(self) -> RequestTimeout:
-        where = "a reply" if self.sent else "a free window to send"
-        return RequestTimeout(f"no {where} within {self.after_s:g}s")
+        if self.sent:
+            return RequestTimeout(f"no reply within {self.after_s:g}s")
+        return RequestTimeout(f"no free window to send within {self.after_s:g}s")
 
     def unwrap(self) -> Mapping[str, Any]:
         raise self.error

@@ -147,6 +147,12 @@ async def min_online(command: Command, ctx: DeliveryContext) -> PreconditionResu
 
 
 @dataclass(slots=True)
+class _Attempt:
+    done: asyncio.Future[None]
+    task: asyncio.Task[Outcome] | None = None
+
+
+@dataclass(slots=True)
 class _Device:
     name: str
     record: DeviceRecord
@@ -201,7 +207,9 @@ class Outbox:
         self._events: EventHub[OutboxEvent] = EventHub("outbox")
         self._devices: dict[str, _Device] = {}
         self._waiters: dict[str, list[asyncio.Future[Command]]] = {}
-        self._inflight: dict[str, asyncio.Task[Outcome]] = {}
+        self._inflight: dict[str, _Attempt] = {}
+        """Commands being delivered by this process: from before ``sending`` is persisted
+        until its outcome is, so cancel() always finds an attempt it can wait for."""
         self._cancel_requested: set[str] = set()
         self._expiry: Timer | None = None
         self._expiry_at: float | None = None
@@ -445,26 +453,47 @@ class Outbox:
         for a command that is already final. An in-flight request is abandoned; a device
         that already applied it keeps it applied.
         """
-        while True:
-            command = await self.get(command_id)
-            if command.final:
-                raise ConflictError(
-                    f"command {command_id} is already {command.state.value}; nothing to cancel"
+        sending_elsewhere = 0
+        abandoned = False
+        try:
+            while True:
+                command = await self.get(command_id)
+                if command.final and abandoned:
+                    return command  # cancelled, or succeeded if the ack won the race
+                if command.final:
+                    raise ConflictError(
+                        f"command {command_id} is already {command.state.value}; nothing to cancel"
+                    )
+                attempt = self._inflight.get(command_id)
+                if attempt is not None:
+                    # Being delivered: abandon the attempt, wait until its outcome is
+                    # persisted (cancelled, or succeeded if the ack won), then look again.
+                    self._cancel_requested.add(command_id)
+                    if attempt.task is not None:
+                        attempt.task.cancel()
+                    await asyncio.shield(attempt.done)
+                    abandoned = True
+                    continue
+                if command.state is _Q.SENDING:
+                    # No attempt here: the read may predate the end of ours (look again), or
+                    # another process is delivering it.
+                    sending_elsewhere += 1
+                    if sending_elsewhere > 1:
+                        raise ConflictError(
+                            f"command {command_id} is being delivered by another process"
+                        )
+                    continue
+                cancelled = transition(
+                    command,
+                    _Q.CANCELLED,
+                    now=self.clock.now(),
+                    last_error=ErrorInfo(ErrorCode.CANCELLED.value, "cancelled by a user"),
                 )
-            if command.state is _Q.SENDING:
-                self._cancel_requested.add(command_id)
-                task = self._inflight.get(command_id)
-                if task is not None:
-                    task.cancel()
-                return await self.wait(command_id)
-            cancelled = transition(
-                command,
-                _Q.CANCELLED,
-                now=self.clock.now(),
-                last_error=ErrorInfo(ErrorCode.CANCELLED.value, "cancelled by a user"),
-            )
-            if await self._persist(command, cancelled):
-                return cancelled
+                if await self._persist(command, cancelled):
+                    self._kick(command.device)  # the commands behind it may go now
+                    return cancelled
+        finally:
+            self._cancel_requested.discard(command_id)
 
     # ------------------------------------------------------------------ persistence
 
@@ -503,7 +532,7 @@ class Outbox:
             while True:
                 state.again = False
                 await self._delivery_pass(state)
-                if not state.again or self._closing:
+                if self._closing or not (state.again or state.pending_cycles):
                     return
         except asyncio.CancelledError:
             raise
@@ -522,13 +551,17 @@ class Outbox:
             and self.presence.presence(state.name) is Presence.ONLINE
         )
 
-    async def _delivery_pass(self, state: _Device) -> None:
-        now = self.clock.now()
+    async def _take_cycles(self, state: _Device) -> None:
+        """Count (and persist) presence cycles announced since the last look."""
         if state.pending_cycles:
             state.record = replace(state.record, cycle=state.record.cycle + state.pending_cycles)
             state.pending_cycles = 0
             state.cycle_failed = state.cycle_succeeded = False
             await self.store.put_device(state.record)
+
+    async def _delivery_pass(self, state: _Device) -> None:
+        now = self.clock.now()
+        await self._take_cycles(state)
         if state.record.parked_reason is not None:
             until = state.record.parked_until
             if until is None or now < until:
@@ -541,6 +574,7 @@ class Outbox:
             # command made draining N commands cost N² row reads. Something new (a submit,
             # a presence change) ends the batch so the queue is read again, in order.
             state.again = False
+            await self._take_cycles(state)  # a cycle may have begun during the last batch
             queue = await self.store.queued(state.name)
             if not queue:
                 return
@@ -572,10 +606,17 @@ class Outbox:
             attempts=command.attempts + 1,
             cycle=state.record.cycle,
         )
-        if not await self._persist(command, sending):
-            return True  # cancelled or superseded meanwhile
-        outcome = await self._execute(state, sending)
-        await self._settle(state, sending, outcome)
+        attempt = _Attempt(done=asyncio.get_running_loop().create_future())
+        self._inflight[command.id] = attempt
+        try:
+            if not await self._persist(command, sending):
+                return True  # cancelled or superseded meanwhile
+            outcome = await self._execute(state, sending, attempt)
+            await self._settle(state, sending, outcome)
+        finally:
+            self._inflight.pop(command.id, None)
+            if not attempt.done.done():
+                attempt.done.set_result(None)
         return True
 
     async def _check_precondition(self, state: _Device, command: Command) -> str:
@@ -615,23 +656,28 @@ class Outbox:
             state.wake_timer.cancel()
         state.wake_timer = self.clock.call_at(when, lambda: self._kick(state.name))
 
-    async def _execute(self, state: _Device, command: Command) -> Outcome:
+    async def _execute(self, state: _Device, command: Command, attempt: _Attempt) -> Outcome:
         link = state.link
         assert link is not None
         executor = self.executors.get(command.op)
-        if executor is not None:
-            coro = executor(link, command, self._context(state))
-        else:
-            coro = link.request(
+        context = self._context(state)
+
+        async def deliver() -> Outcome:
+            # The request's coroutine is made here, inside the task, so a cancel that lands
+            # before the task runs leaves no coroutine un-awaited.
+            if executor is not None:
+                return await executor(link, command, context)
+            return await link.request(
                 command.op,
                 command.args,
                 timeout=self.request_timeout_s,
                 key=command.idempotency_key,
             )
+
         task: asyncio.Task[Outcome] = asyncio.get_running_loop().create_task(
-            _as_coroutine(coro), name=f"keeplink.outbox[{state.name}].{command.id}"
+            deliver(), name=f"keeplink.outbox[{state.name}].{command.id}"
         )
-        self._inflight[command.id] = task
+        attempt.task = task
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -640,8 +686,6 @@ class Outbox:
             task.cancel()
             await asyncio.wait([task])
             raise
-        finally:
-            self._inflight.pop(command.id, None)
 
     async def _settle(self, state: _Device, sending: Command, outcome: Outcome) -> None:
         now = self.clock.now()
@@ -711,12 +755,11 @@ class Outbox:
     # ------------------------------------------------------------------ expiry
 
     async def _expire(self, command: Command) -> None:
-        await self._persist(
-            command,
-            transition(
-                command, _Q.EXPIRED, now=self.clock.now(), last_error=_expired_info(command)
-            ),
+        expired = transition(
+            command, _Q.EXPIRED, now=self.clock.now(), last_error=_expired_info(command)
         )
+        if await self._persist(command, expired):
+            self._kick(command.device)  # the commands behind it may go now
 
     async def _rearm_expiry(self) -> None:
         queued = await self.store.list(states=[_Q.QUEUED], limit=10000)
@@ -752,7 +795,3 @@ def _expired_info(command: Command) -> ErrorInfo:
         ErrorCode.EXPIRED.value,
         f"not delivered before its deadline ({command.attempts} attempt(s) made)",
     )
-
-
-async def _as_coroutine(awaitable: Awaitable[Outcome]) -> Outcome:
-    return await awaitable
