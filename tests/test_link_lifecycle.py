@@ -133,6 +133,25 @@ async def test_stop_from_inside_an_event_callback(make_link: LinkFactory) -> Non
     assert rec.states() == [S.CONNECTING, S.HANDSHAKING, S.CONNECTED, S.STOPPING, S.STOPPED]
 
 
+async def test_stop_from_a_connected_callback_leaves_no_session_behind(
+    make_link: LinkFactory,
+) -> None:
+    link = make_link()
+
+    def on_event(event: object) -> None:
+        if isinstance(event, LinkStateChanged) and event.new is S.CONNECTED:
+            link.stop_soon()
+
+    link.subscribe(on_event)
+    link.start()
+    await until_state(link, S.STOPPED)
+    assert link.session is None
+    assert link.statistics().connected_since is None
+    outcome = await link.request("set", {}, timeout=1)
+    assert outcome.error is not None
+    assert outcome.error.code == "link_closed"  # not a write to a dead channel
+
+
 async def test_stop_from_a_callback_while_entering_backoff(
     make_link: LinkFactory, proxy: FaultProxy
 ) -> None:

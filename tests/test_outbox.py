@@ -7,6 +7,7 @@ import gc
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from keeplink.outbox import (
     MemoryStore,
     Outbox,
     PreconditionResult,
+    SqliteStore,
 )
 from keeplink.presence import PresenceTracker
 from keeplink.testing import DeviceSimulator, FaultProxy
@@ -445,3 +447,58 @@ async def test_cancel_as_the_delivery_starts_leaves_nothing_unawaited(rig: Rig) 
     done = await rig.outbox.cancel(command.id)
     assert done.state in (Q.CANCELLED, Q.SUCCEEDED)  # whichever won, it is final
     gc.collect()  # an un-awaited coroutine would warn here (warnings are errors)
+
+
+# ---------------------------------------------------------------------------- races a
+# review found; each of these failed before its fix.
+
+
+async def test_concurrent_submits_with_one_key_leave_the_newest(tmp_path: Path) -> None:
+    clock = VirtualClock(start=EPOCH)
+    presence = PresenceTracker(clock=clock)
+    outbox = Outbox(SqliteStore(tmp_path / "o.db"), clock=clock, presence=presence)
+    await outbox.start()
+    try:
+        a, b = await asyncio.gather(  # the store's thread interleaves the two submits
+            outbox.submit("valve", "set", {"target": 20}, key="target"),
+            outbox.submit("valve", "set", {"target": 22}, key="target"),
+        )
+        states = {(await outbox.get(c.id)).state for c in (a, b)}
+    finally:
+        await outbox.close()
+        presence.close()
+    assert states == {Q.SUPERSEDED, Q.QUEUED}  # never both superseded
+
+
+class SlowCommits(StaleReads):
+    """Commits that take a while (as SQLite's thread can), to land a cancel inside one."""
+
+    delay = False
+
+    async def update(self, command: Command, *, expect: CommandState) -> bool:
+        if self.delay:
+            await asyncio.sleep(0.3)  # a commit in flight, in real time
+        return await super().update(command, expect=expect)
+
+
+async def test_a_cancel_during_the_sending_commit_writes_nothing(rig: Rig) -> None:
+    rig.store.__class__ = SlowCommits
+    await online(rig)
+    rig.store.delay = True  # type: ignore[attr-defined]
+    command = await rig.outbox.submit("valve", "set", {"target": 20})
+    await asyncio.sleep(0.05)  # the "sending" commit is under way (not a timing rule)
+    done = await rig.outbox.cancel(command.id)
+    assert done.state is Q.CANCELLED
+    assert rig.sim.statistics().requests == 0  # nothing reached the device
+
+
+async def test_a_command_queued_again_after_an_attempt_still_expires(rig: Rig) -> None:
+    await online(rig)
+    rig.sim.drop_acks = True
+    x = await rig.outbox.submit("valve", "set", {"target": 20}, ttl_s=100)
+    await eventually(lambda: rig.sim.statistics().requests == 1)
+    await rig.outbox.submit("elsewhere", "set", {"a": 1}, ttl_s=1000)  # re-arms the timer
+    await rig.clock.advance(5)  # x times out: queued again
+    await eventually(lambda: rig.link.statistics().requests_in_flight == 0)
+    await rig.clock.advance(100)
+    assert (await final(rig, x.id)).state is Q.EXPIRED

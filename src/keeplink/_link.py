@@ -877,7 +877,11 @@ class Link(Generic[F]):
             _log.info("link %r: connected again (%s)", self.name, info.device_id or "?")
         else:
             _log.debug("link %r: connected (%s)", self.name, info.device_id or "?")
-        self._advance(_S.CONNECTED)
+        try:
+            self._advance(_S.CONNECTED)  # may raise _StopRequested (a callback stopped us)
+        except BaseException:
+            self._session = None
+            raise
 
         tasks = [self._child(self._read_loop(session), "reader")]
         if self.heartbeat_s is not None and self.driver.heartbeat_frame() is not None:

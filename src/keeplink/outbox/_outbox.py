@@ -395,7 +395,9 @@ class Outbox:
         self._announce(stored, None)
         if key is not None:
             for old in await self.store.queued(device):
-                if old.key == key and old.id != stored.id:
+                # Only older ones: two concurrent submits with one key must not supersede
+                # each other, leaving nothing to deliver.
+                if old.key == key and old.seq < stored.seq:
                     await self._persist(
                         old,
                         transition(
@@ -611,7 +613,11 @@ class Outbox:
         try:
             if not await self._persist(command, sending):
                 return True  # cancelled or superseded meanwhile
-            outcome = await self._execute(state, sending, attempt)
+            if command.id in self._cancel_requested:
+                # cancel() arrived while "sending" was being committed: nothing was written.
+                outcome: Outcome = Cancelled(reason="cancelled by a user")
+            else:
+                outcome = await self._execute(state, sending, attempt)
             await self._settle(state, sending, outcome)
         finally:
             self._inflight.pop(command.id, None)
@@ -727,6 +733,8 @@ class Outbox:
         else:
             nxt = transition(sending, _Q.QUEUED, now=now, last_error=error)
         await self._persist(sending, nxt)
+        if nxt.state is _Q.QUEUED and nxt.expires_at is not None:
+            await self._rearm_expiry()  # queued again: its deadline must be watched again
         if not state.cycle_failed:
             state.cycle_failed = True
             await self._count_failed_cycle(state, error)
