@@ -161,7 +161,6 @@ class _Device:
     again: bool = False
     pending_cycles: int = 0
     cycle_failed: bool = False
-    cycle_succeeded: bool = False
     wake_timer: Timer | None = None
     unsubscribe: Callable[[], None] | None = None
     hub: bool = False
@@ -558,7 +557,7 @@ class Outbox:
         if state.pending_cycles:
             state.record = replace(state.record, cycle=state.record.cycle + state.pending_cycles)
             state.pending_cycles = 0
-            state.cycle_failed = state.cycle_succeeded = False
+            state.cycle_failed = False
             await self.store.put_device(state.record)
 
     async def _delivery_pass(self, state: _Device) -> None:
@@ -713,7 +712,6 @@ class Outbox:
                 sending, _Q.SUCCEEDED, now=now, result=dict(outcome.result), last_error=None
             )
             await self._persist(sending, done)
-            state.cycle_succeeded = True
             if state.record.failed_cycles:
                 state.record = replace(state.record, failed_cycles=0)
                 await self.store.put_device(state.record)
