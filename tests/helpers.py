@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
-from keeplink import Link, LinkEvent, LinkState, LinkStateChanged
+from keeplink import Link, LinkEvent, LinkState, LinkStateChanged, SessionInfo
 
 # A safety bound for waits on real socket I/O (never a timing rule: those run in virtual
 # time). Generous, because CI machines are slow and noisy.
@@ -18,6 +19,12 @@ async def eventually(predicate: Callable[[], bool], *, what: str = "condition") 
         while not predicate():  # noqa: ASYNC110 - polls the effects of real I/O
             await asyncio.sleep(0.001)
     assert predicate(), what
+
+
+async def connected(link: Link[Any]) -> SessionInfo:
+    """Wait until the link is connected (raises its terminal error); fail after IO_BOUND_S."""
+    async with asyncio.timeout(IO_BOUND_S):
+        return await link.wait_connected()
 
 
 async def until_state(link: Link[object], *states: LinkState) -> LinkState:

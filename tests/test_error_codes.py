@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from helpers import eventually, until_state
+from helpers import connected, eventually, until_state
 from keeplink import (
     AbortedError,
     AuthError,
@@ -62,11 +62,6 @@ async def free_port() -> int:
     server.close()
     await server.wait_closed()
     return port
-
-
-async def connected(link: Link[Any]) -> None:
-    async with asyncio.timeout(10):
-        await link.wait_connected()
 
 
 @produces(ErrorCode.CONNECTION_FAILED)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Recorder, eventually, until_state
+from helpers import Recorder, connected, eventually, until_state
 from keeplink import (
     AuthError,
     Backoff,
@@ -31,11 +31,6 @@ from keeplink.testing import DeviceSimulator, FaultProxy
 from linkfixtures import HEARTBEAT_S, LinkFactory
 
 S = LinkState
-
-
-async def connected(link: Link[Any]) -> None:
-    async with asyncio.timeout(10):
-        await link.wait_connected()
 
 
 async def test_send_timeout_closes_only_the_channel_and_the_link_reconnects(

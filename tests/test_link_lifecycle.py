@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Recorder, eventually, until_state
+from helpers import Recorder, connected, eventually, until_state
 from keeplink import (
     Backoff,
     FrameChannel,
@@ -28,11 +28,6 @@ from keeplink.testing import DeviceSimulator, FaultProxy
 from linkfixtures import LinkFactory
 
 S = LinkState
-
-
-async def connected(link: Any) -> None:
-    async with asyncio.timeout(10):
-        await link.wait_connected()
 
 
 # ---------------------------------------------------------------------------- stop()

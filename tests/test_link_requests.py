@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import Recorder, eventually, until_state
+from helpers import Recorder, connected, eventually, until_state
 from keeplink import (
     Acknowledged,
     Cancelled,
@@ -32,11 +32,6 @@ from keeplink.testing import DeviceSimulator, FaultProxy
 from linkfixtures import TOKEN, LinkFactory
 
 S = LinkState
-
-
-async def connected(link: Link[Any]) -> None:
-    async with asyncio.timeout(10):
-        await link.wait_connected()
 
 
 async def test_a_request_is_acknowledged_with_its_payload_and_side_data(

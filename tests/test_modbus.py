@@ -43,14 +43,13 @@ from pymodbus.pdu.register_message import (
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from helpers import IO_BOUND_S, Recorder, eventually, until_state
+from helpers import IO_BOUND_S, Recorder, connected, eventually, until_state
 from keeplink import (
     Acknowledged,
     Backoff,
     ConfigError,
     DeviceUnavailableError,
     InvalidRequestError,
-    Link,
     LinkState,
     Malformed,
     Rejected,
@@ -207,11 +206,6 @@ async def gateway() -> AsyncIterator[Gateway]:
         yield gw
     finally:
         await gw.stop()
-
-
-async def connected(link: Link[Any]) -> None:
-    async with asyncio.timeout(IO_BOUND_S):
-        await link.wait_connected()
 
 
 def read(unit: Any, address: Any, count: Any, **extra: Any) -> dict[str, Any]:
