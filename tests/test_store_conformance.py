@@ -105,6 +105,7 @@ def full_command() -> Command:
         last_error=ErrorInfo("timeout", "no reply within 30 s — «device asleep»"),
         result={"offset": 4096, "notes": ["résumé"]},
         cycle=17,
+        retry_at=T0 + 4.999_999,
         seq=0,
     )
 
@@ -487,6 +488,7 @@ async def test_device_records_upsert_and_round_trip(store: CommandStore) -> None
         failed_cycles=3,
         parked_reason="3 presence cycles failed — «timeout»",
         parked_until=T0 + 3600.000001,
+        failed_cycle=11,
     )
     await store.put_device(parked)
     got = await store.get_device("lamp")
@@ -508,6 +510,7 @@ def test_device_record_fields_are_all_covered() -> None:
         "device",
         "cycle",
         "failed_cycles",
+        "failed_cycle",
         "parked_reason",
         "parked_until",
     ]

@@ -52,6 +52,7 @@ LATEST_OBJECTS = {
     ("index", "commands_delivery"),
     ("index", "commands_state"),
     ("index", "commands_key"),
+    ("index", "commands_expiry"),
 }
 
 
@@ -74,8 +75,8 @@ def cmd(device: str = "dev", **changes: Any) -> Any:
 # ---------------------------------------------------------------------- schema
 
 
-def test_there_are_two_migrations() -> None:
-    assert SCHEMA_VERSION == len(MIGRATIONS) == 2
+def test_there_are_three_migrations() -> None:
+    assert SCHEMA_VERSION == len(MIGRATIONS) == 3
 
 
 @pytest.mark.parametrize("existing", [True, False], ids=["empty-file", "no-file"])
@@ -97,7 +98,14 @@ async def test_an_empty_database_is_migrated_to_the_latest_schema(
         ][:4]
         unique = conn.execute("PRAGMA index_list(commands)").fetchall()
     assert columns == list(COMMAND_COLUMNS)
-    assert device_columns == ["device", "cycle", "failed_cycles", "parked_reason", "parked_until"]
+    assert device_columns == [
+        "device",
+        "cycle",
+        "failed_cycles",
+        "parked_reason",
+        "parked_until",
+        "failed_cycle",
+    ]
     assert delivery == [("device", 0), ("state", 0), ("priority", 1), ("seq", 0)]  # DESC = 1
     assert any(row[2] == 1 and row[1].startswith("sqlite_autoindex") for row in unique)  # id
 
@@ -108,10 +116,11 @@ async def test_a_version_1_database_is_migrated_without_losing_rows(tmp_path: Pa
     with raw(path) as conn:
         conn.executescript(MIGRATIONS[0])
         conn.execute("PRAGMA user_version = 1")
+        v1_columns = COMMAND_COLUMNS[1:-1]  # retry_at came with version 3
         conn.execute(
-            f"INSERT INTO commands ({', '.join(COMMAND_COLUMNS[1:])}) "
-            f"VALUES ({', '.join('?' * (len(COMMAND_COLUMNS) - 1))})",
-            command_values(old),
+            f"INSERT INTO commands ({', '.join(v1_columns)}) "
+            f"VALUES ({', '.join('?' * len(v1_columns))})",
+            command_values(old)[:-1],
         )
         conn.execute("INSERT INTO devices VALUES ('dev', 4, 1, 'parked', 12.5)")
     assert ("index", "commands_key") not in schema_objects(path)

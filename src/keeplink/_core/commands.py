@@ -89,7 +89,10 @@ class Command:
     last_error: ErrorInfo | None = None
     result: Mapping[str, Any] | None = None
     cycle: int = 0
-    """The device's presence cycle of the last attempt: at most one delivery per cycle."""
+    """The device's delivery cycle of the last attempt: at most one delivery per cycle."""
+    retry_at: float | None = None
+    """Set when an attempt failed on a link that stayed up (a lost ack): the command may be
+    tried again in the same cycle from this time on, with the same idempotency key."""
     seq: int = 0
     """Submission order, assigned by the store on insert."""
 
@@ -104,10 +107,14 @@ class DeviceRecord:
 
     device: str
     cycle: int = 0
-    """Presence cycles seen so far (one per announced online), kept across restarts so that
-    "at most one delivery per cycle" still holds after a crash."""
+    """Delivery cycles seen so far (one each time the device becomes deliverable: present
+    and its link up), kept across restarts so that "at most one delivery per cycle" still
+    holds after a crash."""
     failed_cycles: int = 0
-    """Consecutive presence cycles whose deliveries all failed."""
+    """Consecutive delivery cycles whose deliveries all failed."""
+    failed_cycle: int = 0
+    """The last cycle counted in ``failed_cycles`` (a cycle counts once, however many of
+    its attempts fail)."""
     parked_reason: str | None = None
     """Set when the breaker parks delivery: why, in words for people."""
     parked_until: float | None = None

@@ -7,18 +7,22 @@ from keeplink._core.commands import (
     CommandState,
     DeviceRecord,
 )
+from keeplink._core.dispatch import PreconditionResult, Waiting, WaitReason
 from keeplink.outbox._outbox import (
-    CommandStateChanged,
     DeliveryContext,
-    DeliveryParked,
     Executor,
     Outbox,
-    OutboxEvent,
     Precondition,
-    PreconditionResult,
     min_online,
 )
-from keeplink.outbox.firmware import FirmwareProgress, FirmwareTransfer, image_matches
+from keeplink.outbox.events import (
+    CommandStateChanged,
+    CommandWaiting,
+    DeliveryParked,
+    FirmwareProgress,
+    OutboxEvent,
+)
+from keeplink.outbox.firmware import FirmwareTransfer, image_matches
 from keeplink.outbox.sqlite import SqliteStore
 from keeplink.outbox.store import CommandStore, MemoryStore
 
@@ -29,6 +33,7 @@ __all__ = [
     "CommandState",
     "CommandStateChanged",
     "CommandStore",
+    "CommandWaiting",
     "DeliveryContext",
     "DeliveryParked",
     "DeviceRecord",
@@ -41,6 +46,8 @@ __all__ = [
     "Precondition",
     "PreconditionResult",
     "SqliteStore",
+    "WaitReason",
+    "Waiting",
     "image_matches",
     "min_online",
 ]

@@ -1,118 +1,92 @@
 """The outbox: durable commands and the dispatcher that delivers them.
 
 ``submit()`` stores a command before anything is attempted. The dispatcher delivers a
-device's queued commands when the device is present (debounced presence, announced online)
-and its link is up, in order (priority, then FIFO), through the link's request API, with
-the command's idempotency key. Every transition is persisted first (a compare-and-set on
-the stored state) and only then announced. A command is delivered at most once per
-presence cycle, attempts are bounded, and a per-device breaker parks delivery, with a
-reason, after repeated failed cycles. After a crash, ``sending`` commands return to
-``queued`` with their attempt counted.
+device's queued commands when the device is deliverable (debounced presence online and its
+link up), in order (priority, then FIFO), through the link's request API, with the
+command's idempotency key.
+
+The rules live in :mod:`keeplink._core.dispatch` (what to do next for a device, how an
+outcome settles a command, the breaker); this module only carries their decisions out:
+it reads the head of a queue, persists, sends, waits. Every transition is persisted first
+(a compare-and-set on the stored state, group-committed by the store) and only then
+announced. After a crash, ``sending`` commands return to ``queued`` with their attempt
+counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
+import collections
 import logging
+import random
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from keeplink._clock import WallClock
 from keeplink._core.clock import Clock, Timer
-from keeplink._core.commands import (
-    Command,
-    CommandState,
-    DeviceRecord,
-    new_command,
-    transition,
+from keeplink._core.commands import Command, CommandState, DeviceRecord, new_command, transition
+from keeplink._core.dispatch import (
+    CheckPrecondition,
+    Expire,
+    Fail,
+    Gate,
+    Hold,
+    Idle,
+    PreconditionResult,
+    Resume,
+    Send,
+    Waiting,
+    begin_cycles,
+    breaker,
+    cancelled,
+    expired_info,
+    next_step,
+    settle,
+    unparked,
+    wait_of,
 )
 from keeplink._core.errors import (
     CommandNotFoundError,
     ConfigError,
     ConflictError,
-    ErrorCode,
-    ErrorInfo,
     InvalidRequestError,
     LinkClosedError,
 )
-from keeplink._core.outcomes import Acknowledged, Cancelled, Outcome, Rejected
+from keeplink._core.outcomes import Cancelled, Outcome
 from keeplink._core.presence import Presence, Source
 from keeplink._core.states import LinkState
 from keeplink._events import EventHub, LinkEvent, LinkStateChanged
 from keeplink._link import Link
-from keeplink.outbox.store import CommandStore
+from keeplink.outbox.events import (
+    CommandStateChanged,
+    CommandWaiting,
+    DeliveryParked,
+    OutboxEvent,
+)
+from keeplink.outbox.store import CommandStore, Insert, PutDevice, Supersede, Update, Write
 from keeplink.presence import PresenceChanged, PresenceTracker
 
 __all__ = [
-    "CommandStateChanged",
     "DeliveryContext",
-    "DeliveryParked",
     "Executor",
     "Outbox",
-    "OutboxEvent",
     "Precondition",
-    "PreconditionResult",
     "min_online",
 ]
 
 _log = logging.getLogger("keeplink.outbox")
 _Q = CommandState
 
-# Device codes that say "not now" rather than "no": a retry may succeed.
-_RETRYABLE_REJECTIONS: Final = frozenset(
-    {
-        ErrorCode.OUT_OF_CONNECTION_SLOTS.value,
-        ErrorCode.DEVICE_UNAVAILABLE.value,
-        ErrorCode.TIMEOUT.value,
-        ErrorCode.CONNECTION_FAILED.value,
-    }
-)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CommandStateChanged:
-    """A command's new state, announced after it was persisted."""
-
-    command: Command
-    old: CommandState | None
-    """None for a newly submitted command."""
-    at: float
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeliveryParked:
-    """The breaker parked (or resumed: ``reason`` None) delivery to a device."""
-
-    device: str
-    reason: str | None
-    until: float | None
-    at: float
-
-
-OutboxEvent = object
-"""CommandStateChanged, DeliveryParked, or an executor's own event (FirmwareProgress)."""
-
-
-@dataclass(frozen=True, slots=True)
-class PreconditionResult:
-    """``ok``; or wait until ``retry_at`` (same cycle); or fail for good with ``reason``."""
-
-    ok: bool
-    retry_at: float | None = None
-    reason: str | None = None
-
-    @classmethod
-    def passed(cls) -> PreconditionResult:
-        return cls(ok=True)
-
-    @classmethod
-    def wait_until(cls, when: float) -> PreconditionResult:
-        return cls(ok=False, retry_at=when)
-
-    @classmethod
-    def failed(cls, reason: str) -> PreconditionResult:
-        return cls(ok=False, reason=reason)
+PAGE: Final = 64
+"""Queued commands read at once for one device: the head and what follows it, so draining
+N commands costs N/64 reads, and a long queue is never read whole."""
+EXPIRE_BATCH: Final = 500
+"""Expired commands settled in one commit when the expiry timer fires."""
+STORE_RETRY_S: Final = 1.0
+"""After a delivery pass failed (the store refused a write), the next pass runs this much
+later; what it had settled is kept and written then."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,17 +127,42 @@ class _Attempt:
 
 
 @dataclass(slots=True)
+class _Pending:
+    """Writes to commit together, what to do once they are committed, and what to undo if
+    they never are (the pass was cancelled)."""
+
+    writes: list[Write] = field(default_factory=list)
+    after: list[Callable[[object], None] | None] = field(default_factory=list)
+    on_abort: list[Callable[[], None]] = field(default_factory=list)
+
+    def add(self, write: Write, after: Callable[[object], None] | None = None) -> None:
+        self.writes.append(write)
+        self.after.append(after)
+
+
+@dataclass(slots=True)
 class _Device:
     name: str
     record: DeviceRecord
     link: Link[Any] | None = None
+    hub: bool = False
+    unsubscribe: Callable[[], None] | None = None
     task: asyncio.Task[None] | None = None
     again: bool = False
+    """Something changed (a submit, a cancel, the gate): read the queue again."""
+    deliverable: bool = False
+    episode: int = 0
+    """Times this process saw the device become deliverable: an attempt whose episode is
+    still current when it ends was made on a link that stayed up."""
     pending_cycles: int = 0
-    cycle_failed: bool = False
+    """Cycles begun but not yet persisted into ``record.cycle``."""
+    hold: Waiting | None = None
+    in_flight: str | None = None
     wake_timer: Timer | None = None
-    unsubscribe: Callable[[], None] | None = None
-    hub: bool = False
+    pending: _Pending = field(default_factory=_Pending)
+    """Settled outcomes waiting to share the next commit. Kept across passes: if a commit
+    fails (the store is unreachable) they are written by the next pass."""
+    failing: bool = False
 
 
 class Outbox:
@@ -173,6 +172,8 @@ class Outbox:
     default) because deadlines outlive the process; tests pass a VirtualClock started at a
     realistic epoch. ``presence`` defaults to a tracker on the same clock; attach a link per
     device with :meth:`attach` (its state feeds presence as the highest-precedence source).
+    ``retry_after_s`` is the delay before an attempt that failed on a live link (a lost ack)
+    is made again in the same cycle, jittered down to half of it; ``rng`` draws that jitter.
     """
 
     def __init__(
@@ -182,13 +183,17 @@ class Outbox:
         clock: Clock | None = None,
         presence: PresenceTracker | None = None,
         request_timeout_s: float = 30.0,
+        retry_after_s: float = 5.0,
         breaker_cycles: int = 3,
         park_s: float = 3600.0,
         preconditions: Mapping[str, Precondition] | None = None,
         executors: Mapping[str, Executor] | None = None,
+        rng: Callable[[], float] = random.random,
     ) -> None:
         if not request_timeout_s > 0:
             raise ConfigError(f"outbox: request_timeout_s must be > 0, got {request_timeout_s!r}")
+        if not retry_after_s > 0:
+            raise ConfigError(f"outbox: retry_after_s must be > 0, got {retry_after_s!r}")
         if breaker_cycles < 1:
             raise ConfigError(f"outbox: breaker_cycles must be >= 1, got {breaker_cycles!r}")
         if not park_s > 0:
@@ -198,11 +203,13 @@ class Outbox:
         self.presence = presence if presence is not None else PresenceTracker(clock=self.clock)
         self._owns_presence = presence is None
         self.request_timeout_s = request_timeout_s
+        self.retry_after_s = retry_after_s
         self.breaker_cycles = breaker_cycles
         self.park_s = park_s
         self.preconditions: dict[str, Precondition] = {"min_online": min_online}
         self.preconditions.update(preconditions or {})
         self.executors: dict[str, Executor] = dict(executors or {})
+        self._rng = rng
         self._events: EventHub[OutboxEvent] = EventHub("outbox")
         self._devices: dict[str, _Device] = {}
         self._waiters: dict[str, list[asyncio.Future[Command]]] = {}
@@ -236,7 +243,9 @@ class Outbox:
             self._announce(command, _Q.SENDING)
         self._unsubscribe_presence = self.presence.subscribe(self._on_presence)
         self._started = True
-        await self._rearm_expiry()
+        due = await self.store.next_expiry()
+        if due is not None:
+            self._watch_expiry(due)
         return recovered
 
     async def close(self) -> None:
@@ -279,8 +288,8 @@ class Outbox:
         await self.close()
 
     def subscribe(self, callback: Callable[[OutboxEvent], object]) -> Callable[[], None]:
-        """Typed events (CommandStateChanged, DeliveryParked, FirmwareProgress…), each
-        announced after what it reports was persisted."""
+        """Typed events (:data:`~keeplink.outbox.OutboxEvent`), each announced after what
+        it reports was persisted."""
         return self._events.subscribe(callback)
 
     def publish(self, event: OutboxEvent) -> None:
@@ -314,7 +323,7 @@ class Outbox:
     async def resume(self, device: str) -> None:
         """Un-park a device the breaker parked, and deliver again."""
         state = await self._device(device)
-        state.record = replace(state.record, parked_reason=None, parked_until=None, failed_cycles=0)
+        state.record = unparked(state.record)
         await self.store.put_device(state.record)
         self._events.emit(
             DeliveryParked(device=device, reason=None, until=None, at=self.clock.now())
@@ -324,12 +333,32 @@ class Outbox:
     async def device_record(self, device: str) -> DeviceRecord:
         return (await self._device(device)).record
 
+    def waiting(self, command: Command) -> Waiting | None:
+        """Why a queued command is not going out right now (parked, a precondition, a retry
+        time, behind another command, the device away or its link down), or ``None``: it
+        is about to go, or it is not queued. Answers from memory, at once."""
+        state = self._devices.get(command.device)
+        return wait_of(
+            command,
+            record=state.record if state is not None else None,
+            gate=self._gate(state),
+            in_flight=state.in_flight if state is not None else None,
+            hold=state.hold if state is not None else None,
+        )
+
+    def _gate(self, state: _Device | None) -> Gate:
+        if state is None or state.link is None:
+            return Gate.NO_LINK
+        if state.link.state is not LinkState.CONNECTED:
+            return Gate.LINK_DOWN
+        if self.presence.presence(state.name) is not Presence.ONLINE:
+            return Gate.OFFLINE
+        return Gate.OPEN
+
     def _on_link_state(self, device: str, state: LinkState) -> None:
         hub = self._devices[device].hub if device in self._devices else False
-        if state is LinkState.CONNECTED:
-            if not hub:
-                self.presence.report(device, Source.LINK, True)
-            self._kick(device)
+        if not hub and state is LinkState.CONNECTED:
+            self.presence.report(device, Source.LINK, True)
         elif not hub and state in (
             LinkState.LOST,
             LinkState.BACKOFF,
@@ -337,11 +366,24 @@ class Outbox:
             LinkState.STOPPED,
         ):
             self.presence.report(device, Source.LINK, False)
+        self._refresh(device)
 
     def _on_presence(self, change: PresenceChanged) -> None:
-        if change.new is Presence.ONLINE and change.device in self._devices:
-            self._devices[change.device].pending_cycles += 1
-            self._kick(change.device)
+        self._refresh(change.device)
+
+    def _refresh(self, device: str) -> None:
+        """Look at the gate again: becoming deliverable begins a new cycle."""
+        state = self._devices.get(device)
+        if state is None:
+            return
+        deliverable = self._gate(state) is Gate.OPEN
+        if deliverable and not state.deliverable:
+            state.episode += 1
+            state.pending_cycles += 1
+            state.deliverable = True
+            self._kick(device)
+        elif not deliverable:
+            state.deliverable = False
 
     async def _device(self, name: str) -> _Device:
         state = self._devices.get(name)
@@ -370,18 +412,19 @@ class Outbox:
 
         The state says what happened: ``queued`` when the device is away (it will be
         delivered when it comes back). A queued command with the same ``key`` for the same
-        device is superseded. Raises InvalidRequestError for invalid arguments or an
-        unknown precondition; nothing is stored then.
+        device is superseded, in the same commit. Raises InvalidRequestError for invalid
+        arguments or an unknown precondition; nothing is stored then.
         """
         if precondition is not None and precondition not in self.preconditions:
             raise InvalidRequestError(
                 f"unknown precondition {precondition!r}; known: {sorted(self.preconditions)}"
             )
+        now = self.clock.now()
         command = new_command(
             device=device,
             op=op,
             args=args,
-            now=self.clock.now(),
+            now=now,
             key=key,
             idempotency_key=idempotency_key,
             priority=priority,
@@ -390,26 +433,22 @@ class Outbox:
             precondition=precondition,
             precondition_args=precondition_args,
         )
-        stored = await self.store.insert(command)
+        writes: list[Write] = [Insert(command)]
+        if key is not None:
+            # Only older ones: two concurrent submits with one key must not supersede each
+            # other, leaving nothing to deliver.
+            writes.append(Supersede(device=device, key=key, by=command.id, now=now))
+        results = await self.store.apply(writes)
+        stored = results[0]
+        assert isinstance(stored, Command)
         self._announce(stored, None)
         if key is not None:
-            for old in await self.store.queued(device):
-                # Only older ones: two concurrent submits with one key must not supersede
-                # each other, leaving nothing to deliver.
-                if old.key == key and old.seq < stored.seq:
-                    await self._persist(
-                        old,
-                        transition(
-                            old,
-                            _Q.SUPERSEDED,
-                            now=self.clock.now(),
-                            last_error=ErrorInfo(
-                                ErrorCode.CANCELLED.value, f"superseded by {stored.id}"
-                            ),
-                        ),
-                    )
+            superseded = results[1]
+            assert isinstance(superseded, list)
+            for old in superseded:
+                self._announce(old, _Q.QUEUED)
         if stored.expires_at is not None:
-            await self._rearm_expiry()
+            self._watch_expiry(stored.expires_at)
         await self._device(device)
         self._kick(device)
         return stored
@@ -427,8 +466,10 @@ class Outbox:
         device: str | None = None,
         states: Collection[CommandState] | None = None,
         limit: int = 1000,
+        newest: bool = False,
     ) -> list[Command]:
-        return await self.store.list(device=device, states=states, limit=limit)
+        """Commands by submission order, oldest first (``newest``: newest first)."""
+        return await self.store.list(device=device, states=states, limit=limit, newest=newest)
 
     async def wait(self, command_id: str) -> Command:
         """Wait until the command is final (succeeded, failed, rejected, expired, cancelled,
@@ -484,26 +525,15 @@ class Outbox:
                             f"command {command_id} is being delivered by another process"
                         )
                     continue
-                cancelled = transition(
-                    command,
-                    _Q.CANCELLED,
-                    now=self.clock.now(),
-                    last_error=ErrorInfo(ErrorCode.CANCELLED.value, "cancelled by a user"),
-                )
-                if await self._persist(command, cancelled):
+                done = cancelled(command, now=self.clock.now())
+                if await self.store.update(done, expect=command.state):
+                    self._announce(done, command.state)
                     self._kick(command.device)  # the commands behind it may go now
-                    return cancelled
+                    return done
         finally:
             self._cancel_requested.discard(command_id)
 
-    # ------------------------------------------------------------------ persistence
-
-    async def _persist(self, old: Command, new: Command) -> bool:
-        """Compare-and-set, then announce. False if someone else changed it first."""
-        if not await self.store.update(new, expect=old.state):
-            return False
-        self._announce(new, old.state)
-        return True
+    # ------------------------------------------------------------------ announcing
 
     def _announce(self, command: Command, old: CommandState | None) -> None:
         self._events.emit(CommandStateChanged(command=command, old=old, at=self.clock.now()))
@@ -511,6 +541,28 @@ class Outbox:
             for future in self._waiters.get(command.id, []):
                 if not future.done():
                     future.set_result(command)
+
+    def _announcer(self, command: Command, old: CommandState) -> Callable[[object], None]:
+        """What to do once the compare-and-set write of ``command`` is committed."""
+
+        def after(written: object) -> None:
+            if written is True:
+                self._announce(command, old)
+
+        return after
+
+    async def _commit(self, pending: _Pending) -> builtins.list[object]:
+        """Commit ``pending`` in one store call, then run what follows each write."""
+        if not pending.writes:
+            return []
+        writes, after = pending.writes, pending.after
+        results = await self.store.apply(writes)  # on an error, pending keeps them
+        if pending.writes is writes:
+            pending.writes, pending.after, pending.on_abort = [], [], []
+        for result, then in zip(results, after, strict=True):
+            if then is not None:
+                then(result)
+        return builtins.list(results)
 
     # ------------------------------------------------------------------ delivery
 
@@ -521,131 +573,192 @@ class Outbox:
         state = self._devices.get(device)
         if state is None:
             return
-        if state.task is not None:
-            state.again = True
-            return
-        state.task = asyncio.get_running_loop().create_task(
-            self._run_device(state), name=f"keeplink.outbox[{device}].deliver"
-        )
+        state.again = True
+        if state.task is None and (self._gate(state) is Gate.OPEN or state.pending.writes):
+            # A device that cannot be delivered to has nothing to do until it can (its
+            # deadlines are watched by the expiry timer): no pass, no read of its queue.
+            state.task = asyncio.get_running_loop().create_task(
+                self._run_device(state), name=f"keeplink.outbox[{device}].deliver"
+            )
 
     async def _run_device(self, state: _Device) -> None:
         try:
-            while True:
+            while state.again and not self._closing:
                 state.again = False
-                await self._delivery_pass(state)
-                if self._closing or not (state.again or state.pending_cycles):
-                    return
+                await self._pass(state)
+            if state.failing:
+                state.failing = False
+                _log.info("outbox: delivery to %r works again", state.name)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - see below
-            # Deliberately broad: a bug here must not silently stop a device's deliveries.
-            # It is logged with its traceback; the next presence change or submit retries.
-            _log.exception("outbox: delivery to %r failed unexpectedly", state.name)
+            # Deliberately broad: a bug or a store outage must not silently stop a device's
+            # deliveries. Logged (the first time with its traceback), then tried again soon.
+            if not state.failing:
+                state.failing = True
+                _log.exception("outbox: delivery to %r failed; retrying", state.name)
+            else:
+                _log.debug("outbox: delivery to %r failed again", state.name, exc_info=True)
+            if not self._closing:
+                self._wake_at(state, self.clock.now() + STORE_RETRY_S)
         finally:
             state.task = None
+            if self._closing:
+                for undo in state.pending.on_abort:
+                    undo()
+                state.pending = _Pending()
 
-    def _deliverable(self, state: _Device) -> bool:
-        link = state.link
-        return (
-            link is not None
-            and link.state is LinkState.CONNECTED
-            and self.presence.presence(state.name) is Presence.ONLINE
+    def _hold(self, state: _Device, waiting: Waiting | None) -> None:
+        if waiting == state.hold:
+            return
+        state.hold = waiting
+        self._events.emit(
+            CommandWaiting(
+                device=state.name,
+                command_id=waiting.command if waiting is not None else None,
+                waiting=waiting,
+                at=self.clock.now(),
+            )
         )
+        if waiting is not None and waiting.until is not None:
+            self._wake_at(state, waiting.until)
 
-    async def _take_cycles(self, state: _Device) -> None:
-        """Count (and persist) presence cycles announced since the last look."""
-        if state.pending_cycles:
-            state.record = replace(state.record, cycle=state.record.cycle + state.pending_cycles)
-            state.pending_cycles = 0
-            state.cycle_failed = False
-            await self.store.put_device(state.record)
-
-    async def _delivery_pass(self, state: _Device) -> None:
-        now = self.clock.now()
-        await self._take_cycles(state)
-        if state.record.parked_reason is not None:
-            until = state.record.parked_until
-            if until is None or now < until:
-                if until is not None:
-                    self._wake_at(state, until)
+    async def _pass(self, state: _Device) -> None:
+        """Deliver the device's queue until it is empty or its head has to wait."""
+        pending = state.pending
+        page: collections.deque[Command] = collections.deque()
+        fresh = False  # the page was read after the last change
+        verdict: tuple[str, PreconditionResult] | None = None
+        while not self._closing:
+            if state.again or not (page or fresh):
+                state.again = False
+                await self._commit(pending)  # a read must see every settled attempt
+                page = collections.deque(await self.store.queued(state.name, limit=PAGE))
+                fresh = len(page) < PAGE
+            if state.pending_cycles:
+                state.record = begin_cycles(state.record, state.pending_cycles)
+                state.pending_cycles = 0
+                pending.add(PutDevice(state.record))
+            head = page[0] if page else None
+            step = next_step(
+                head,
+                record=state.record,
+                gate=self._gate(state),
+                now=self.clock.now(),
+                verdict=verdict[1] if verdict and head and verdict[0] == head.id else None,
+            )
+            if isinstance(step, Idle | Hold):
+                await self._commit(pending)
+                self._hold(state, step.waiting if isinstance(step, Hold) else None)
                 return
-            await self.resume(state.name)
-        while self._deliverable(state) and not self._closing:
-            # One read of the queue per batch, walked in order: re-reading it for every
-            # command made draining N commands cost N² row reads. Something new (a submit,
-            # a presence change) ends the batch so the queue is read again, in order.
-            state.again = False
-            await self._take_cycles(state)  # a cycle may have begun during the last batch
-            queue = await self.store.queued(state.name)
-            if not queue:
-                return
-            for command in queue:
-                if state.again or self._closing or not self._deliverable(state):
-                    break
-                if not await self._deliver_one(state, command):
-                    return
-                if state.record.parked_reason is not None:
-                    return
+            self._hold(state, None)
+            if isinstance(step, Resume):
+                state.record = step.record
+                pending.add(PutDevice(step.record))
+                await self._commit(pending)
+                self._events.emit(
+                    DeliveryParked(device=state.name, reason=None, until=None, at=self.clock.now())
+                )
+            elif isinstance(step, CheckPrecondition):
+                await self._commit(pending)
+                verdict = (step.command.id, await self._check(state, step.command))
+            elif isinstance(step, Expire | Fail):
+                new = step.expired if isinstance(step, Expire) else step.failed
+                pending.add(Update(new, _Q.QUEUED), self._announcer(new, _Q.QUEUED))
+                await self._commit(pending)
+                page.popleft()
+            else:
+                page.popleft()
+                if not await self._send(state, step, pending):
+                    fresh = False  # it came back to the queue: read the head again
+                    page.clear()
 
-    async def _deliver_one(self, state: _Device, command: Command) -> bool:
-        """Deliver one queued command. False: stop this pass (wait for a cycle or a timer)."""
-        now = self.clock.now()
-        if command.expires_at is not None and now >= command.expires_at:
-            await self._expire(command)
-            return True
-        if command.cycle >= state.record.cycle:
-            return False  # already tried in this presence cycle: wait for the next one
-        verdict = await self._check_precondition(state, command)
-        if verdict == "wait":
-            return False  # a timer wakes this device when it may be ready
-        if verdict == "failed":
-            return True
-        sending = transition(
-            command,
-            _Q.SENDING,
-            now=now,
-            attempts=command.attempts + 1,
-            cycle=state.record.cycle,
-        )
+    async def _check(self, state: _Device, command: Command) -> PreconditionResult:
+        assert command.precondition is not None
+        check = self.preconditions[command.precondition]
+        return await check(command, self._context(state))
+
+    async def _send(self, state: _Device, step: Send, pending: _Pending) -> bool:
+        """Persist and deliver one command; its outcome joins ``pending``, to be committed
+        with the next step's write. False if the command went back to the queue."""
+        sending = step.sending
         attempt = _Attempt(done=asyncio.get_running_loop().create_future())
-        self._inflight[command.id] = attempt
+        self._inflight[sending.id] = attempt
+        settled = False
+
+        def finish(_: object = None) -> None:
+            self._inflight.pop(sending.id, None)
+            if state.in_flight == sending.id:
+                state.in_flight = None
+            if not attempt.done.done():
+                attempt.done.set_result(None)
+
         try:
-            if not await self._persist(command, sending):
+            pending.add(Update(sending, _Q.QUEUED), self._announcer(sending, _Q.QUEUED))
+            written = (await self._commit(pending))[-1]
+            if written is not True:
                 return True  # cancelled or superseded meanwhile
-            if command.id in self._cancel_requested:
+            state.in_flight = sending.id
+            episode = state.episode
+            if sending.id in self._cancel_requested:
                 # cancel() arrived while "sending" was being committed: nothing was written.
                 outcome: Outcome = Cancelled(reason="cancelled by a user")
             else:
                 outcome = await self._execute(state, sending, attempt)
-            await self._settle(state, sending, outcome)
-        finally:
-            self._inflight.pop(command.id, None)
-            if not attempt.done.done():
-                attempt.done.set_result(None)
-        return True
+            settlement = settle(
+                sending,
+                outcome,
+                now=self.clock.now(),
+                live=episode == state.episode and self._gate(state) is Gate.OPEN,
+                retry_after_s=self.retry_after_s,
+                jitter=self._rng(),
+                cancel_requested=sending.id in self._cancel_requested,
+            )
+            settled = True
+            done = settlement.command
+            announce = self._announcer(done, _Q.SENDING)
 
-    async def _check_precondition(self, state: _Device, command: Command) -> str:
-        """ "ok", "wait" (a wake-up is scheduled) or "failed" (the command was failed)."""
-        if command.precondition is None:
-            return "ok"
-        check = self.preconditions[command.precondition]
-        verdict = await check(command, self._context(state))
-        if verdict.ok:
-            return "ok"
-        if verdict.retry_at is not None:
-            self._wake_at(state, verdict.retry_at)
-            return "wait"
-        failed = transition(
-            command,
-            _Q.FAILED,
-            now=self.clock.now(),
-            last_error=ErrorInfo(
-                ErrorCode.PRECONDITION_FAILED.value,
-                f"precondition {command.precondition} failed: {verdict.reason}",
-            ),
-        )
-        await self._persist(command, failed)
-        return "failed"
+            def after(written: object) -> None:
+                announce(written)
+                finish()
+
+            pending.add(Update(done, _Q.SENDING), after)
+            pending.on_abort.append(finish)
+            old_record = state.record
+            state.record = breaker(
+                old_record,
+                settlement,
+                attempt_cycle=sending.cycle,
+                now=self.clock.now(),
+                breaker_cycles=self.breaker_cycles,
+                park_s=self.park_s,
+            )
+            if state.record is not old_record:
+                record = state.record
+                pending.add(PutDevice(record), lambda _: self._parked(old_record, record))
+            if done.state is _Q.QUEUED:
+                if done.expires_at is not None:
+                    self._watch_expiry(done.expires_at)
+                await self._commit(pending)  # it is the head again: commit before reading
+                return False
+            if sending.id in self._cancel_requested:
+                await self._commit(pending)  # cancel() waits for it
+            return True
+        finally:
+            if not settled:
+                finish()
+
+    def _parked(self, old: DeviceRecord, new: DeviceRecord) -> None:
+        if new.parked_reason is not None and old.parked_reason is None:
+            _log.warning("outbox: %r: %s", new.device, new.parked_reason)
+            self._events.emit(
+                DeliveryParked(
+                    device=new.device,
+                    reason=new.parked_reason,
+                    until=new.parked_until,
+                    at=self.clock.now(),
+                )
+            )
 
     def _context(self, state: _Device) -> DeliveryContext:
         return DeliveryContext(
@@ -692,92 +805,16 @@ class Outbox:
             await asyncio.wait([task])
             raise
 
-    async def _settle(self, state: _Device, sending: Command, outcome: Outcome) -> None:
-        now = self.clock.now()
-        if sending.id in self._cancel_requested:
-            self._cancel_requested.discard(sending.id)
-            if not isinstance(outcome, Acknowledged):
-                await self._persist(
-                    sending,
-                    transition(
-                        sending,
-                        _Q.CANCELLED,
-                        now=now,
-                        last_error=ErrorInfo(ErrorCode.CANCELLED.value, "cancelled by a user"),
-                    ),
-                )
-                return
-        if isinstance(outcome, Acknowledged):
-            done = transition(
-                sending, _Q.SUCCEEDED, now=now, result=dict(outcome.result), last_error=None
-            )
-            await self._persist(sending, done)
-            if state.record.failed_cycles:
-                state.record = replace(state.record, failed_cycles=0)
-                await self.store.put_device(state.record)
-            return
-        error = ErrorInfo.of(outcome.error)
-        if isinstance(outcome, Rejected) and outcome.code not in _RETRYABLE_REJECTIONS:
-            await self._persist(
-                sending, transition(sending, _Q.REJECTED, now=now, last_error=error)
-            )
-            return
-        # A retryable failure: not delivered this cycle.
-        if sending.expires_at is not None and now >= sending.expires_at:
-            nxt = transition(sending, _Q.EXPIRED, now=now, last_error=_expired_info(sending))
-        elif sending.attempts >= sending.max_attempts:
-            message = f"gave up after {sending.attempts} attempts; last: {error.message}"
-            nxt = transition(sending, _Q.FAILED, now=now, last_error=ErrorInfo(error.code, message))
-        else:
-            nxt = transition(sending, _Q.QUEUED, now=now, last_error=error)
-        await self._persist(sending, nxt)
-        if nxt.state is _Q.QUEUED and nxt.expires_at is not None:
-            await self._rearm_expiry()  # queued again: its deadline must be watched again
-        if not state.cycle_failed:
-            state.cycle_failed = True
-            await self._count_failed_cycle(state, error)
-
-    async def _count_failed_cycle(self, state: _Device, error: ErrorInfo) -> None:
-        failed = state.record.failed_cycles + 1
-        record = replace(state.record, failed_cycles=failed)
-        if failed >= self.breaker_cycles:
-            until = self.clock.now() + self.park_s
-            reason = (
-                f"delivery parked: {failed} presence cycles in a row failed "
-                f"(last error [{error.code}] {error.message}); retrying after "
-                f"{self.park_s:g}s, or call resume()"
-            )
-            record = replace(record, parked_reason=reason, parked_until=until)
-            _log.warning("outbox: %r: %s", state.name, reason)
-            await self.store.put_device(record)
-            state.record = record
-            self._events.emit(
-                DeliveryParked(device=state.name, reason=reason, until=until, at=self.clock.now())
-            )
-            return
-        await self.store.put_device(record)
-        state.record = record
-
     # ------------------------------------------------------------------ expiry
 
-    async def _expire(self, command: Command) -> None:
-        expired = transition(
-            command, _Q.EXPIRED, now=self.clock.now(), last_error=_expired_info(command)
-        )
-        if await self._persist(command, expired):
-            self._kick(command.device)  # the commands behind it may go now
-
-    async def _rearm_expiry(self) -> None:
-        queued = await self.store.list(states=[_Q.QUEUED], limit=10000)
-        due = min((c.expires_at for c in queued if c.expires_at is not None), default=None)
-        if due == self._expiry_at and self._expiry is not None:
+    def _watch_expiry(self, when: float) -> None:
+        """Make sure the expiry timer fires by ``when`` (no store read: O(1))."""
+        if self._closing or (self._expiry_at is not None and self._expiry_at <= when):
             return
         if self._expiry is not None:
             self._expiry.cancel()
-            self._expiry = None
-        self._expiry_at = due
-        if due is not None and not self._closing:
-            self._expiry = self.clock.call_at(due, self._on_expiry_timer)
+        self._expiry_at = when
+        self._expiry = self.clock.call_at(when, self._on_expiry_timer)
 
     def _on_expiry_timer(self) -> None:
         self._expiry = None
@@ -789,15 +826,19 @@ class Outbox:
         )
 
     async def _expire_due(self) -> None:
-        now = self.clock.now()
-        for command in await self.store.list(states=[_Q.QUEUED], limit=10000):
-            if command.expires_at is not None and command.expires_at <= now:
-                await self._expire(command)
-        await self._rearm_expiry()
-
-
-def _expired_info(command: Command) -> ErrorInfo:
-    return ErrorInfo(
-        ErrorCode.EXPIRED.value,
-        f"not delivered before its deadline ({command.attempts} attempt(s) made)",
-    )
+        """Expire what is due, a batch per commit, then watch the next deadline (indexed)."""
+        while True:
+            now = self.clock.now()
+            due = await self.store.due(now=now, limit=EXPIRE_BATCH)
+            pending = _Pending()
+            for command in due:
+                expired = transition(command, _Q.EXPIRED, now=now, last_error=expired_info(command))
+                pending.add(Update(expired, _Q.QUEUED), self._announcer(expired, _Q.QUEUED))
+            await self._commit(pending)
+            for device in {command.device for command in due}:
+                self._kick(device)  # the commands behind it may go now
+            if len(due) < EXPIRE_BATCH:
+                break
+        nxt = await self.store.next_expiry()
+        if nxt is not None:
+            self._watch_expiry(nxt)

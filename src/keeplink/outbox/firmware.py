@@ -16,15 +16,16 @@ import collections
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any, Final
 
 from keeplink._clock import deadline
 from keeplink._core.commands import Command
+from keeplink._core.dispatch import PreconditionResult
 from keeplink._core.errors import ConfigError, KeeplinkError
 from keeplink._core.outcomes import Acknowledged, Outcome, Rejected
 from keeplink._link import Link
-from keeplink.outbox._outbox import DeliveryContext, PreconditionResult
+from keeplink.outbox._outbox import DeliveryContext
+from keeplink.outbox.events import FirmwareProgress
 
 __all__ = ["FirmwareProgress", "FirmwareTransfer", "image_matches", "sha256_of"]
 
@@ -36,23 +37,6 @@ small enough that a drop re-sends little."""
 DEFAULT_WINDOW: Final = 2
 """Chunks in flight. After a drop at most ``window × chunk_size`` bytes are sent again (what
 was written past the cut); 2 × 4 KiB keeps that to 8 KiB while still pipelining."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FirmwareProgress:
-    """How far a transfer has come (the device's acknowledged offset)."""
-
-    command_id: str
-    device: str
-    offset: int
-    size: int
-    percent: float
-    rate_bps: float
-    """Acknowledged bytes per second since the transfer started."""
-    bytes_sent: int
-    """Image bytes written so far, re-sends included."""
-    resumes: int
-    at: float
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:

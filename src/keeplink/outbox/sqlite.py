@@ -2,13 +2,20 @@
 
 Every sqlite call runs on one dedicated worker thread (``keeplink-sqlite``), where the
 connection is created and closed, so the event loop never waits on an fsync. The single
-worker also serialises all operations of a store. Every write is one transaction
-(``BEGIN IMMEDIATE`` … ``COMMIT``), committed before its coroutine returns; with the
-default ``synchronous=FULL`` a returned write survives a power cut, with ``NORMAL`` it
-survives a crash of the process (not of the machine).
+worker also serialises all operations of a store.
 
-A write whose coroutine is cancelled may still commit if the worker had already started
-it; one that had not started yet is not written.
+Group commit: :meth:`SqliteStore.apply` hands its writes to the worker and waits. The
+worker takes every write call that is waiting when it becomes free (at most
+``MAX_BATCH_WRITES`` writes) and commits them in one transaction (``BEGIN IMMEDIATE`` …
+``COMMIT``): while one transaction is being synced to disk, the next batch gathers, so
+concurrent writers share an fsync and an idle worker starts at once, with no timer. Each
+call is answered after the commit that holds it; with the default ``synchronous=FULL`` an
+answered write survives a power cut, with ``NORMAL`` a crash of the process (not of the
+machine). Each call is its own savepoint: one refused call (a duplicate id) leaves the
+others in its transaction unaffected.
+
+A write whose coroutine is cancelled before the worker took it is not written; one the
+worker had taken may still commit.
 
 Schema
 ------
@@ -26,11 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import collections
 import os
 import sqlite3
+import threading
 import time
-from collections.abc import Callable, Collection
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
@@ -39,18 +48,22 @@ from keeplink._core.errors import ConfigError, InvalidRequestError
 from keeplink.outbox.store import (
     COMMAND_COLUMNS,
     DEVICE_COLUMNS,
+    CommandStore,
+    EncodedWrite,
+    Write,
+    WriteResult,
     check_after_seq,
     check_device_filter,
     check_limit,
+    check_optional_limit,
     check_real,
     check_str,
     command_from_row,
     command_values,
     device_from_row,
-    device_values,
-    new_command_values,
+    duplicate_id,
+    encode_writes,
     recovered,
-    state_value,
     state_values,
 )
 
@@ -98,11 +111,23 @@ MIGRATIONS: Final[list[str]] = [
     """
     CREATE INDEX commands_key ON commands (device, key, state) WHERE key IS NOT NULL;
     """,
+    # 3: in-cycle retries after a lost ack; a failed cycle counted once; the next expiry
+    # from an index instead of a scan of the queue.
+    """
+    ALTER TABLE commands ADD COLUMN retry_at REAL;
+    ALTER TABLE devices ADD COLUMN failed_cycle INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX commands_expiry ON commands (expires_at)
+        WHERE state = 'queued' AND expires_at IS NOT NULL;
+    """,
 ]
 """Schema scripts; ``PRAGMA user_version`` counts how many a database has applied."""
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 """The schema version this code writes."""
+
+MAX_BATCH_WRITES: Final = 1024
+"""The most writes one transaction takes: a large batch amortises an fsync, a bounded one
+keeps any caller's wait (and the write lock other processes wait on) short."""
 
 SYNCHRONOUS_MODES: Final = ("FULL", "NORMAL")
 BUSY_TIMEOUT_MS: Final = 5000
@@ -112,6 +137,13 @@ _COMMAND_SELECT: Final = f"SELECT {', '.join(COMMAND_COLUMNS)} FROM commands"
 _COMMAND_INSERT: Final = (
     f"INSERT INTO commands ({', '.join(COMMAND_COLUMNS[1:])}) "
     f"VALUES ({', '.join('?' * len(COMMAND_COLUMNS[1:]))})"
+)
+_SUPERSEDE: Final = (
+    "UPDATE commands SET state = ?5, updated_at = ?4, error_code = ?6, error_message = ?7, "
+    "retry_at = NULL "
+    "WHERE device = ?1 AND key = ?2 AND state = 'queued' "
+    "AND seq < (SELECT seq FROM commands WHERE id = ?3) "
+    f"RETURNING {', '.join(COMMAND_COLUMNS)}"
 )
 _COMMAND_UPDATE: Final = (
     f"UPDATE commands SET {', '.join(f'{column} = ?' for column in COMMAND_COLUMNS[2:])} "
@@ -205,14 +237,194 @@ def _migrate(conn: sqlite3.Connection) -> None:
         _write(conn, step)
 
 
-def _close_result_of(job: Future[sqlite3.Connection]) -> None:
-    """Close the connection ``job`` opened, if it opened one (it has finished by now)."""
-    if not job.cancelled() and job.exception() is None:
-        job.result().close()
+@dataclass(slots=True)
+class _Job:
+    """Work for the worker thread: a write call (``writes``) or any other call (``call``)."""
+
+    future: asyncio.Future[Any]
+    writes: builtins.list[EncodedWrite] = field(default_factory=builtins.list)
+    call: Callable[[sqlite3.Connection], Any] | None = None
 
 
-class SqliteStore:
-    """A :class:`~keeplink.outbox.store.CommandStore` in an SQLite file.
+def _resolve(outcomes: builtins.list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    """On the event loop: answer every job of a batch (one loop wake-up per batch)."""
+    for future, ok, value in outcomes:
+        if future.done():
+            continue  # its caller was cancelled meanwhile
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+def _write_job(conn: sqlite3.Connection, writes: builtins.list[EncodedWrite]) -> Any:
+    """Execute one call's writes inside the open transaction; its results."""
+    results: builtins.list[WriteResult] = []
+    for write in writes:
+        values = write.values
+        if write.kind == "insert":
+            # Looked up first: a conflicting INSERT would still use up a seq.
+            if conn.execute("SELECT 1 FROM commands WHERE id = ?", (values[0],)).fetchone():
+                raise duplicate_id(values[0])
+            cursor = conn.execute(_COMMAND_INSERT, values)
+            assert cursor.lastrowid is not None
+            results.append(command_from_row((cursor.lastrowid, *values)))
+        elif write.kind == "update":
+            cursor = conn.execute(_COMMAND_UPDATE, (*values[1:], values[0], write.expect))
+            results.append(cursor.rowcount == 1)
+        elif write.kind == "supersede":
+            rows = conn.execute(_SUPERSEDE, values).fetchall()
+            results.append(sorted(map(command_from_row, rows), key=lambda c: c.seq))
+        else:
+            conn.execute(_DEVICE_UPSERT, values)
+            results.append(None)
+    return results
+
+
+def _commit_batch(
+    conn: sqlite3.Connection, jobs: builtins.list[_Job]
+) -> builtins.list[tuple[asyncio.Future[Any], bool, Any]]:
+    """Commit the write calls ``jobs`` in one transaction; what to answer each.
+
+    Each call runs under its own savepoint, so a refused call rolls back alone. If the
+    transaction itself fails (the database is locked, the disk is full), every call in it
+    gets that error, and nothing of the batch is written.
+    """
+    answers: builtins.list[tuple[asyncio.Future[Any], bool, Any]] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for job in jobs:
+            if len(job.writes) == 1:
+                # One statement is atomic by itself: no savepoint needed.
+                try:
+                    answers.append((job.future, True, _write_job(conn, job.writes)))
+                except InvalidRequestError as exc:
+                    answers.append((job.future, False, exc))
+                continue
+            conn.execute("SAVEPOINT call")
+            try:
+                result = _write_job(conn, job.writes)
+            except InvalidRequestError as exc:
+                conn.execute("ROLLBACK TO call")
+                answers.append((job.future, False, exc))
+            else:
+                answers.append((job.future, True, result))
+            conn.execute("RELEASE call")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return answers
+
+
+class _Worker:
+    """The store's one thread: it owns the connection and runs every job, writes grouped."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, connect: Callable[[], Any]) -> None:
+        self._loop = loop
+        self._connect = connect
+        self._cond = threading.Condition()
+        self._writes: collections.deque[_Job] = collections.deque()
+        self._calls: collections.deque[_Job] = collections.deque()
+        self._stopping = False
+        self._conn: sqlite3.Connection | None = None
+        self.opened: asyncio.Future[None] = loop.create_future()
+        self.stopped: asyncio.Future[None] = loop.create_future()
+        self._thread = threading.Thread(target=self._main, name="keeplink-sqlite", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _Job) -> None:
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("store is closed")
+            (self._writes if job.call is None else self._calls).append(job)
+            self._cond.notify()
+
+    def stop(self) -> None:
+        """Run what was submitted, then close the connection and end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    def _post(self, answers: builtins.list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+        if answers:
+            try:
+                self._loop.call_soon_threadsafe(_resolve, answers)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is left to answer
+
+    def _take(self) -> tuple[builtins.list[_Job], builtins.list[_Job]] | None:
+        """Wait for work; the next write batch and calls, or None when stopped and idle."""
+        with self._cond:
+            while not (self._writes or self._calls or self._stopping):
+                self._cond.wait()
+            if not (self._writes or self._calls):
+                return None
+            batch: builtins.list[_Job] = []
+            size = 0
+            while self._writes and (
+                not batch or size + len(self._writes[0].writes) <= (MAX_BATCH_WRITES)
+            ):
+                job = self._writes.popleft()
+                if job.future.cancelled():
+                    continue  # cancelled before it was taken: not written
+                batch.append(job)
+                size += len(job.writes)
+            calls = builtins.list(self._calls)
+            self._calls.clear()
+            return batch, calls
+
+    def _main(self) -> None:
+        try:
+            self._conn = self._connect()
+        except BaseException as exc:  # noqa: BLE001 - handed to open(), which raises it
+            self._post([(self.opened, False, exc)])
+            with self._cond:
+                self._stopping = True
+            self._post([(self.stopped, True, None)])
+            return
+        self._post([(self.opened, True, None)])
+        conn = self._conn
+        try:
+            while (work := self._take()) is not None:
+                batch, calls = work
+                if batch:
+                    self._post(self._run_batch(conn, batch))
+                answers = []
+                for job in calls:
+                    assert job.call is not None
+                    try:
+                        answers.append((job.future, True, job.call(conn)))
+                    except BaseException as exc:  # noqa: BLE001 - raised by the caller
+                        answers.append((job.future, False, exc))
+                self._post(answers)
+        finally:
+            conn.close()
+            self._post([(self.stopped, True, None)])
+
+    @staticmethod
+    def _run_batch(
+        conn: sqlite3.Connection, batch: builtins.list[_Job]
+    ) -> builtins.list[tuple[asyncio.Future[Any], bool, Any]]:
+        try:
+            return _commit_batch(conn, batch)
+        except sqlite3.Error as exc:
+            if len(batch) == 1:
+                return [(batch[0].future, False, exc)]
+        # A failed batch of several calls: each call again in its own transaction, so an
+        # error belongs to the call that caused it (a lock timeout fails each alike).
+        answers: builtins.list[tuple[asyncio.Future[Any], bool, Any]] = []
+        for job in batch:
+            try:
+                answers.extend(_commit_batch(conn, [job]))
+            except sqlite3.Error as exc:
+                answers.append((job.future, False, exc))
+        return answers
+
+
+class SqliteStore(CommandStore):
+    """A :class:`~keeplink.outbox.store.CommandStore` in an SQLite file, group-committed.
 
     ``synchronous`` is ``"FULL"`` (the default: a committed write survives a power cut) or
     ``"NORMAL"`` (faster; survives a process crash). ``path`` may be ``":memory:"`` for a
@@ -236,8 +448,7 @@ class SqliteStore:
         self.synchronous: Final[str] = mode
         self._status = "new"
         self._lock = asyncio.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None  # only ever used on the worker thread
+        self._worker: _Worker | None = None
 
     @classmethod
     def from_url(cls, url: str) -> SqliteStore:
@@ -318,19 +529,19 @@ class SqliteStore:
             raise
         return conn
 
-    def _check_usable(self) -> None:
-        if self._status != "open":
+    def _check_usable(self) -> _Worker:
+        if self._status != "open" or self._worker is None:
             raise RuntimeError(
                 "store is closed" if self._status == "closed" else "store is not open"
             )
+        return self._worker
 
     async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``work(connection)`` on the worker thread."""
-        self._check_usable()
-        conn = self._conn  # bound now: close() clears self._conn while this may still wait
-        assert conn is not None
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, work, conn)
+        worker = self._check_usable()
+        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+        worker.submit(_Job(future=future, call=work))
+        return await future
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -340,16 +551,16 @@ class SqliteStore:
                 return
             if self._status == "closed":
                 raise RuntimeError("store is closed")
-            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keeplink-sqlite")
-            job = executor.submit(self._connect)
+            worker = _Worker(asyncio.get_running_loop(), self._connect)
             try:
-                conn = await asyncio.wrap_future(job)
+                await asyncio.shield(worker.opened)
             except BaseException:
-                # Failed, or cancelled while connecting: close what it opens once it is done.
-                executor.submit(_close_result_of, job)
-                executor.shutdown(wait=job.done())
+                # Failed, or cancelled while connecting: the thread closes what it opened.
+                worker.stop()
+                if worker.opened.done() and worker.opened.exception() is not None:
+                    await asyncio.shield(worker.stopped)
                 raise
-            self._executor, self._conn = executor, conn
+            self._worker = worker
             self._status = "open"
 
     async def close(self) -> None:
@@ -357,42 +568,25 @@ class SqliteStore:
             if self._status == "closed":
                 return
             self._status = "closed"
-            executor, self._executor = self._executor, None
-            conn, self._conn = self._conn, None
-            if executor is None or conn is None:
+            worker, self._worker = self._worker, None
+            if worker is None:
                 return  # never opened
-            # Runs after every operation already submitted; nothing new can be submitted.
-            job = executor.submit(conn.close)
-            try:
-                await asyncio.shield(asyncio.wrap_future(job))
-            finally:
-                # If close() itself is cancelled the worker still closes the connection,
-                # then exits; otherwise it is idle now and joins at once.
-                executor.shutdown(wait=job.done())
+            # Runs after every job already submitted; nothing new can be submitted.
+            worker.stop()
+            await asyncio.shield(worker.stopped)
 
     # ------------------------------------------------------------------ commands
 
-    async def insert(self, command: Command) -> Command:
-        values = new_command_values(command)
-
-        def work(conn: sqlite3.Connection) -> int:
-            if conn.execute("SELECT 1 FROM commands WHERE id = ?", (values[0],)).fetchone():
-                raise InvalidRequestError(f"command {values[0]} already exists")
-            seq = conn.execute(_COMMAND_INSERT, values).lastrowid
-            assert seq is not None
-            return seq
-
-        seq = await self._run(lambda conn: _write(conn, work))
-        return command_from_row((seq, *values))
-
-    async def update(self, command: Command, *, expect: CommandState) -> bool:
-        values = command_values(command)
-        params = (*values[1:], values[0], state_value(expect))
-
-        def work(conn: sqlite3.Connection) -> bool:
-            return conn.execute(_COMMAND_UPDATE, params).rowcount == 1
-
-        return await self._run(lambda conn: _write(conn, work))
+    async def apply(self, writes: Sequence[Write]) -> builtins.list[WriteResult]:
+        encoded = encode_writes(writes)
+        worker = self._check_usable()
+        if not encoded:
+            return []
+        future: asyncio.Future[builtins.list[WriteResult]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        worker.submit(_Job(future=future, writes=encoded))
+        return await future
 
     async def get(self, command_id: str) -> Command | None:
         sql = f"{_COMMAND_SELECT} WHERE id = ?"
@@ -426,6 +620,7 @@ class SqliteStore:
         states: Collection[CommandState] | None = None,
         limit: int = 1000,
         after_seq: int = 0,
+        newest: bool = False,
     ) -> builtins.list[Command]:
         limit = check_limit(limit)
         after_seq = check_after_seq(after_seq)
@@ -435,16 +630,21 @@ class SqliteStore:
             return []
         conditions, params = where
         conditions.append("seq > ?")
-        sql = f"{_COMMAND_SELECT} WHERE {' AND '.join(conditions)} ORDER BY seq LIMIT ?"
+        order = "seq DESC" if newest else "seq"
+        sql = f"{_COMMAND_SELECT} WHERE {' AND '.join(conditions)} ORDER BY {order} LIMIT ?"
         rows = await self._run(
             lambda conn: conn.execute(sql, (*params, after_seq, limit)).fetchall()
         )
         return [command_from_row(row) for row in rows]
 
-    async def queued(self, device: str) -> builtins.list[Command]:
+    async def queued(self, device: str, *, limit: int | None = None) -> builtins.list[Command]:
         device = check_str("device", device)
-        sql = f"{_COMMAND_SELECT} WHERE device = ? AND state = ? ORDER BY priority DESC, seq"
-        rows = await self._run(lambda conn: conn.execute(sql, (device, _QUEUED)).fetchall())
+        limit = check_optional_limit(limit)
+        sql = (
+            f"{_COMMAND_SELECT} WHERE device = ? AND state = ? ORDER BY priority DESC, seq LIMIT ?"
+        )
+        params = (device, _QUEUED, -1 if limit is None else limit)
+        rows = await self._run(lambda conn: conn.execute(sql, params).fetchall())
         return [command_from_row(row) for row in rows]
 
     async def devices_with_queued(self) -> builtins.list[str]:
@@ -465,6 +665,23 @@ class SqliteStore:
             sql += f" WHERE {' AND '.join(conditions)}"
         count: int = await self._run(lambda conn: conn.execute(sql, params).fetchone()[0])
         return count
+
+    async def next_expiry(self) -> float | None:
+        sql = (
+            "SELECT min(expires_at) FROM commands WHERE state = 'queued' AND expires_at IS NOT NULL"
+        )
+        value = await self._run(lambda conn: conn.execute(sql).fetchone()[0])
+        return None if value is None else float(value)
+
+    async def due(self, *, now: float, limit: int = 1000) -> builtins.list[Command]:
+        now = check_real("now", now)
+        limit = check_limit(limit)
+        sql = (
+            f"{_COMMAND_SELECT} WHERE state = 'queued' AND expires_at IS NOT NULL "
+            "AND expires_at <= ? ORDER BY expires_at, seq LIMIT ?"
+        )
+        rows = await self._run(lambda conn: conn.execute(sql, (now, limit)).fetchall())
+        return [command_from_row(row) for row in rows]
 
     async def recover(self, *, now: float) -> builtins.list[Command]:
         now = check_real("now", now)
@@ -488,11 +705,3 @@ class SqliteStore:
         params = (check_str("device", device),)
         row = await self._run(lambda conn: conn.execute(sql, params).fetchone())
         return None if row is None else device_from_row(row)
-
-    async def put_device(self, record: DeviceRecord) -> None:
-        values = device_values(record)
-
-        def work(conn: sqlite3.Connection) -> None:
-            conn.execute(_DEVICE_UPSERT, values)
-
-        await self._run(lambda conn: _write(conn, work))

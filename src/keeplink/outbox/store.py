@@ -18,13 +18,16 @@ anything is written.
 from __future__ import annotations
 
 import builtins
+import itertools
 import json
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Protocol, Self, runtime_checkable
+from typing import Any, Final, Protocol, Self, TypeAlias, runtime_checkable
 
 from keeplink._core.commands import Command, CommandState, DeviceRecord, transition
+from keeplink._core.dispatch import superseded_info
 from keeplink._core.errors import ErrorCode, ErrorInfo, InvalidRequestError
 
 __all__ = [
@@ -32,7 +35,13 @@ __all__ = [
     "DEVICE_COLUMNS",
     "LIST_LIMIT_MAX",
     "CommandStore",
+    "Insert",
     "MemoryStore",
+    "PutDevice",
+    "Supersede",
+    "Update",
+    "Write",
+    "WriteResult",
     "command_from_row",
     "command_values",
     "device_from_row",
@@ -64,10 +73,18 @@ COMMAND_COLUMNS: Final = (
     "error_message",
     "result",
     "cycle",
+    "retry_at",
 )
 """A command row: ``seq`` then the values of :func:`command_values`, in this order."""
 
-DEVICE_COLUMNS: Final = ("device", "cycle", "failed_cycles", "parked_reason", "parked_until")
+DEVICE_COLUMNS: Final = (
+    "device",
+    "cycle",
+    "failed_cycles",
+    "parked_reason",
+    "parked_until",
+    "failed_cycle",
+)
 """A device row: the values of :func:`device_values`, in this order."""
 
 _STATE: Final = COMMAND_COLUMNS.index("state")
@@ -78,12 +95,59 @@ _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
 
 
+@dataclass(frozen=True, slots=True)
+class Insert:
+    """Store a new ``queued`` command; its result is the stored copy, with its ``seq``."""
+
+    command: Command
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """Write the whole record (all fields but ``id`` and ``seq``) if the stored command with
+    this id is in state ``expect``; its result is whether it was written."""
+
+    command: Command
+    expect: CommandState
+
+
+@dataclass(frozen=True, slots=True)
+class Supersede:
+    """Supersede every ``queued`` command of ``device`` with this ``key`` that is older
+    (lower ``seq``) than the command ``by``, stamped ``now``; its result is the superseded
+    commands, by ``seq``. One indexed statement: it does not read the device's queue."""
+
+    device: str
+    key: str
+    by: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class PutDevice:
+    """Insert or replace a device's record; its result is ``None``."""
+
+    record: DeviceRecord
+
+
+Write: TypeAlias = Insert | Update | Supersede | PutDevice
+WriteResult: TypeAlias = Command | bool | builtins.list[Command] | None
+
+
 @runtime_checkable
 class CommandStore(Protocol):
     """Where durable commands live. Every write is committed before its coroutine returns.
 
+    Writes go through :meth:`apply`: one call is one atomic unit (all of its writes, or
+    none), and concurrent calls are *group-committed*: a store collects the calls that are
+    ready while it commits (up to a bounded batch, never waiting on a timer when idle) and
+    commits them in one transaction. Each call returns only after its own commit, so a
+    crash loses only writes whose caller was not answered yet. A call whose coroutine is
+    cancelled before its batch began is not written; one cancelled later may be.
+
     All methods are coroutines. Using a store before :meth:`open` or after :meth:`close`
-    raises ``RuntimeError``.
+    raises ``RuntimeError``. :meth:`insert`, :meth:`update` and :meth:`put_device` are
+    one-write :meth:`apply` calls.
     """
 
     async def open(self) -> None:
@@ -91,21 +155,16 @@ class CommandStore(Protocol):
         ...
 
     async def close(self) -> None:
-        """Release everything the store holds. Idempotent; a closed store stays closed."""
+        """Release everything the store holds, after the writes already handed to it.
+        Idempotent; a closed store stays closed."""
         ...
 
-    async def insert(self, command: Command) -> Command:
-        """Store a new ``queued`` command and return the stored copy, with its ``seq``.
-
-        ``seq`` is strictly increasing in submission order and never reused. Raises
-        :class:`~keeplink.InvalidRequestError` if the id exists, if the command is not
-        ``queued`` or if a field cannot be stored.
-        """
-        ...
-
-    async def update(self, command: Command, *, expect: CommandState) -> bool:
-        """Write the whole record (all fields but ``id`` and ``seq``) if the stored command
-        with this id is in state ``expect``. Returns whether it was written."""
+    async def apply(self, writes: Sequence[Write]) -> builtins.list[WriteResult]:
+        """Commit ``writes`` atomically, in order; their results, in the same order (see
+        each write type). Every value is validated first: an unstorable one raises
+        :class:`~keeplink.InvalidRequestError` and nothing is written. An :class:`Insert`
+        whose id exists, or whose command is not ``queued``, raises it too, and none of
+        this call's writes is kept (other calls in the same transaction are unaffected)."""
         ...
 
     async def get(self, command_id: str) -> Command | None:
@@ -119,14 +178,16 @@ class CommandStore(Protocol):
         states: Collection[CommandState] | None = None,
         limit: int = 1000,
         after_seq: int = 0,
+        newest: bool = False,
     ) -> builtins.list[Command]:
-        """Commands with ``seq > after_seq`` (filtered by device and states), by ``seq``,
-        at most ``limit`` (1..10000) of them."""
+        """Commands with ``seq > after_seq`` (filtered by device and states), at most
+        ``limit`` (1..10000) of them: the oldest first by ``seq``, or with ``newest`` the
+        newest first (``seq`` descending)."""
         ...
 
-    async def queued(self, device: str) -> builtins.list[Command]:
-        """The device's ``queued`` commands in delivery order: priority descending, then
-        ``seq`` ascending."""
+    async def queued(self, device: str, *, limit: int | None = None) -> builtins.list[Command]:
+        """The device's ``queued`` commands in delivery order (priority descending, then
+        ``seq`` ascending), at most ``limit`` (1..10000) of them if given."""
         ...
 
     async def devices_with_queued(self) -> builtins.list[str]:
@@ -139,6 +200,14 @@ class CommandStore(Protocol):
         """How many commands match the filters."""
         ...
 
+    async def next_expiry(self) -> float | None:
+        """The earliest ``expires_at`` of a ``queued`` command (from an index), or ``None``."""
+        ...
+
+    async def due(self, *, now: float, limit: int = 1000) -> builtins.list[Command]:
+        """``queued`` commands whose ``expires_at <= now``, earliest first, at most ``limit``."""
+        ...
+
     async def recover(self, *, now: float) -> builtins.list[Command]:
         """Crash recovery, once at start, atomically: every ``sending`` command goes back to
         ``queued`` (its attempt stays counted), or to ``failed`` if its attempts are
@@ -149,9 +218,25 @@ class CommandStore(Protocol):
         """The device's record, or ``None``."""
         ...
 
+    async def insert(self, command: Command) -> Command:
+        """Store a new ``queued`` command (one :class:`Insert`) and return the stored copy.
+
+        ``seq`` is strictly increasing in submission order and never reused. Raises
+        :class:`~keeplink.InvalidRequestError` if the id exists, if the command is not
+        ``queued`` or if a field cannot be stored.
+        """
+        (stored,) = await self.apply([Insert(command)])
+        assert isinstance(stored, Command)
+        return stored
+
+    async def update(self, command: Command, *, expect: CommandState) -> bool:
+        """One :class:`Update`: whether it was written."""
+        (written,) = await self.apply([Update(command, expect)])
+        return written is True
+
     async def put_device(self, record: DeviceRecord) -> None:
-        """Insert or replace the device's record."""
-        ...
+        """One :class:`PutDevice`."""
+        await self.apply([PutDevice(record)])
 
 
 # ---------------------------------------------------------------------- shared semantics
@@ -318,6 +403,7 @@ def command_values(command: Command) -> tuple[Any, ...]:
         None if error is None else _text("last_error.message", error.message, empty=True),
         _optional_json_object("result", command.result),
         _integer("cycle", command.cycle),
+        _optional_real("retry_at", command.retry_at),
     )
 
 
@@ -354,6 +440,7 @@ def command_from_row(row: Sequence[Any]) -> Command:
         error_message,
         result,
         cycle,
+        retry_at,
     ) = row
     return Command(
         id=command_id,
@@ -374,6 +461,7 @@ def command_from_row(row: Sequence[Any]) -> Command:
         last_error=None if error_code is None else ErrorInfo(error_code, error_message),
         result=None if result is None else _load_object(result),
         cycle=cycle,
+        retry_at=None if retry_at is None else float(retry_at),
         seq=seq,
     )
 
@@ -388,33 +476,108 @@ def device_values(record: DeviceRecord) -> tuple[Any, ...]:
         _integer("failed_cycles", record.failed_cycles),
         _optional_text("parked_reason", record.parked_reason),
         _optional_real("parked_until", record.parked_until),
+        _integer("failed_cycle", record.failed_cycle),
     )
 
 
 def device_from_row(row: Sequence[Any]) -> DeviceRecord:
     """A device record from a row in ``DEVICE_COLUMNS`` order."""
-    device, cycle, failed_cycles, parked_reason, parked_until = row
+    device, cycle, failed_cycles, parked_reason, parked_until, failed_cycle = row
     return DeviceRecord(
         device=device,
         cycle=cycle,
         failed_cycles=failed_cycles,
         parked_reason=parked_reason,
         parked_until=None if parked_until is None else float(parked_until),
+        failed_cycle=failed_cycle,
     )
+
+
+# ---------------------------------------------------------------------- encoded writes
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedWrite:
+    """A :data:`Write` validated and encoded as column values, ready for any store.
+
+    ``kind`` is ``insert`` (``values``: :func:`command_values`), ``update`` (``values``,
+    and ``expect``: a state value), ``supersede`` (``values``: device, key, the newer
+    command's id, ``now``, the superseded state and the error code and message it gets)
+    or ``device`` (``values``: :func:`device_values`).
+    """
+
+    kind: str
+    values: tuple[Any, ...]
+    expect: str | None = None
+
+
+_SUPERSEDED: Final = CommandState.SUPERSEDED.value
+
+
+def encode_writes(writes: Sequence[Write]) -> builtins.list[EncodedWrite]:
+    """Validate and encode ``writes``. Raises InvalidRequestError for anything that would
+    not round-trip, or for a write that is not one of the write types."""
+    if isinstance(writes, str | bytes) or not isinstance(writes, Sequence):
+        raise InvalidRequestError(f"writes must be a sequence, got {type(writes).__name__}")
+    encoded: builtins.list[EncodedWrite] = []
+    for write in writes:
+        if isinstance(write, Insert):
+            encoded.append(EncodedWrite("insert", new_command_values(write.command)))
+        elif isinstance(write, Update):
+            encoded.append(
+                EncodedWrite("update", command_values(write.command), state_value(write.expect))
+            )
+        elif isinstance(write, Supersede):
+            info = superseded_info(_text("by", write.by))
+            encoded.append(
+                EncodedWrite(
+                    "supersede",
+                    (
+                        _text("device", write.device),
+                        _text("key", write.key),
+                        write.by,
+                        check_real("now", write.now),
+                        _SUPERSEDED,
+                        info.code,
+                        info.message,
+                    ),
+                )
+            )
+        elif isinstance(write, PutDevice):
+            encoded.append(EncodedWrite("device", device_values(write.record)))
+        else:
+            raise InvalidRequestError(f"not a store write: {write!r}")
+    return encoded
+
+
+def duplicate_id(command_id: str) -> InvalidRequestError:
+    return InvalidRequestError(f"command {command_id} already exists")
+
+
+def check_optional_limit(limit: object) -> int | None:
+    return None if limit is None else check_limit(limit)
 
 
 # ---------------------------------------------------------------------- MemoryStore
 
+_EXPIRES: Final = COMMAND_COLUMNS.index("expires_at")
+_KEY: Final = COMMAND_COLUMNS.index("key")
 
-class MemoryStore:
+
+class MemoryStore(CommandStore):
     """A :class:`CommandStore` in process memory, for tests. Nothing survives the process.
 
     It keeps encoded rows, exactly like a database would, so it accepts, refuses and
-    returns the same values as :class:`~keeplink.outbox.sqlite.SqliteStore`.
+    returns the same values as :class:`~keeplink.outbox.sqlite.SqliteStore`. An
+    :meth:`apply` call runs without yielding to the event loop, so it is atomic by itself
+    and there is nothing to group.
     """
 
     def __init__(self) -> None:
         self._rows: dict[str, tuple[Any, ...]] = {}  # id -> row; insertion order == seq order
+        self._by_device: dict[str, dict[str, None]] = {}  # device -> ids, in seq order
+        self._queued_keys: dict[tuple[str, str], dict[str, None]] = {}  # queued, keyed
+        self._expiring: dict[str, float] = {}  # queued ids with a deadline -> expires_at
         self._devices: dict[str, tuple[Any, ...]] = {}
         self._last_seq = 0
         self._status = "new"
@@ -448,25 +611,78 @@ class MemoryStore:
     async def close(self) -> None:
         self._status = "closed"
 
-    async def insert(self, command: Command) -> Command:
-        self._check_open()
-        values = new_command_values(command)
-        if command.id in self._rows:
-            raise InvalidRequestError(f"command {command.id} already exists")
-        self._last_seq += 1
-        row = (self._last_seq, *values)
-        self._rows[command.id] = row
-        return command_from_row(row)
+    # ------------------------------------------------------------------ writes
 
-    async def update(self, command: Command, *, expect: CommandState) -> bool:
+    def _put_row(self, row: tuple[Any, ...]) -> None:
+        """Store ``row`` and keep the indexes in step with it."""
+        command_id, device = row[1], row[_DEVICE]
+        old = self._rows.get(command_id)
+        if old is not None and old[_STATE] == _QUEUED and old[_KEY] is not None:
+            self._queued_keys.get((device, old[_KEY]), {}).pop(command_id, None)
+        self._rows[command_id] = row
+        self._by_device.setdefault(device, {})[command_id] = None
+        queued = row[_STATE] == _QUEUED
+        if queued and row[_KEY] is not None:
+            self._queued_keys.setdefault((device, row[_KEY]), {})[command_id] = None
+        if queued and row[_EXPIRES] is not None:
+            self._expiring[command_id] = row[_EXPIRES]
+        else:
+            self._expiring.pop(command_id, None)
+
+    async def apply(self, writes: Sequence[Write]) -> builtins.list[WriteResult]:
         self._check_open()
-        values = command_values(command)
-        expected = state_value(expect)
-        row = self._rows.get(command.id)
-        if row is None or row[_STATE] != expected:
-            return False
-        self._rows[command.id] = (row[0], *values)
-        return True
+        encoded = encode_writes(writes)
+        new_ids: set[str] = set()
+        for write in encoded:  # refuse the whole call before changing anything
+            if write.kind == "insert":
+                command_id = write.values[0]
+                if command_id in self._rows or command_id in new_ids:
+                    raise duplicate_id(command_id)
+                new_ids.add(command_id)
+        results: builtins.list[WriteResult] = []
+        for write in encoded:
+            if write.kind == "insert":
+                self._last_seq += 1
+                row = (self._last_seq, *write.values)
+                self._put_row(row)
+                results.append(command_from_row(row))
+            elif write.kind == "update":
+                current = self._rows.get(write.values[0])
+                if current is None or current[_STATE] != write.expect:
+                    results.append(False)
+                else:
+                    self._put_row((current[0], *write.values))
+                    results.append(True)
+            elif write.kind == "supersede":
+                results.append(self._supersede(*write.values))
+            else:
+                self._devices[write.values[0]] = write.values
+                results.append(None)
+        return results
+
+    def _supersede(
+        self, device: str, key: str, by: str, now: float, state: str, code: str, message: str
+    ) -> builtins.list[Command]:
+        newer = self._rows.get(by)
+        if newer is None:
+            return []
+        changed: builtins.list[Command] = []
+        for command_id in builtins.list(self._queued_keys.get((device, key), {})):
+            row = self._rows[command_id]
+            if row[0] >= newer[0]:
+                continue
+            values = builtins.list(row)
+            values[_STATE] = state
+            values[COMMAND_COLUMNS.index("updated_at")] = now
+            values[COMMAND_COLUMNS.index("error_code")] = code
+            values[COMMAND_COLUMNS.index("error_message")] = message
+            values[COMMAND_COLUMNS.index("retry_at")] = None
+            self._put_row(tuple(values))
+            changed.append(command_from_row(tuple(values)))
+        changed.sort(key=lambda command: command.seq)
+        return changed
+
+    # ------------------------------------------------------------------ reads
 
     async def get(self, command_id: str) -> Command | None:
         self._check_open()
@@ -475,15 +691,16 @@ class MemoryStore:
 
     def _select(
         self, device: str | None, states: Collection[CommandState] | None
-    ) -> builtins.list[tuple[Any, ...]]:
+    ) -> Iterable[tuple[Any, ...]]:
         device = check_device_filter(device)
         values = state_values(states)
-        return [
-            row
-            for row in self._rows.values()
-            if (device is None or row[_DEVICE] == device)
-            and (values is None or row[_STATE] in values)
-        ]
+        if device is None:
+            rows: Iterable[tuple[Any, ...]] = self._rows.values()
+        else:
+            rows = (self._rows[i] for i in self._by_device.get(device, {}))
+        if values is None:
+            return rows
+        return (row for row in rows if row[_STATE] in values)
 
     async def list(
         self,
@@ -492,18 +709,23 @@ class MemoryStore:
         states: Collection[CommandState] | None = None,
         limit: int = 1000,
         after_seq: int = 0,
+        newest: bool = False,
     ) -> builtins.list[Command]:
         self._check_open()
         limit = check_limit(limit)
         after_seq = check_after_seq(after_seq)
-        rows = [row for row in self._select(device, states) if row[0] > after_seq]
-        return [command_from_row(row) for row in rows[:limit]]
+        rows = self._select(device, states)
+        if newest:
+            rows = reversed(builtins.list(rows))
+        picked = itertools.islice((row for row in rows if row[0] > after_seq), limit)
+        return [command_from_row(row) for row in picked]
 
-    async def queued(self, device: str) -> builtins.list[Command]:
+    async def queued(self, device: str, *, limit: int | None = None) -> builtins.list[Command]:
         self._check_open()
-        rows = self._select(check_str("device", device), [CommandState.QUEUED])
+        limit = check_optional_limit(limit)
+        rows = builtins.list(self._select(check_str("device", device), [CommandState.QUEUED]))
         rows.sort(key=lambda row: (-row[_PRIORITY], row[0]))
-        return [command_from_row(row) for row in rows]
+        return [command_from_row(row) for row in rows[:limit]]
 
     async def devices_with_queued(self) -> builtins.list[str]:
         self._check_open()
@@ -513,7 +735,20 @@ class MemoryStore:
         self, *, device: str | None = None, states: Collection[CommandState] | None = None
     ) -> int:
         self._check_open()
-        return len(self._select(device, states))
+        return sum(1 for _ in self._select(device, states))
+
+    async def next_expiry(self) -> float | None:
+        self._check_open()
+        return min(self._expiring.values(), default=None)
+
+    async def due(self, *, now: float, limit: int = 1000) -> builtins.list[Command]:
+        self._check_open()
+        now = check_real("now", now)
+        limit = check_limit(limit)
+        ids = sorted((at, self._rows[i][0], i) for i, at in self._expiring.items() if at <= now)[
+            :limit
+        ]
+        return [command_from_row(self._rows[i]) for _, _, i in ids]
 
     async def recover(self, *, now: float) -> builtins.list[Command]:
         self._check_open()
@@ -525,15 +760,10 @@ class MemoryStore:
         # Encode everything first, then write: all or nothing, like one transaction.
         rows = [(command.seq, *command_values(command)) for command in changed]
         for row in rows:
-            self._rows[row[1]] = row
+            self._put_row(row)
         return [command_from_row(row) for row in rows]
 
     async def get_device(self, device: str) -> DeviceRecord | None:
         self._check_open()
         row = self._devices.get(check_str("device", device))
         return None if row is None else device_from_row(row)
-
-    async def put_device(self, record: DeviceRecord) -> None:
-        self._check_open()
-        values = device_values(record)
-        self._devices[values[0]] = values
