@@ -24,13 +24,15 @@ from keeplink.outbox import (
     Outbox,
     PreconditionResult,
     SqliteStore,
+    WaitReason,
 )
-from keeplink.outbox.store import Update, Write, WriteResult
+from keeplink.outbox.store import Update, Write, WriteResult, command_from_row
 from keeplink.presence import PresenceTracker
 from keeplink.testing import DeviceSimulator, FaultProxy
 
 Q = CommandState
 EPOCH = 1_800_000_000.0  # virtual wall-clock start: deadlines are epoch seconds
+RETRY_AFTER_S = 3.0
 
 
 class RecordingStore(MemoryStore):
@@ -50,7 +52,13 @@ class RecordingStore(MemoryStore):
         return results
 
 
-class StaleReads(RecordingStore):
+class Peeking(RecordingStore):
+    def peek(self, command_id: str) -> Command:
+        """The stored command, read without yielding (for eventually() conditions)."""
+        return command_from_row(self._rows[command_id])
+
+
+class StaleReads(Peeking):
     """A store whose get() answers late, with what it read before (as a busy thread can)."""
 
     def __init__(self) -> None:
@@ -89,7 +97,14 @@ async def rig() -> AsyncIterator[Rig]:
         async with FaultProxy(sim.host, sim.port, name="valve") as proxy:
             presence = PresenceTracker(clock=clock, debounce_online_s=1, debounce_offline_s=2)
             store = StaleReads()
-            outbox = Outbox(store, clock=clock, presence=presence, request_timeout_s=5)
+            outbox = Outbox(
+                store,
+                clock=clock,
+                presence=presence,
+                request_timeout_s=5,
+                retry_after_s=RETRY_AFTER_S,
+                rng=lambda: 1.0,  # no jitter: the retry comes exactly RETRY_AFTER_S later
+            )
             link = Link(
                 JsonLineDriver(host=proxy.host, port=proxy.port),
                 name="valve",
@@ -286,6 +301,56 @@ async def test_bad_submissions_are_refused_and_store_nothing(rig: Rig) -> None:
         with pytest.raises(InvalidRequestError):
             await rig.outbox.submit("valve", **kwargs)  # type: ignore[arg-type]
     assert await rig.outbox.list() == []
+
+
+# ---------------------------------------------------------------------------- lost acks
+
+
+async def test_a_lost_ack_on_a_healthy_link_is_retried_in_the_same_cycle(rig: Rig) -> None:
+    """The device applies the first command but its ack never comes; the link stays up (it
+    answers pings). The command is retried after retry_after_s with the same idempotency
+    key (the device drops the duplicate), and the commands behind it follow in order."""
+    await online(rig)
+    cycle = (await rig.outbox.device_record("valve")).cycle
+    connects = rig.link.statistics().connects
+    rig.sim.drop_next_acks = 1
+    ids = [(await rig.outbox.submit("valve", "set", {"n": n})).id for n in range(5)]
+    await eventually(lambda: rig.sim.statistics().requests == 1)
+    await rig.clock.advance(5)  # the first attempt times out; the link is fine
+    await eventually(lambda: rig.outbox.waiting(rig.store.peek(ids[0])) is not None)
+    head = rig.outbox.waiting(rig.store.peek(ids[0]))
+    assert head is not None and head.reason is WaitReason.RETRY
+    assert head.until == rig.clock.now() + RETRY_AFTER_S
+    behind = rig.outbox.waiting(rig.store.peek(ids[1]))
+    assert behind is not None and behind.reason is WaitReason.BEHIND
+    assert behind.command == ids[0]
+    await rig.clock.advance(RETRY_AFTER_S)
+    done = [await final(rig, command_id) for command_id in ids]
+    assert [c.state for c in done] == [Q.SUCCEEDED] * 5
+    assert done[0].attempts == 2 and all(c.attempts == 1 for c in done[1:])
+    assert [c.args["n"] for c in rig.sim.applied] == [0, 1, 2, 3, 4]  # in order, each once
+    assert rig.sim.received_keys[done[0].idempotency_key] == 2  # the retry, same key
+    assert rig.sim.statistics().duplicates == 1  # ... dropped by the device
+    assert rig.link.statistics().connects == connects  # never torn down
+    assert (await rig.outbox.device_record("valve")).cycle == cycle  # not a new cycle
+    assert rig.states(ids[0]) == ["queued", "sending", "queued", "sending", "succeeded"]
+
+
+async def test_a_lost_ack_uses_up_exactly_max_attempts_then_fails(rig: Rig) -> None:
+    await online(rig)
+    rig.sim.drop_acks = True
+    command = await rig.outbox.submit("valve", "set", {"n": 1}, max_attempts=3)
+    for attempt in range(1, 4):
+        await eventually(lambda n=attempt: rig.sim.statistics().requests == n)
+        await rig.clock.advance(5)  # times out
+        if attempt < 3:
+            await eventually(lambda: rig.store.peek(command.id).state is Q.QUEUED)
+            await rig.clock.advance(RETRY_AFTER_S)
+    done = await final(rig, command.id)
+    assert done.state is Q.FAILED
+    assert done.attempts == 3
+    assert rig.sim.received_keys[done.idempotency_key] == 3
+    assert done.last_error is not None and "gave up after 3 attempts" in done.last_error.message
 
 
 # ---------------------------------------------------------------------------- sleepy device

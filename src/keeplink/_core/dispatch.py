@@ -210,6 +210,13 @@ def next_step(
     ``verdict`` is the head's precondition result, once :class:`CheckPrecondition` asked
     for it. Raises ValueError if ``head`` is not queued.
     """
+    if head is not None and head.state is not _Q.QUEUED:
+        raise ValueError(f"the head of a queue must be queued, got {head.state.value} ({head.id})")
+    if head is not None and head.expires_at is not None and now >= head.expires_at:
+        # A deadline is kept whatever else holds delivery (the breaker, a closed gate).
+        return Expire(
+            transition(head, _Q.EXPIRED, now=now, last_error=expired_info(head), retry_at=None)
+        )
     if record.parked_reason is not None:
         until = record.parked_until
         if until is None or now < until:
@@ -219,10 +226,6 @@ def next_step(
         return Resume(unparked(record))
     if head is None:
         return Idle()
-    if head.state is not _Q.QUEUED:
-        raise ValueError(f"the head of a queue must be queued, got {head.state.value} ({head.id})")
-    if head.expires_at is not None and now >= head.expires_at:
-        return Expire(transition(head, _Q.EXPIRED, now=now, last_error=expired_info(head)))
     if gate is not Gate.OPEN:
         reason, message = _GATE_WAIT[gate]
         return Hold(Waiting(reason=reason, message=message, command=head.id))
@@ -262,6 +265,7 @@ def next_step(
                     head,
                     _Q.FAILED,
                     now=now,
+                    retry_at=None,
                     last_error=ErrorInfo(
                         ErrorCode.PRECONDITION_FAILED.value,
                         f"precondition {head.precondition} failed: {verdict.reason}",
@@ -361,6 +365,7 @@ def settle(
         return Settlement(transition(sending, _Q.REJECTED, now=now, last_error=error))
     if sending.expires_at is not None and now >= sending.expires_at:
         nxt = transition(sending, _Q.EXPIRED, now=now, last_error=expired_info(sending))
+        # (a sending command has no retry_at: Send cleared it)
     elif sending.attempts >= sending.max_attempts:
         message = f"gave up after {sending.attempts} attempts; last: {error.message}"
         nxt = transition(sending, _Q.FAILED, now=now, last_error=ErrorInfo(error.code, message))

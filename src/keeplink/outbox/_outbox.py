@@ -832,7 +832,9 @@ class Outbox:
             due = await self.store.due(now=now, limit=EXPIRE_BATCH)
             pending = _Pending()
             for command in due:
-                expired = transition(command, _Q.EXPIRED, now=now, last_error=expired_info(command))
+                expired = transition(
+                    command, _Q.EXPIRED, now=now, last_error=expired_info(command), retry_at=None
+                )
                 pending.add(Update(expired, _Q.QUEUED), self._announcer(expired, _Q.QUEUED))
             await self._commit(pending)
             for device in {command.device for command in due}:

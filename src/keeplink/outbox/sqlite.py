@@ -35,6 +35,7 @@ import asyncio
 import builtins
 import collections
 import os
+import queue
 import sqlite3
 import threading
 import time
@@ -129,6 +130,11 @@ MAX_BATCH_WRITES: Final = 1024
 """The most writes one transaction takes: a large batch amortises an fsync, a bounded one
 keeps any caller's wait (and the write lock other processes wait on) short."""
 
+HAND_IN_CHUNK: Final = 16
+"""Jobs gathered on the event loop before the worker gets them even mid-iteration: when
+many writers wake together, the worker commits the first ones while the loop prepares the
+rest, so disk and interpreter work overlap instead of taking turns."""
+
 SYNCHRONOUS_MODES: Final = ("FULL", "NORMAL")
 BUSY_TIMEOUT_MS: Final = 5000
 URL_PREFIX: Final = "sqlite:///"
@@ -138,6 +144,8 @@ _COMMAND_INSERT: Final = (
     f"INSERT INTO commands ({', '.join(COMMAND_COLUMNS[1:])}) "
     f"VALUES ({', '.join('?' * len(COMMAND_COLUMNS[1:]))})"
 )
+_ROW_PLACEHOLDERS: Final = f"({', '.join('?' * len(COMMAND_COLUMNS[1:]))})"
+_COMMAND_INSERT_MANY: Final = f"INSERT INTO commands ({', '.join(COMMAND_COLUMNS[1:])}) VALUES {{}}"
 _SUPERSEDE: Final = (
     "UPDATE commands SET state = ?5, updated_at = ?4, error_code = ?6, error_message = ?7, "
     "retry_at = NULL "
@@ -246,9 +254,12 @@ class _Job:
     call: Callable[[sqlite3.Connection], Any] | None = None
 
 
-def _resolve(outcomes: builtins.list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+_Answer = tuple[asyncio.Future[Any], bool, Any]
+
+
+def _resolve(answers: builtins.list[_Answer]) -> None:
     """On the event loop: answer every job of a batch (one loop wake-up per batch)."""
-    for future, ok, value in outcomes:
+    for future, ok, value in answers:
         if future.done():
             continue  # its caller was cancelled meanwhile
         if ok:
@@ -258,42 +269,48 @@ def _resolve(outcomes: builtins.list[tuple[asyncio.Future[Any], bool, Any]]) -> 
 
 
 def _write_job(conn: sqlite3.Connection, writes: builtins.list[EncodedWrite]) -> Any:
-    """Execute one call's writes inside the open transaction; its results."""
-    results: builtins.list[WriteResult] = []
+    """Execute one call's writes inside the open transaction; their raw results (a seq, a
+    bool, rows, None), turned into records on the event loop, not here: the less Python
+    this thread runs, the less it competes with the loop for the interpreter."""
+    results: builtins.list[Any] = []
     for write in writes:
         values = write.values
         if write.kind == "insert":
-            # Looked up first: a conflicting INSERT would still use up a seq.
-            if conn.execute("SELECT 1 FROM commands WHERE id = ?", (values[0],)).fetchone():
-                raise duplicate_id(values[0])
-            cursor = conn.execute(_COMMAND_INSERT, values)
-            assert cursor.lastrowid is not None
-            results.append(command_from_row((cursor.lastrowid, *values)))
+            try:
+                cursor = conn.execute(_COMMAND_INSERT, values)
+            except sqlite3.IntegrityError:
+                # The id exists (the only constraint a validated row can break). The failed
+                # statement is rolled back, seq counter included: no seq is used up.
+                raise duplicate_id(values[0]) from None
+            results.append(cursor.lastrowid)
         elif write.kind == "update":
             cursor = conn.execute(_COMMAND_UPDATE, (*values[1:], values[0], write.expect))
             results.append(cursor.rowcount == 1)
         elif write.kind == "supersede":
-            rows = conn.execute(_SUPERSEDE, values).fetchall()
-            results.append(sorted(map(command_from_row, rows), key=lambda c: c.seq))
+            results.append(conn.execute(_SUPERSEDE, values).fetchall())
         else:
             conn.execute(_DEVICE_UPSERT, values)
             results.append(None)
     return results
 
 
-def _commit_batch(
-    conn: sqlite3.Connection, jobs: builtins.list[_Job]
-) -> builtins.list[tuple[asyncio.Future[Any], bool, Any]]:
+def _commit_batch(conn: sqlite3.Connection, jobs: builtins.list[_Job]) -> builtins.list[_Answer]:
     """Commit the write calls ``jobs`` in one transaction; what to answer each.
 
-    Each call runs under its own savepoint, so a refused call rolls back alone. If the
-    transaction itself fails (the database is locked, the disk is full), every call in it
-    gets that error, and nothing of the batch is written.
+    Each call of several writes runs under its own savepoint, so a refused call rolls back
+    alone. If the transaction itself fails (the database is locked, the disk is full),
+    this raises and nothing of the batch is written.
     """
-    answers: builtins.list[tuple[asyncio.Future[Any], bool, Any]] = []
+    answers: builtins.list[_Answer] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
+        run: builtins.list[_Job] = []  # consecutive one-insert calls: one statement for all
         for job in jobs:
+            if len(job.writes) == 1 and job.writes[0].kind == "insert":
+                run.append(job)
+                continue
+            answers.extend(_insert_run(conn, run))
+            run = []
             if len(job.writes) == 1:
                 # One statement is atomic by itself: no savepoint needed.
                 try:
@@ -310,6 +327,7 @@ def _commit_batch(
             else:
                 answers.append((job.future, True, result))
             conn.execute("RELEASE call")
+        answers.extend(_insert_run(conn, run))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -318,95 +336,156 @@ def _commit_batch(
     return answers
 
 
+def _insert_run(conn: sqlite3.Connection, run: builtins.list[_Job]) -> builtins.list[_Answer]:
+    """Insert the commands of one-insert calls with one multi-row statement.
+
+    One statement instead of one per row: this thread gives the interpreter back to the
+    event loop and takes it again for every statement, and while the loop is busy (it is
+    preparing the next batch) each take can wait, so fewer statements is what makes a
+    batch fast. If an id exists the statement fails whole, and each row is inserted on its
+    own instead, so only the duplicate's call is refused.
+    """
+    if not run:
+        return []
+    if len(run) > 1:
+        rows = [job.writes[0].values for job in run]
+        try:
+            cursor = conn.execute(
+                _COMMAND_INSERT_MANY.format(", ".join([_ROW_PLACEHOLDERS] * len(rows))),
+                [value for row in rows for value in row],
+            )
+        except sqlite3.IntegrityError:
+            pass  # a duplicate id among them: one by one below
+        else:
+            # The rows of one VALUES list are inserted in order, and AUTOINCREMENT gives
+            # each the next seq, inside this write transaction: consecutive, ending at the
+            # last row's. (No RETURNING: a row it returns is one more wait, see above.)
+            last = cursor.lastrowid
+            assert last is not None and cursor.rowcount == len(run)
+            first = last - len(run) + 1
+            return [(job.future, True, [first + i]) for i, job in enumerate(run)]
+    answers: builtins.list[_Answer] = []
+    for job in run:
+        try:
+            answers.append((job.future, True, _write_job(conn, job.writes)))
+        except InvalidRequestError as exc:
+            answers.append((job.future, False, exc))
+    return answers
+
+
+def _raw_results(
+    writes: builtins.list[EncodedWrite], raw: builtins.list[Any]
+) -> builtins.list[WriteResult]:
+    """On the event loop: the records a write call's raw results stand for."""
+    results: builtins.list[WriteResult] = []
+    for write, value in zip(writes, raw, strict=True):
+        if write.kind == "insert":
+            results.append(command_from_row((value, *write.values)))
+        elif write.kind == "supersede":
+            results.append(sorted(map(command_from_row, value), key=lambda c: c.seq))
+        else:
+            results.append(value)
+    return results
+
+
 class _Worker:
-    """The store's one thread: it owns the connection and runs every job, writes grouped."""
+    """The store's one thread: it owns the connection and runs every job, writes grouped.
+
+    Jobs reach it in lists: the event loop side gathers what its coroutines hand in during
+    one loop iteration (:meth:`SqliteStore._flush` runs at the end of it, with no timer),
+    so writers woken together by one commit join the next one together.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, connect: Callable[[], Any]) -> None:
         self._loop = loop
         self._connect = connect
-        self._cond = threading.Condition()
-        self._writes: collections.deque[_Job] = collections.deque()
-        self._calls: collections.deque[_Job] = collections.deque()
-        self._stopping = False
-        self._conn: sqlite3.Connection | None = None
+        self._inbox: queue.SimpleQueue[builtins.list[_Job] | None] = queue.SimpleQueue()
         self.opened: asyncio.Future[None] = loop.create_future()
         self.stopped: asyncio.Future[None] = loop.create_future()
         self._thread = threading.Thread(target=self._main, name="keeplink-sqlite", daemon=True)
         self._thread.start()
 
-    def submit(self, job: _Job) -> None:
-        with self._cond:
-            if self._stopping:
-                raise RuntimeError("store is closed")
-            (self._writes if job.call is None else self._calls).append(job)
-            self._cond.notify()
+    def submit(self, jobs: builtins.list[_Job]) -> None:
+        self._inbox.put(jobs)
 
     def stop(self) -> None:
         """Run what was submitted, then close the connection and end the thread."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
+        self._inbox.put(None)
 
-    def _post(self, answers: builtins.list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    def join(self) -> None:
+        self._thread.join()
+
+    def _post(self, answers: builtins.list[_Answer]) -> None:
         if answers:
             try:
                 self._loop.call_soon_threadsafe(_resolve, answers)
             except RuntimeError:
                 pass  # the loop is closed: nobody is left to answer
 
-    def _take(self) -> tuple[builtins.list[_Job], builtins.list[_Job]] | None:
-        """Wait for work; the next write batch and calls, or None when stopped and idle."""
-        with self._cond:
-            while not (self._writes or self._calls or self._stopping):
-                self._cond.wait()
-            if not (self._writes or self._calls):
-                return None
-            batch: builtins.list[_Job] = []
-            size = 0
-            while self._writes and (
-                not batch or size + len(self._writes[0].writes) <= (MAX_BATCH_WRITES)
-            ):
-                job = self._writes.popleft()
-                if job.future.cancelled():
-                    continue  # cancelled before it was taken: not written
-                batch.append(job)
-                size += len(job.writes)
-            calls = builtins.list(self._calls)
-            self._calls.clear()
-            return batch, calls
-
     def _main(self) -> None:
         try:
-            self._conn = self._connect()
+            conn = self._connect()
         except BaseException as exc:  # noqa: BLE001 - handed to open(), which raises it
             self._post([(self.opened, False, exc)])
-            with self._cond:
-                self._stopping = True
             self._post([(self.stopped, True, None)])
             return
         self._post([(self.opened, True, None)])
-        conn = self._conn
         try:
-            while (work := self._take()) is not None:
-                batch, calls = work
-                if batch:
-                    self._post(self._run_batch(conn, batch))
-                answers = []
-                for job in calls:
-                    assert job.call is not None
+            stopping = False
+            backlog: collections.deque[_Job] = collections.deque()
+            while not (stopping and not backlog):
+                if not backlog:
+                    item = self._inbox.get()
+                    if item is None:
+                        stopping = True
+                    else:
+                        backlog.extend(item)
+                while True:  # whatever else is waiting joins this round
                     try:
-                        answers.append((job.future, True, job.call(conn)))
-                    except BaseException as exc:  # noqa: BLE001 - raised by the caller
-                        answers.append((job.future, False, exc))
-                self._post(answers)
+                        item = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stopping = True
+                    else:
+                        backlog.extend(item)
+                self._round(conn, backlog)
         finally:
             conn.close()
             self._post([(self.stopped, True, None)])
 
+    def _round(self, conn: sqlite3.Connection, backlog: collections.deque[_Job]) -> None:
+        """One write batch (at most MAX_BATCH_WRITES writes, whole calls), then the calls
+        that were waiting; what is left stays in ``backlog`` for the next round."""
+        batch: builtins.list[_Job] = []
+        calls: builtins.list[_Job] = []
+        size = 0
+        keep: collections.deque[_Job] = collections.deque()
+        while backlog:
+            job = backlog.popleft()
+            if job.call is not None:
+                calls.append(job)
+            elif job.future.cancelled():
+                continue  # cancelled before it was taken: not written
+            elif not batch or size + len(job.writes) <= MAX_BATCH_WRITES:
+                batch.append(job)
+                size += len(job.writes)
+            else:
+                keep.append(job)
+        backlog.extend(keep)
+        if batch:
+            self._post(self._run_batch(conn, batch))
+        answers: builtins.list[_Answer] = []
+        for job in calls:
+            assert job.call is not None
+            try:
+                answers.append((job.future, True, job.call(conn)))
+            except BaseException as exc:  # noqa: BLE001 - raised by the caller
+                answers.append((job.future, False, exc))
+        self._post(answers)
+
     @staticmethod
-    def _run_batch(
-        conn: sqlite3.Connection, batch: builtins.list[_Job]
-    ) -> builtins.list[tuple[asyncio.Future[Any], bool, Any]]:
+    def _run_batch(conn: sqlite3.Connection, batch: builtins.list[_Job]) -> builtins.list[_Answer]:
         try:
             return _commit_batch(conn, batch)
         except sqlite3.Error as exc:
@@ -414,7 +493,7 @@ class _Worker:
                 return [(batch[0].future, False, exc)]
         # A failed batch of several calls: each call again in its own transaction, so an
         # error belongs to the call that caused it (a lock timeout fails each alike).
-        answers: builtins.list[tuple[asyncio.Future[Any], bool, Any]] = []
+        answers: builtins.list[_Answer] = []
         for job in batch:
             try:
                 answers.extend(_commit_batch(conn, [job]))
@@ -449,6 +528,7 @@ class SqliteStore(CommandStore):
         self._status = "new"
         self._lock = asyncio.Lock()
         self._worker: _Worker | None = None
+        self._outgoing: list[_Job] = []  # handed to the worker at the end of this iteration
 
     @classmethod
     def from_url(cls, url: str) -> SqliteStore:
@@ -536,11 +616,24 @@ class SqliteStore(CommandStore):
             )
         return self._worker
 
+    def _hand_in(self, job: _Job) -> None:
+        """Queue ``job`` for the worker; the queue goes to it once this iteration ends."""
+        worker = self._check_usable()
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush, worker)
+        self._outgoing.append(job)
+        if len(self._outgoing) >= HAND_IN_CHUNK:
+            self._flush(worker)
+
+    def _flush(self, worker: _Worker) -> None:
+        jobs, self._outgoing = self._outgoing, []
+        if jobs:
+            worker.submit(jobs)
+
     async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``work(connection)`` on the worker thread."""
-        worker = self._check_usable()
         future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
-        worker.submit(_Job(future=future, call=work))
+        self._hand_in(_Job(future=future, call=work))
         return await future
 
     # ------------------------------------------------------------------ lifecycle
@@ -571,22 +664,22 @@ class SqliteStore(CommandStore):
             worker, self._worker = self._worker, None
             if worker is None:
                 return  # never opened
-            # Runs after every job already submitted; nothing new can be submitted.
+            # Runs after every job already handed in; nothing new can be handed in.
+            self._flush(worker)
             worker.stop()
             await asyncio.shield(worker.stopped)
+            worker.join()  # it has closed the connection and is returning: at once
 
     # ------------------------------------------------------------------ commands
 
     async def apply(self, writes: Sequence[Write]) -> builtins.list[WriteResult]:
         encoded = encode_writes(writes)
-        worker = self._check_usable()
+        self._check_usable()
         if not encoded:
             return []
-        future: asyncio.Future[builtins.list[WriteResult]] = (
-            asyncio.get_running_loop().create_future()
-        )
-        worker.submit(_Job(future=future, writes=encoded))
-        return await future
+        future: asyncio.Future[builtins.list[Any]] = asyncio.get_running_loop().create_future()
+        self._hand_in(_Job(future=future, writes=encoded))
+        return _raw_results(encoded, await future)
 
     async def get(self, command_id: str) -> Command | None:
         sql = f"{_COMMAND_SELECT} WHERE id = ?"

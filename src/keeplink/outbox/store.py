@@ -301,6 +301,8 @@ def state_value(state: object) -> str:
 
 
 def _text(name: str, value: object, *, empty: bool = False) -> str:
+    if type(value) is str and value.isascii() and (empty or value):
+        return value  # the common case, checked without an encode (submits are hot)
     if not isinstance(value, str) or (not empty and not value):
         raise InvalidRequestError(f"{name} must be a non-empty string, got {value!r}")
     try:
@@ -315,6 +317,8 @@ def _optional_text(name: str, value: object) -> str | None:
 
 
 def _integer(name: str, value: object) -> int:
+    if type(value) is int and _INT64_MIN <= value <= _INT64_MAX:
+        return value
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
     if not _INT64_MIN <= value <= _INT64_MAX:
@@ -323,6 +327,8 @@ def _integer(name: str, value: object) -> int:
 
 
 def check_real(name: str, value: object) -> float:
+    if type(value) is float and value == value:  # not NaN
+        return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequestError(f"{name} must be a number, got {value!r}")
     try:
@@ -338,25 +344,35 @@ def _optional_real(name: str, value: object) -> float | None:
     return None if value is None else check_real(name, value)
 
 
+# ASCII output: lone surrogates survive as escapes, and any text column takes it. One
+# encoder, made once: json.dumps with options builds a new one on every call.
+_ENCODE: Final = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+_SCALARS: Final = (str, int, float, bool, type(None))
+
+
 def _json_object(name: str, value: object) -> str:
     """``value`` as compact JSON text; only a JSON object with string keys is accepted."""
+    if type(value) is dict and not value:
+        return "{}"
     if not isinstance(value, Mapping):
         raise InvalidRequestError(f"{name} must be a JSON object, got {type(value).__name__}")
     try:
-        # ASCII output: lone surrogates survive as escapes, and any text column takes it.
-        text = json.dumps(dict(value), allow_nan=False, separators=(",", ":"))
+        text: str = _ENCODE(value if type(value) is dict else dict(value))
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidRequestError(f"{name} is not a JSON object: {exc}") from None
-    # json.dumps turns int/float/bool/None keys into strings; that would not round-trip.
+    # The encoder turns int/float/bool/None keys into strings; that would not round-trip.
     # (It has already refused circular structures, so this walk ends.)
     stack: builtins.list[object] = [value]
     while stack:
         item = stack.pop()
+        if type(item) in _SCALARS:
+            continue
         if isinstance(item, Mapping):
             for key, child in item.items():
-                if not isinstance(key, str):
+                if type(key) is not str:
                     raise InvalidRequestError(f"{name}: object keys must be strings, got {key!r}")
-                stack.append(child)
+                if type(child) not in _SCALARS:
+                    stack.append(child)
         elif isinstance(item, list | tuple):
             stack.extend(item)
     return text
@@ -367,6 +383,8 @@ def _optional_json_object(name: str, value: object) -> str | None:
 
 
 def _load_object(text: str) -> dict[str, Any]:
+    if text == "{}":
+        return {}
     value = json.loads(text)
     if not isinstance(value, dict):
         raise ValueError(f"stored JSON is not an object: {text[:80]!r}")

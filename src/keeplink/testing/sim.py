@@ -135,6 +135,9 @@ class DeviceSimulator:
         self.answer_pings = answer_pings
         self.ack_delay_s = ack_delay_s
         self.drop_acks = drop_acks
+        self.drop_next_acks = 0
+        """Apply the next N requests but send no ack for them (a lost ack), then answer
+        again; the link stays up and keeps answering pings."""
         self.rssi = rssi
         self.push_interval_s = push_interval_s
         self.sleepy = sleepy
@@ -401,6 +404,9 @@ class DeviceSimulator:
             return  # acks, pongs, pushes from a client: ignore, as a device would
         self._requests += 1
         ack = self._execute(conn, frame)
+        if self.drop_next_acks > 0:
+            self.drop_next_acks -= 1
+            return
         if self.drop_acks or frame.op == "noreply":
             return
         delay = self.ack_delay_s
