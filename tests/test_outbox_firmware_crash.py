@@ -153,3 +153,76 @@ async def test_sigkill_at_random_points_loses_nothing_and_applies_nothing_twice(
     assert len(applied) == 500
     assert max(applied.values()) == 1  # the device applied each exactly once
     assert sorted(c.args["n"] for c in sim.applied) == list(range(500))
+
+
+async def run_submitting_child(
+    db: Path, sim: DeviceSimulator, *, submits: int, first: int, kill_after: float
+) -> tuple[list[str], bool]:
+    """The child submitting ``submits`` commands with 32 producers while it delivers; the
+    ids whose submit returned (printed before the kill), and whether it was killed."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(CHILD), str(db), sim.host, str(sim.port), "dev",
+        str(submits), str(first),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[str] = []
+    submitting = asyncio.Event()
+
+    async def read() -> None:
+        assert proc.stdout is not None
+        async for line in proc.stdout:
+            lines.append(line.decode().strip())
+            if lines[-1].startswith("S "):
+                submitting.set()
+
+    reader = asyncio.create_task(read())
+    try:
+        await asyncio.wait_for(submitting.wait(), 30)
+        await asyncio.sleep(kill_after)  # a random moment of the submits (not a timing rule)
+        killed = proc.returncode is None
+        if killed:
+            proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        await asyncio.wait_for(reader, 10)  # everything it printed before it died
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        reader.cancel()
+    return [line.split()[1] for line in lines if line.startswith("S ")], killed
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_group_commit_loses_no_returned_submit(tmp_path: Path) -> None:
+    """32 producers submit while the dispatcher delivers, so every commit carries many
+    callers' writes; a SIGKILL at a random moment must lose none that returned."""
+    db = tmp_path / "outbox.db"
+    rng = random.Random(4321)
+    async with DeviceSimulator(device_id="dev", ack_delay_s=0.002) as sim:
+        returned: list[str] = []
+        kills = mid_submits = 0
+        for run in range(24):
+            ids, killed = await run_submitting_child(
+                db, sim, submits=300, first=run * 300, kill_after=rng.uniform(0.0, 0.05)
+            )
+            returned += ids
+            kills += killed
+            mid_submits += killed and 0 < len(ids) < 300  # died with submits in flight
+        out = await run_child(db, sim, kill_after=None)  # one last run, to completion
+        assert "done" in out
+        async with SqliteStore(db) as store:
+            stored = {c.id: c for c in await store.list(limit=10_000)}
+    print(
+        f"\ngroup-commit crash safety: {kills} SIGKILLs, {mid_submits} with submits in "
+        f"flight; {len(returned)} submits returned, {len(stored)} commands stored"
+    )
+    assert kills >= 20
+    assert mid_submits >= 15  # most kills landed among concurrent, batched submits
+    missing = [command_id for command_id in returned if command_id not in stored]
+    assert missing == []  # every submit that returned survived the kill
+    assert {c.state for c in stored.values()} == {Q.SUCCEEDED}
+    applied = Counter(c.key for c in sim.applied)
+    assert max(applied.values()) == 1  # nothing applied twice
+    assert set(applied) == {c.idempotency_key for c in stored.values()}

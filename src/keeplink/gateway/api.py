@@ -22,13 +22,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from keeplink import __version__
 from keeplink._core.commands import CommandState
+from keeplink._core.dispatch import WaitReason
 from keeplink._core.errors import (
     AuthError,
     ErrorCode,
     InvalidRequestError,
     KeeplinkError,
 )
-from keeplink.gateway.runtime import Gateway, command_json
+from keeplink.gateway.runtime import Gateway
 
 __all__ = ["build_app"]
 
@@ -166,13 +167,16 @@ async def submit_command(request: web.Request) -> web.Response:
         idempotency_key=body.get("idempotency_key"),
     )
     presence = gateway.presence_of(device_id).value
-    note = (
-        "queued: the device is away; it will be delivered when it is back"
-        if presence != "online"
-        else "queued for delivery now"
-    )
+    waiting = gateway.outbox.waiting(command)
+    if presence != "online":
+        note = "queued: the device is away; it will be delivered when it is back"
+    elif waiting is not None:
+        note = f"queued: {waiting.message}"
+    else:
+        note = "queued for delivery now"
     return web.json_response(
-        {"command": command_json(command), "device_presence": presence, "note": note}, status=202
+        {"command": gateway.command_json(command), "device_presence": presence, "note": note},
+        status=202,
     )
 
 
@@ -197,23 +201,23 @@ async def list_commands(request: web.Request) -> web.Response:
     order = request.query.get("order", "oldest")
     if order not in ("oldest", "newest"):
         raise InvalidRequestError(f"order must be oldest or newest, got {order!r}")
-    if order == "newest":
-        everything = await gateway.outbox.list(device=device, states=states, limit=10_000)
-        commands = everything[::-1][:limit]
-    else:
-        commands = await gateway.outbox.list(device=device, states=states, limit=limit)
-    return web.json_response({"commands": [command_json(c) for c in commands]})
+    commands = await gateway.outbox.list(
+        device=device, states=states, limit=limit, newest=order == "newest"
+    )
+    return web.json_response({"commands": [gateway.command_json(c) for c in commands]})
 
 
 async def get_command(request: web.Request) -> web.Response:
-    command = await request.app[GATEWAY_KEY].outbox.get(request.match_info["command"])
-    return web.json_response(command_json(command))
+    gateway = request.app[GATEWAY_KEY]
+    command = await gateway.outbox.get(request.match_info["command"])
+    return web.json_response(gateway.command_json(command))
 
 
 async def cancel_command(request: web.Request) -> web.Response:
     _authorize(request)
-    command = await request.app[GATEWAY_KEY].outbox.cancel(request.match_info["command"])
-    return web.json_response(command_json(command))
+    gateway = request.app[GATEWAY_KEY]
+    command = await gateway.outbox.cancel(request.match_info["command"])
+    return web.json_response(gateway.command_json(command))
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -409,6 +413,32 @@ OPENAPI: Final[dict[str, Any]] = {
                     "attempts": {"type": "integer"},
                     "max_attempts": {"type": "integer"},
                     "last_error": {"nullable": True, "allOf": [_ERROR]},
+                    "waiting": {
+                        "nullable": True,
+                        "allOf": [{"$ref": "#/components/schemas/Waiting"}],
+                    },
+                },
+            },
+            "Waiting": {
+                "type": "object",
+                "description": (
+                    "Why a queued command is not going out now; null while it is about to "
+                    "go or is not queued"
+                ),
+                "required": ["reason", "message"],
+                "properties": {
+                    "reason": {"type": "string", "enum": [r.value for r in WaitReason]},
+                    "message": {"type": "string"},
+                    "until": {
+                        "type": "number",
+                        "nullable": True,
+                        "description": "epoch seconds when it is looked at again",
+                    },
+                    "command": {
+                        "type": "string",
+                        "nullable": True,
+                        "description": "the command it waits for (behind) or is about",
+                    },
                 },
             },
             "Submit": {

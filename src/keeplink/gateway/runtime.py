@@ -28,12 +28,15 @@ from keeplink.gateway.config import DeviceConfig, GatewayConfig
 from keeplink.outbox import (
     CommandStateChanged,
     CommandStore,
+    CommandWaiting,
     DeliveryParked,
     FirmwareProgress,
     FirmwareTransfer,
     MemoryStore,
     Outbox,
+    OutboxEvent,
     SqliteStore,
+    Waiting,
     image_matches,
 )
 from keeplink.presence import PresenceChanged, PresenceTracker
@@ -78,8 +81,20 @@ def _needs(extra: str, module: str) -> None:
         raise ConfigError(f"the {extra} driver needs: pip install 'keeplink[{extra}]'")
 
 
-def command_json(command: Command) -> dict[str, Any]:
-    """The API's JSON shape of a command."""
+def waiting_json(waiting: Waiting | None) -> dict[str, Any] | None:
+    """Why a queued command is not going out now, as the API shows it."""
+    if waiting is None:
+        return None
+    return {
+        "reason": waiting.reason.value,
+        "message": waiting.message,
+        "until": waiting.until,
+        "command": waiting.command,
+    }
+
+
+def command_json(command: Command, *, waiting: Waiting | None = None) -> dict[str, Any]:
+    """The API's JSON shape of a command (``waiting``: why it is not going out now)."""
     return {
         "id": command.id,
         "device": command.device,
@@ -100,6 +115,7 @@ def command_json(command: Command) -> dict[str, Any]:
             else None
         ),
         "result": dict(command.result) if command.result is not None else None,
+        "waiting": waiting_json(waiting),
     }
 
 
@@ -285,7 +301,7 @@ class Gateway:
             }
         )
 
-    def _on_outbox(self, event: object) -> None:
+    def _on_outbox(self, event: OutboxEvent) -> None:
         if isinstance(event, CommandStateChanged):
             command = event.command
             if command.state is CommandState.SUCCEEDED:
@@ -297,7 +313,7 @@ class Gateway:
                 {
                     "type": "command",
                     "old": event.old.value if event.old is not None else None,
-                    "command": command_json(command),
+                    "command": self.command_json(command),
                 }
             )
         elif isinstance(event, FirmwareProgress):
@@ -311,6 +327,15 @@ class Gateway:
                     "percent": round(event.percent, 2),
                     "rate_bps": round(event.rate_bps, 1),
                     "resumes": event.resumes,
+                }
+            )
+        elif isinstance(event, CommandWaiting):
+            self._publish(
+                {
+                    "type": "waiting",
+                    "device": event.device,
+                    "command_id": event.command_id,
+                    "waiting": waiting_json(event.waiting),
                 }
             )
         elif isinstance(event, DeliveryParked):
@@ -335,6 +360,10 @@ class Gateway:
         )
 
     # ------------------------------------------------------------------ views
+
+    def command_json(self, command: Command) -> dict[str, Any]:
+        """A command as the API shows it, with why it waits if it is queued."""
+        return command_json(command, waiting=self.outbox.waiting(command))
 
     def device(self, device_id: str) -> DeviceConfig:
         try:

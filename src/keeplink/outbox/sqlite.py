@@ -361,7 +361,8 @@ def _insert_run(conn: sqlite3.Connection, run: builtins.list[_Job]) -> builtins.
             # each the next seq, inside this write transaction: consecutive, ending at the
             # last row's. (No RETURNING: a row it returns is one more wait, see above.)
             last = cursor.lastrowid
-            assert last is not None and cursor.rowcount == len(run)
+            assert last is not None
+            assert cursor.rowcount == len(run)
             first = last - len(run) + 1
             return [(job.future, True, [first + i]) for i, job in enumerate(run)]
     answers: builtins.list[_Answer] = []
