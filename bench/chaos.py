@@ -14,11 +14,12 @@ for supersede, with a TTL, refused by the device, cancelled later) and fires a f
 ``link.request()`` calls with short timeouts. Every fault is undone after a few cycles.
 
 After the cycles every fault is cleared, tokens are restored, failed links are connected
-and the outbox is given a bounded time to drain. A device whose queue waits by design (its
-head command was already tried in the current presence cycle: at most one delivery per
-cycle, FIFO behind it) is bounced, so a new presence cycle begins; a device that is
-connected and online in a cycle its head command was not tried in, with nothing moving, is
-reported as stuck (with its recent history) and not bounced: its commands count as lost.
+and the outbox is given a bounded time to drain. A device whose head command waits for a
+time the outbox shows (``Outbox.waiting()``: an in-cycle retry after a lost ack, a
+precondition) is left to move on by itself; a parked one is resumed, as an operator would.
+A device that is connected and online whose head neither goes out nor waits for a time
+(it waits for a new delivery cycle on a live link, or for nothing) is reported as stalled,
+with its recent history, and nothing is done to hide it: its commands count as lost.
 Then:
 
 supervisors dead
@@ -51,7 +52,6 @@ import collections
 import contextlib
 import dataclasses
 import gc
-import io
 import json
 import logging
 import random
@@ -88,6 +88,7 @@ from keeplink.outbox import (
     DeliveryParked,
     Outbox,
     SqliteStore,
+    WaitReason,
 )
 from keeplink.presence import Presence, PresenceTracker
 from keeplink.testing import DeviceSimulator, FaultProxy
@@ -109,8 +110,8 @@ REQUEST_SETTLE_S: Final = 5.0
 SETTLE_S: Final = 30.0
 """Bound on the drain of the outbox after the faults stop."""
 STALL_S: Final = 0.4
-"""A device whose unfinished commands have not changed for this long is looked at: bounced
-if it waits for a new presence cycle by design, reported as stuck otherwise."""
+"""A device whose unfinished commands have not changed for this long is looked at: left
+alone if it waits for a time the outbox shows, reported as stalled otherwise."""
 STALL_GIVE_UP_S: Final = 3.0
 """A stuck device that has not moved for this long is given up on (its commands are lost)."""
 AUTH_GRACE_S: Final = 2.0
@@ -119,6 +120,8 @@ not a bug: the soak connects again (an operator would too)."""
 FLIP_MAX_CYCLES: Final = 10
 MAX_ATTEMPTS: Final = 1000
 REQUEST_TIMEOUT_S: Final = 0.25
+RETRY_AFTER_S: Final = 0.5
+"""An attempt that failed on a live link (a lost ack) is tried again 0.25–0.5 s later."""
 DEBOUNCE_ONLINE_S: Final = 0.01
 DEBOUNCE_OFFLINE_S: Final = 0.03
 HEARTBEAT_S: Final = 0.05
@@ -209,15 +212,14 @@ class SoakReport:
     auth_flips: int
     auth_flips_failed: int
     late_auth_failures: int
-    bounces: int
     stalls: int
     link_connects: int
     link_disconnects: int
     link_internal_errors: int
     timers_left: int
     head_of_line_waits: list[str] = field(default_factory=list)
-    """Devices bounced in the settle phase because their queue's head had already been
-    tried in the current presence cycle (by design: at most one delivery per cycle)."""
+    """Devices whose head waited for a new delivery cycle on a live link (counted in
+    ``stalls``: with in-cycle retries, none should)."""
     errors_logged: list[str] = field(default_factory=list)
     details: list[str] = field(default_factory=list)
 
@@ -229,6 +231,7 @@ class SoakReport:
         ("commands applied twice", "double_applied"),
         ("operations hung", "hung_operations"),
         ("replies misrouted", "misrouted_replies"),
+        ("stalled on a live link", "stalls"),
     )
 
     @property
@@ -262,11 +265,10 @@ class SoakReport:
         lines.append(f"faults: {counts(self.faults)}")
         lines.append(
             f"auth flips {self.auth_flips} (went failed {self.auth_flips_failed}, late auth "
-            f"failures {self.late_auth_failures}); settle bounces {self.bounces}, "
-            f"stalled deliverable devices {self.stalls}"
+            f"failures {self.late_auth_failures})"
         )
         for wait in self.head_of_line_waits[:5]:
-            lines.append(f"  waited for a new presence cycle: {wait}")
+            lines.append(f"  waited for a new delivery cycle on a live link: {wait}")
         if self.details:
             lines.append("details:")
             lines.extend(f"  {d}" for d in self.details[:DETAILS_MAX])
@@ -347,6 +349,7 @@ class _Soak:
             SqliteStore(db_dir / "outbox.db", synchronous="NORMAL"),
             presence=self.presence,
             request_timeout_s=REQUEST_TIMEOUT_S,
+            retry_after_s=RETRY_AFTER_S,
             breaker_cycles=1_000_000,
             park_s=1.0,
         )
@@ -358,7 +361,6 @@ class _Soak:
         self.auth_flips = 0
         self.auth_flips_failed = 0
         self.late_auth = 0
-        self.bounces = 0
         self.stalls = 0
         self.head_waits: list[str] = []
         self.requests: list[_Request] = []
@@ -382,19 +384,6 @@ class _Soak:
         """A device's recent history and the outbox's view of it, for a report."""
         lines = [f"    history of {device} (newest last):"]
         lines += [f"      {entry}" for entry in self.history[device]]
-        # Diagnostics only: the outbox's private per-device state, read if it is there.
-        state = getattr(self.outbox, "_devices", {}).get(device)
-        if state is not None:
-            task = getattr(state, "task", None)
-            lines.append(
-                f"    outbox internals: pending_cycles={getattr(state, 'pending_cycles', '?')} "
-                f"again={getattr(state, 'again', '?')} record={getattr(state, 'record', '?')} "
-                f"delivery task={task!r}"
-            )
-            if isinstance(task, asyncio.Task) and not task.done():
-                out = io.StringIO()
-                task.print_stack(file=out)
-                lines.append("    " + out.getvalue().strip().replace("\n", "\n    "))
         return "\n".join(lines)
 
     def ports(self) -> dict[int, str]:
@@ -760,7 +749,6 @@ class _Soak:
 
         signatures: dict[str, tuple[Any, ...]] = {}
         changed_at: dict[str, float] = {}
-        bounces: collections.Counter[str] = collections.Counter()
         stalled: set[str] = set()
         deadline = loop.time() + SETTLE_S
         while loop.time() < deadline:
@@ -772,7 +760,7 @@ class _Soak:
             for command in open_:
                 by_device[command.device].append(command)
             now = loop.time()
-            waiting = False  # anything that may still move on its own (or after a bounce)
+            waiting = False  # anything that may still move on its own
             for name, commands in by_device.items():
                 dev = self.by_name[name]
                 sig = tuple(sorted((c.id, c.state.value, c.attempts) for c in commands))
@@ -793,56 +781,41 @@ class _Soak:
                 if self.presence.presence(name) is not Presence.ONLINE:
                     waiting = True
                     continue
-                record = await self.outbox.device_record(name)
-                head = min(commands, key=lambda c: (-c.priority, c.seq))  # delivery order
-                announced = self.presence.cycle(name)
-                if announced > record.cycle or head.cycle < record.cycle:
-                    # Not a wait by design: the device is online in a presence cycle its
-                    # head command was not tried in, its link is up, and nothing moves. A
-                    # bounce would hide this, so none is made: the commands count as lost.
-                    if name not in stalled:
-                        stalled.add(name)
-                        self.stalls += 1
-                        self.note(
-                            f"settle: {name}: {len(commands)} command(s) stuck for "
-                            f"{quiet_for:.2f}s: link connected, presence online in cycle "
-                            f"{announced}, outbox device cycle {record.cycle}, head command "
-                            f"{head.id} last tried in cycle {head.cycle}, no delivery running"
-                            "\n" + self.explain(name)
+                queued = [c for c in commands if c.state is _S.QUEUED]
+                head = min(queued, key=lambda c: (-c.priority, c.seq))  # delivery order
+                why = self.outbox.waiting(head)
+                if why is not None and why.reason is WaitReason.PARKED:
+                    await self.outbox.resume(name)  # as an operator would
+                    waiting = True
+                    continue
+                if why is not None and why.until is not None and why.until > time.time() - 1:
+                    # A wait the outbox shows, with its time: an in-cycle retry after a
+                    # lost ack, or a precondition. It moves on by itself.
+                    waiting = True
+                    continue
+                # Stuck: the device is online, its link up, and its head neither goes out
+                # nor waits for a time (``next_cycle`` on a live link, or no reason at
+                # all). No bounce would be honest here: the commands count as lost.
+                if name not in stalled:
+                    stalled.add(name)
+                    self.stalls += 1
+                    if why is not None and why.reason is WaitReason.NEXT_CYCLE:
+                        self.head_waits.append(
+                            f"{name}: {len(commands)} queued behind {head.id} (attempts "
+                            f"{head.attempts}, tried in cycle {head.cycle}, last error "
+                            f"{head.last_error})"
                         )
-                    if quiet_for < STALL_GIVE_UP_S:
-                        waiting = True
-                    continue
-                # By design: the head was already tried in this presence cycle (at most one
-                # delivery per cycle) and FIFO keeps the rest behind it. A new presence cycle
-                # (the device goes away and comes back) delivers them.
-                waiting = True
-                if bounces[name] >= 20:
-                    continue
-                self.head_waits.append(
-                    f"{name}: {len(commands)} queued behind {head.id} (attempts "
-                    f"{head.attempts}, tried in presence cycle {head.cycle} = current "
-                    f"{announced} {time.time() - head.updated_at:.1f}s ago, last error "
-                    f"{head.last_error})"
-                )
-                bounces[name] += 1
-                self.bounces += 1
-                await self.bounce(dev)
-                changed_at[name] = loop.time()
+                    self.note(
+                        f"settle: {name}: {len(commands)} command(s) stuck for "
+                        f"{quiet_for:.2f}s: link connected, presence online, head command "
+                        f"{head.id} (cycle {head.cycle}, retry_at {head.retry_at}) waits for "
+                        f"{why}\n" + self.explain(name)
+                    )
+                if quiet_for < STALL_GIVE_UP_S:
+                    waiting = True
             if not waiting:
                 break
             await asyncio.sleep(0.05)
-
-    async def bounce(self, dev: _Device) -> None:
-        """Take the device away until presence says offline, then back: a new presence
-        cycle, in which commands already tried in the last one are delivered again."""
-        self.log(dev.name, "settle: bounce (proxy down until presence is offline)")
-        dev.proxy.set_down(True)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(OP_BOUND_S):
-                await self.presence.wait_for(dev.name, Presence.OFFLINE)
-        dev.proxy.set_down(False)
-        dev.link.connect()
 
     # ------------------------------------------------------------------ verdicts
 
@@ -1082,7 +1055,6 @@ async def soak(*, cycles: int, seed: int, links: int = 8, quiet_logs: bool = Tru
         auth_flips=run.auth_flips,
         auth_flips_failed=run.auth_flips_failed,
         late_auth_failures=run.late_auth,
-        bounces=run.bounces,
         stalls=run.stalls,
         head_of_line_waits=run.head_waits,
         link_connects=sum(s.connects for s in stats),

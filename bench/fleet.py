@@ -1,7 +1,6 @@
-"""Fleet benchmarks: wake-to-delivery latency, outbox throughput, idle scale, reconnect storm.
+"""Fleet benchmarks: wake-to-delivery latency, idle scale, reconnect storm.
 
     python -m bench.fleet wake    [--devices 100 --commands 10]
-    python -m bench.fleet outbox  [--commands 2000]
     python -m bench.fleet idle    [--links 1000 --idle-s 20]
     python -m bench.fleet storm   [--links 1000]
 
@@ -31,7 +30,7 @@ from bench.common import (
 )
 from keeplink import Backoff, Link, LinkState, LinkStateChanged
 from keeplink.drivers import JsonLineDriver
-from keeplink.outbox import CommandState, CommandStateChanged, MemoryStore, Outbox, SqliteStore
+from keeplink.outbox import CommandState, CommandStateChanged, Outbox, SqliteStore
 from keeplink.presence import PresenceChanged, PresenceTracker
 
 Figures = dict[str, Any]
@@ -117,55 +116,6 @@ async def wake(devices: int = 100, commands: int = 10) -> Figures:
         f"p50 {figures['p50_ms']:.0f} ms, p99 {figures['p99_ms']:.0f} ms from presence-online "
         f"to ack; all {devices * commands} drained in {drained:.2f} s"
     )
-    return figures
-
-
-# ---------------------------------------------------------------------------- outbox
-
-
-async def outbox_throughput(commands: int = 2000) -> Figures:
-    """Durable submits/s and deliveries/s, memory store beside SQLite, same device."""
-    figures: Figures = {"commands": commands}
-    for kind in ("memory", "sqlite"):
-        sim = await start_sim("--device-id", "tp")
-        tmp = tempfile.TemporaryDirectory()
-        store = MemoryStore() if kind == "memory" else SqliteStore(Path(tmp.name) / "tp.db")
-        presence = PresenceTracker(debounce_online_s=0.0, debounce_offline_s=1.0)
-        outbox = Outbox(store, presence=presence)
-        done = 0
-
-        def count(event: object) -> None:
-            nonlocal done
-            if isinstance(event, CommandStateChanged) and event.command.final:
-                done += 1
-
-        outbox.subscribe(count)
-        await outbox.start()
-        link = _link(sim.port, "tp")
-        try:
-            begin = time.perf_counter()
-            for n in range(commands):
-                await outbox.submit("tp", "set", {"n": n})
-            submit_s = time.perf_counter() - begin
-            await outbox.attach("tp", link)
-            begin = time.perf_counter()
-            link.start()
-            async with asyncio.timeout(300):
-                while done < commands:
-                    await asyncio.sleep(0.01)
-            deliver_s = time.perf_counter() - begin
-        finally:
-            await link.stop()
-            await outbox.close()
-            presence.close()
-            await sim.stop()
-            tmp.cleanup()
-        figures[f"{kind}_submits_per_s"] = commands / submit_s
-        figures[f"{kind}_deliveries_per_s"] = commands / deliver_s
-        print(
-            f"outbox ({kind}): {commands / submit_s:.0f} durable submits/s, "
-            f"{commands / deliver_s:.0f} deliveries/s"
-        )
     return figures
 
 
@@ -262,7 +212,7 @@ async def storm(links: int = 1000) -> Figures:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=["wake", "outbox", "idle", "storm"])
+    parser.add_argument("which", choices=["wake", "idle", "storm"])
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--commands", type=int, default=None)
     parser.add_argument("--links", type=int, default=1000)
@@ -273,8 +223,6 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)  # expected reconnect warnings, by the thousand
     if args.which == "wake":
         result = asyncio.run(wake(args.devices, args.commands or 10))
-    elif args.which == "outbox":
-        result = asyncio.run(outbox_throughput(args.commands or 2000))
     elif args.which == "idle":
         result = asyncio.run(idle(args.links, args.idle_s, args.heartbeat_s))
     else:

@@ -88,7 +88,7 @@ def bare_inserts(directory: Path, commands: int) -> float:
         conn.execute("CREATE TABLE IF NOT EXISTS q (id INTEGER PRIMARY KEY, data TEXT)")
         begin = time.perf_counter()
         for n in range(commands):
-            conn.execute("INSERT INTO q (data) VALUES (?)", ('{"op":"set","args":{"n":%d}}' % n,))
+            conn.execute("INSERT INTO q (data) VALUES (?)", (f'{{"op":"set","args":{{"n":{n}}}}}',))
         elapsed = time.perf_counter() - begin
     finally:
         conn.close()

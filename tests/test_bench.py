@@ -16,8 +16,10 @@ ROWS = [
     r"requests, window 32 .* req/s vs raw asyncio .* req/s .*x",
     r"modbus, window 1 .* req/s vs pymodbus client .* req/s .*x",
     r"wake-to-delivery, \d+ devices x 10 .*p50 \d+ ms, p99 \d+ ms .* in [\d.]+ s",
-    r"outbox on memory .* durable submits/s .* deliveries/s",
-    r"outbox on sqlite .* durable submits/s .* deliveries/s",
+    r"durable submits, SQLite FULL, 1 producer .*/s vs persist-queue .*/s .*x",
+    r"durable submits, SQLite FULL, 32 producers .*/s vs persist-queue sequential .*x",
+    r"one device's drain, SQLite FULL .* deliveries/s",
+    r"keyed submit, 0 vs 20,000 queued .* µs vs .* µs .*x",
     r"idle links, \d+, heartbeat .* KiB resident per link .*% of one core idle",
     r"reconnect storm, \d+ links .*peak \d+ connects/s .*all up after [\d.]+ s",
 ]

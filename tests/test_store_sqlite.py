@@ -437,3 +437,79 @@ async def test_a_process_killed_mid_write_loses_nothing_it_reported(
         recovered = await store.recover(now=T0)
         assert {c.id for c in recovered} == sending
         assert await store.count(states=[S.SENDING]) == 0
+
+
+# ---------------------------------------------------------------------- group commit
+
+
+def _mixed_calls(queued: list[Any], *, duplicate: bool) -> list[Any]:
+    """Many calls: inserts, winning and losing compare-and-sets, device records, a keyed
+    insert with its supersede, and one duplicate insert."""
+    from keeplink.outbox.store import Insert, PutDevice, Supersede, Update
+
+    calls: list[Any] = []
+    for n, command in enumerate(queued):
+        sending = transition(command, S.SENDING, now=T0 + 1, attempts=1)
+        expect = S.QUEUED if n % 3 else S.SENDING  # every third one loses its CAS
+        calls.append([Update(sending, expect)])
+        calls.append([Insert(cmd(device=f"d{n % 4}"))])
+        calls.append([PutDevice(DeviceRecord(device=f"d{n % 4}", cycle=n)), Insert(cmd())])
+    keyed = cmd(device="d0", key="target")
+    calls.append([Insert(keyed), Supersede(device="d0", key="target", by=keyed.id, now=T0)])
+    if duplicate:
+        calls.append([Insert(dataclasses.replace(queued[0], seq=0))])  # exists: refused
+    return calls
+
+
+async def _run_concurrently(store: Any, calls: list[Any]) -> list[Any]:
+    """Each call's outcome, all of them started at once."""
+
+    async def run(writes: list[Any]) -> Any:
+        try:
+            return await store.apply(writes)
+        except Exception as exc:
+            return type(exc).__name__
+
+    return list(await asyncio.gather(*(run(writes) for writes in calls)))
+
+
+@pytest.mark.parametrize("duplicate", [False, True], ids=["bulk", "call-by-call"])
+async def test_a_batch_of_concurrent_calls_answers_like_calls_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, duplicate: bool
+) -> None:
+    """SQLite commits concurrent calls together, in few statements (or, with a duplicate id
+    among them, call by call); each call is answered exactly as the memory store answers
+    the same calls one after another."""
+    from keeplink.outbox import sqlite as sqlite_module
+    from keeplink.outbox.store import MemoryStore
+
+    bulk = sqlite_module._commit_bulk
+    paths: list[bool] = []
+
+    def spy(conn: Any, jobs: Any) -> Any:
+        answers = bulk(conn, jobs)
+        paths.append(answers is not None)
+        return answers
+
+    monkeypatch.setattr(sqlite_module, "_commit_bulk", spy)
+    base = [cmd(device=f"d{n % 4}", key=f"k{n}") for n in range(60)]
+    calls = _mixed_calls(base, duplicate=duplicate)
+    answers = []
+    for store in (MemoryStore(), SqliteStore(tmp_path / "batch.db")):
+        async with store:
+            for command in base:
+                await store.insert(command)
+            answers.append(await _run_concurrently(store, calls))
+            answers.append(await store.list(limit=10_000))
+            answers.append([await store.get_device(f"d{n}") for n in range(4)])
+    memory, sqlite = answers[:3], answers[3:]
+    assert sqlite[0] == memory[0]  # every call's results, value for value
+    assert sqlite[1] == memory[1]  # the same records, with the same seqs
+    assert sqlite[2] == memory[2]
+    assert (sqlite[0][-1] == "InvalidRequestError") is duplicate
+    assert sum(1 for result in sqlite[0] if result == [True]) == 40  # the CAS winners
+    batched = paths[60:]  # after the 60 inserts of the set-up, one at a time
+    assert len(batched) < len(calls) / 10  # many calls a transaction
+    # Without a duplicate every batch took the few-statement path; with one, its batch
+    # went call by call.
+    assert all(batched) if not duplicate else not all(batched)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import collections
+import json
 import os
 import queue
 import sqlite3
@@ -146,6 +147,17 @@ _COMMAND_INSERT: Final = (
 )
 _ROW_PLACEHOLDERS: Final = f"({', '.join('?' * len(COMMAND_COLUMNS[1:]))})"
 _COMMAND_INSERT_MANY: Final = f"INSERT INTO commands ({', '.join(COMMAND_COLUMNS[1:])}) VALUES {{}}"
+_UPDATE_PLACEHOLDERS: Final = f"({', '.join('?' * (len(COMMAND_COLUMNS) + 0))})"
+"""id, the expected state, then every column but seq and id: len(COMMAND_COLUMNS) values."""
+_CAS_MATCHES: Final = (
+    "SELECT json_group_array(c.id) FROM commands AS c JOIN (VALUES {}) AS v "
+    "ON c.id = v.column1 AND c.state = v.column2"
+)
+_CAS_UPDATE_MANY: Final = (
+    "UPDATE commands SET "
+    + ", ".join(f"{column} = v.column{n + 3}" for n, column in enumerate(COMMAND_COLUMNS[2:]))
+    + " FROM (VALUES {}) AS v WHERE commands.id = v.column1 AND commands.state = v.column2"
+)
 _SUPERSEDE: Final = (
     "UPDATE commands SET state = ?5, updated_at = ?4, error_code = ?6, error_message = ?7, "
     "retry_at = NULL "
@@ -160,6 +172,12 @@ _COMMAND_UPDATE: Final = (
 _DEVICE_UPSERT: Final = (
     f"INSERT INTO devices ({', '.join(DEVICE_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(DEVICE_COLUMNS))}) "
+    "ON CONFLICT (device) DO UPDATE SET "
+    + ", ".join(f"{column} = excluded.{column}" for column in DEVICE_COLUMNS[1:])
+)
+_DEVICE_PLACEHOLDERS: Final = f"({', '.join('?' * len(DEVICE_COLUMNS))})"
+_DEVICE_UPSERT_MANY: Final = (
+    f"INSERT INTO devices ({', '.join(DEVICE_COLUMNS)}) VALUES {{}} "
     "ON CONFLICT (device) DO UPDATE SET "
     + ", ".join(f"{column} = excluded.{column}" for column in DEVICE_COLUMNS[1:])
 )
@@ -304,6 +322,10 @@ def _commit_batch(conn: sqlite3.Connection, jobs: builtins.list[_Job]) -> builti
     answers: builtins.list[_Answer] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
+        bulk = _commit_bulk(conn, jobs)
+        if bulk is not None:
+            conn.execute("COMMIT")
+            return bulk
         run: builtins.list[_Job] = []  # consecutive one-insert calls: one statement for all
         for job in jobs:
             if len(job.writes) == 1 and job.writes[0].kind == "insert":
@@ -334,6 +356,83 @@ def _commit_batch(conn: sqlite3.Connection, jobs: builtins.list[_Job]) -> builti
             conn.execute("ROLLBACK")
         raise
     return answers
+
+
+def _commit_bulk(
+    conn: sqlite3.Connection, jobs: builtins.list[_Job]
+) -> builtins.list[_Answer] | None:
+    """The batch's writes in a handful of statements, whatever its size; ``None`` (having
+    written nothing) when they cannot be, and each call must run on its own.
+
+    This thread gives the interpreter back to the event loop for every statement and must
+    take it again afterwards; while the loop is busy (it is, when many devices deliver at
+    once) each take can wait for the loop's switch interval. So the cost of a batch is its
+    number of statements, not its number of rows: all inserts are one statement, all
+    compare-and-set updates two (one read of which ones match, one write), all device
+    records one. That gives the same result as running the calls one after another
+    because no two of them touch the same command (checked first: otherwise ``None``).
+    """
+    inserts: builtins.list[tuple[int, int, EncodedWrite]] = []
+    updates: builtins.list[tuple[int, int, EncodedWrite]] = []
+    supersedes: builtins.list[tuple[int, int, EncodedWrite]] = []
+    devices: dict[str, tuple[Any, ...]] = {}
+    for j, job in enumerate(jobs):
+        for w, write in enumerate(job.writes):
+            bucket = {"insert": inserts, "update": updates, "supersede": supersedes}.get(write.kind)
+            if bucket is None:
+                devices[write.values[0]] = write.values  # the last one wins, as in order
+            else:
+                bucket.append((j, w, write))
+    touched = [write.values[0] for _, _, write in inserts + updates]
+    if len(set(touched)) != len(touched):
+        return None  # two writes to one command: their order matters, run them in order
+    results: builtins.list[builtins.list[Any]] = [[None] * len(job.writes) for job in jobs]
+    conn.execute("SAVEPOINT bulk")
+    try:
+        if inserts:
+            rows = [write.values for _, _, write in inserts]
+            cursor = conn.execute(
+                _COMMAND_INSERT_MANY.format(", ".join([_ROW_PLACEHOLDERS] * len(rows))),
+                [value for row in rows for value in row],
+            )
+            # The rows of one VALUES list are inserted in order, each given the next seq by
+            # AUTOINCREMENT inside this write transaction: consecutive, ending at the last.
+            last = cursor.lastrowid
+            assert last is not None
+            for n, (j, w, _) in enumerate(inserts):
+                results[j][w] = last - len(rows) + 1 + n
+        if updates:
+            keys = [(write.values[0], write.expect) for _, _, write in updates]
+            (matched,) = conn.execute(
+                _CAS_MATCHES.format(", ".join(["(?, ?)"] * len(keys))),
+                [value for key in keys for value in key],
+            ).fetchone()
+            written = set(json.loads(matched)) if matched else set()
+            conn.execute(
+                _CAS_UPDATE_MANY.format(", ".join([_UPDATE_PLACEHOLDERS] * len(updates))),
+                [
+                    value
+                    for _, _, write in updates
+                    for value in (write.values[0], write.expect, *write.values[1:])
+                ],
+            )
+            for j, w, write in updates:
+                results[j][w] = write.values[0] in written
+        for j, w, write in supersedes:
+            results[j][w] = conn.execute(_SUPERSEDE, write.values).fetchall()
+        if devices:
+            conn.execute(
+                _DEVICE_UPSERT_MANY.format(", ".join([_DEVICE_PLACEHOLDERS] * len(devices))),
+                [value for row in devices.values() for value in row],
+            )
+    except sqlite3.IntegrityError:
+        # An id that exists already: undo all of it, and let each call run on its own so
+        # that only the duplicate's call is refused.
+        conn.execute("ROLLBACK TO bulk")
+        conn.execute("RELEASE bulk")
+        return None
+    conn.execute("RELEASE bulk")
+    return [(job.future, True, result) for job, result in zip(jobs, results, strict=True)]
 
 
 def _insert_run(conn: sqlite3.Connection, run: builtins.list[_Job]) -> builtins.list[_Answer]:
