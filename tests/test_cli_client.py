@@ -159,10 +159,11 @@ async def test_send_to_an_away_device_queues_parses_args_and_cancel(world: World
     code, out, err = await world.cli("commands", "--device", "attic", "--state", "queued")
     assert code == 0, err
     header, *rows = out.splitlines()
-    assert re.match(r"ID\s+DEVICE\s+OP\s+STATE\s+ATTEMPTS\s+AGE\s+LAST ERROR$", header)
+    assert re.match(r"ID\s+DEVICE\s+OP\s+STATE\s+ATTEMPTS\s+AGE\s+WAITING\s+LAST ERROR$", header)
     (row,) = [r for r in rows if r.startswith(command_id)]
     assert all(re.search(r"\sattic\s+set\s+queued\s", r) for r in rows), rows
-    assert re.match(rf"{command_id}\s+attic\s+set\s+queued\s+0/5\s+\d+s\s+-$", row), row
+    # attic is away: its link is not connected, which the WAITING column says.
+    assert re.match(rf"{command_id}\s+attic\s+set\s+queued\s+0/5\s+\d+s\s+link_down\s+-$", row), row
 
     # --json: the API's answer, one document.
     code, out, err = await world.cli("send", "attic", "set", "t=19", "--key", "heat", "--json")

@@ -383,11 +383,29 @@ def _commands_table(document: dict[str, Any]) -> None:
             str(c.get("state")),
             f"{c.get('attempts')}/{c.get('max_attempts')}",
             _age(c.get("created_at"), now),
+            _waiting_cell(c.get("waiting"), now),
             _error_cell(c.get("last_error")),
         ]
         for c in commands
     ]
-    _table(["ID", "DEVICE", "OP", "STATE", "ATTEMPTS", "AGE", "LAST ERROR"], rows, sys.stdout)
+    _table(
+        ["ID", "DEVICE", "OP", "STATE", "ATTEMPTS", "AGE", "WAITING", "LAST ERROR"],
+        rows,
+        sys.stdout,
+    )
+
+
+def _waiting_cell(waiting: object, now: float) -> str:
+    """Why a queued command waits, short: ``retry in 4.2s``, ``behind 7e603ceb``…"""
+    if not isinstance(waiting, dict):
+        return "-"
+    reason = str(waiting.get("reason"))
+    until, other = waiting.get("until"), waiting.get("command")
+    if reason == "behind" and isinstance(other, str):
+        return f"behind {other[:8]}"
+    if isinstance(until, int | float):
+        return f"{reason} {_seconds(max(0.0, until - now))}"
+    return reason
 
 
 def _human_bytes(n: float) -> str:

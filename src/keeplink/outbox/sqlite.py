@@ -320,6 +320,15 @@ def _commit_batch(conn: sqlite3.Connection, jobs: builtins.list[_Job]) -> builti
     this raises and nothing of the batch is written.
     """
     answers: builtins.list[_Answer] = []
+    if len(jobs) == 1 and len(jobs[0].writes) == 1 and jobs[0].writes[0].kind != "supersede":
+        # One statement alone is its own transaction (autocommit), committed and synced
+        # as it runs: no BEGIN and COMMIT around it (a lone writer, as sequential submits
+        # are, pays per statement).
+        job = jobs[0]
+        try:
+            return [(job.future, True, _write_job(conn, job.writes))]
+        except InvalidRequestError as exc:
+            return [(job.future, False, exc)]
     conn.execute("BEGIN IMMEDIATE")
     try:
         bulk = _commit_bulk(conn, jobs)
@@ -387,7 +396,8 @@ def _commit_bulk(
     if len(set(touched)) != len(touched):
         return None  # two writes to one command: their order matters, run them in order
     results: builtins.list[builtins.list[Any]] = [[None] * len(job.writes) for job in jobs]
-    conn.execute("SAVEPOINT bulk")
+    # The inserts go first, in one statement: if that fails on an existing id, it is undone
+    # by itself and nothing else has run yet, so no savepoint is needed.
     try:
         if inserts:
             rows = [write.values for _, _, write in inserts]
@@ -401,37 +411,32 @@ def _commit_bulk(
             assert last is not None
             for n, (j, w, _) in enumerate(inserts):
                 results[j][w] = last - len(rows) + 1 + n
-        if updates:
-            keys = [(write.values[0], write.expect) for _, _, write in updates]
-            (matched,) = conn.execute(
-                _CAS_MATCHES.format(", ".join(["(?, ?)"] * len(keys))),
-                [value for key in keys for value in key],
-            ).fetchone()
-            written = set(json.loads(matched)) if matched else set()
-            conn.execute(
-                _CAS_UPDATE_MANY.format(", ".join([_UPDATE_PLACEHOLDERS] * len(updates))),
-                [
-                    value
-                    for _, _, write in updates
-                    for value in (write.values[0], write.expect, *write.values[1:])
-                ],
-            )
-            for j, w, write in updates:
-                results[j][w] = write.values[0] in written
-        for j, w, write in supersedes:
-            results[j][w] = conn.execute(_SUPERSEDE, write.values).fetchall()
-        if devices:
-            conn.execute(
-                _DEVICE_UPSERT_MANY.format(", ".join([_DEVICE_PLACEHOLDERS] * len(devices))),
-                [value for row in devices.values() for value in row],
-            )
     except sqlite3.IntegrityError:
-        # An id that exists already: undo all of it, and let each call run on its own so
-        # that only the duplicate's call is refused.
-        conn.execute("ROLLBACK TO bulk")
-        conn.execute("RELEASE bulk")
-        return None
-    conn.execute("RELEASE bulk")
+        return None  # an id that exists already: each call on its own, the duplicate refused
+    if updates:
+        keys = [(write.values[0], write.expect) for _, _, write in updates]
+        (matched,) = conn.execute(
+            _CAS_MATCHES.format(", ".join(["(?, ?)"] * len(keys))),
+            [value for key in keys for value in key],
+        ).fetchone()
+        written = set(json.loads(matched)) if matched else set()
+        conn.execute(
+            _CAS_UPDATE_MANY.format(", ".join([_UPDATE_PLACEHOLDERS] * len(updates))),
+            [
+                value
+                for _, _, write in updates
+                for value in (write.values[0], write.expect, *write.values[1:])
+            ],
+        )
+        for j, w, write in updates:
+            results[j][w] = write.values[0] in written
+    for j, w, write in supersedes:
+        results[j][w] = conn.execute(_SUPERSEDE, write.values).fetchall()
+    if devices:
+        conn.execute(
+            _DEVICE_UPSERT_MANY.format(", ".join([_DEVICE_PLACEHOLDERS] * len(devices))),
+            [value for row in devices.values() for value in row],
+        )
     return [(job.future, True, result) for job, result in zip(jobs, results, strict=True)]
 
 
