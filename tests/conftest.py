@@ -14,4 +14,33 @@ settings.register_profile(
 )
 settings.load_profile("keeplink")
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from keeplink.testing.postgres import PostgresServer, postgres_bindir  # noqa: E402
 from linkfixtures import make_link, proxy, sim  # noqa: E402,F401  (fixtures for every test)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL cluster for the session, on a free loopback port.
+
+    Its directory is made outside pytest's (root-only) temporary tree, because when the
+    tests run as root the server runs as the ``postgres`` user, who must be able to reach it.
+    """
+    if postgres_bindir() is None:
+        pytest.skip(
+            "the PostgreSQL server binaries are not installed (scripts/check installs them)"
+        )
+    directory = Path(tempfile.mkdtemp(prefix="keeplink-pg-"))
+    server = PostgresServer(directory)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop(mode="immediate")
+        shutil.rmtree(directory, ignore_errors=True)

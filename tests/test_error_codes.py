@@ -348,6 +348,20 @@ async def no_such_command() -> KeeplinkError:
     return info.value
 
 
+@produces(ErrorCode.STORE_UNAVAILABLE)
+async def database_not_there() -> KeeplinkError:
+    from keeplink import StoreUnavailableError
+    from keeplink.outbox.postgres import PostgresStore
+
+    port = await free_port()  # nothing listens here: the database server is down
+    store = PostgresStore(f"postgresql://keeplink@127.0.0.1:{port}/keeplink")
+    with pytest.raises(StoreUnavailableError) as info:
+        await store.open()
+    await store.close()
+    assert isinstance(info.value.__cause__, OSError)  # refused, kept as the cause
+    return info.value
+
+
 def test_every_code_has_a_producer() -> None:
     assert set(PRODUCERS) == set(ErrorCode)
 

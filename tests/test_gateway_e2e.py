@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,13 @@ def write_config(
     store: Path | None = None,
     token: str | None = TOKEN,
     listen: str = "127.0.0.1:0",
+    store_url: str | None = None,
 ) -> Path:
-    """A gateway config (loopback, port 0 by default), a SQLite store, quick reconnects."""
+    """A gateway config (loopback, port 0 by default), a SQLite store (or ``store_url``),
+    quick reconnects."""
     store = store if store is not None else path.parent / "store.db"
-    lines = ["[gateway]", f'listen = "{listen}"', f'store = "sqlite:///{store.absolute()}"']
+    url = store_url if store_url is not None else f"sqlite:///{store.absolute()}"
+    lines = ["[gateway]", f'listen = "{listen}"', f'store = "{url}"']
     if token is not None:
         lines.append(f'token = "{token}"')
     for device_id, port in devices.items():
@@ -306,11 +310,16 @@ async def presence_is(session: aiohttp.ClientSession, url: str, device: str, pre
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
 async def test_commands_survive_device_absence_and_gateway_restart(
-    tmp_path: Path, procs: Procs
+    tmp_path: Path, procs: Procs, store: str, request: pytest.FixtureRequest
 ) -> None:
     port = free_port()  # nothing listens here until the simulator starts
-    config = write_config(tmp_path / "keeplink.toml", devices={"hall": port})
+    store_url = None
+    if store == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        store_url = f"{server.dsn()}?schema=e2e{uuid.uuid4().hex}"
+    config = write_config(tmp_path / "keeplink.toml", devices={"hall": port}, store_url=store_url)
     gateway = procs.gateway(config)
     url = await gateway.start_ready()
 

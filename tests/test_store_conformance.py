@@ -28,8 +28,10 @@ from keeplink._core.commands import (
     transition,
 )
 from keeplink._core.errors import ErrorInfo, InvalidRequestError
+from keeplink.outbox.postgres import PostgresStore
 from keeplink.outbox.sqlite import SqliteStore
 from keeplink.outbox.store import CommandStore, MemoryStore
+from keeplink.testing.postgres import PostgresServer
 
 S = CommandState
 T0 = 1_763_812_345.123456  # a realistic epoch, with a fraction a float must keep exactly
@@ -37,21 +39,28 @@ T0 = 1_763_812_345.123456  # a realistic epoch, with a fraction a float must kee
 StoreFactory = Callable[[], CommandStore]
 
 
-def _factories(tmp_path: Path) -> dict[str, StoreFactory]:
+def _factories(tmp_path: Path, postgres: PostgresServer | None) -> dict[str, StoreFactory]:
+    """A factory of new, unopened stores for each kind; each PostgreSQL store gets a schema
+    of its own in the session's server, so every one starts empty."""
     counter = itertools.count()
-    return {
+    factories: dict[str, StoreFactory] = {
         "memory": MemoryStore,
         "sqlite": lambda: SqliteStore(tmp_path / f"store-{next(counter)}.db"),
     }
+    if postgres is not None:
+        dsn = postgres.dsn()
+        factories["postgres"] = lambda: PostgresStore(dsn, schema=f"t{uuid.uuid4().hex}")
+    return factories
 
 
-STORES = ["memory", "sqlite"]
+STORES = ["memory", "sqlite", "postgres"]
 
 
 @pytest.fixture(params=STORES)
 def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
     """A factory of new, unopened stores of one kind."""
-    factory: StoreFactory = _factories(tmp_path)[request.param]
+    postgres = request.getfixturevalue("postgres_server") if request.param == "postgres" else None
+    factory: StoreFactory = _factories(tmp_path, postgres)[request.param]
     return factory
 
 
@@ -613,12 +622,14 @@ async def _assert_same(store: CommandStore, model: dict[str, Command]) -> None:
 
 @settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-async def test_every_store_behaves_like_a_dict(tmp_path: Path, data: st.DataObject) -> None:
+async def test_every_store_behaves_like_a_dict(
+    tmp_path: Path, postgres_server: PostgresServer, data: st.DataObject
+) -> None:
     """Random inserts, legal transitions, stale writes and recoveries, applied to every store
     and to a plain dict, give the same get(), list(), queued(), count() answers."""
     workdir = tmp_path / uuid.uuid4().hex  # a fresh database for every example
     workdir.mkdir()
-    factories = _factories(workdir)
+    factories = _factories(workdir, postgres_server)
     stores = {kind: factories[kind]() for kind in STORES}
     model: dict[str, Command] = {}
     last_seq = 0

@@ -30,6 +30,7 @@ from keeplink._core.errors import (
     RequestCancelledError,
     RequestTimeout,
     SlotsExhaustedError,
+    StoreUnavailableError,
     error_class_of,
 )
 from keeplink._core.jsonline import Malformed
@@ -109,6 +110,7 @@ __all__ = [
     "SlotPool",
     "SlotPoolStatistics",
     "SlotsExhaustedError",
+    "StoreUnavailableError",
     "StreamChannel",
     "SystemClock",
     "TimedOut",

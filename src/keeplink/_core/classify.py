@@ -36,6 +36,7 @@ from keeplink._core.errors import (
     RequestCancelledError,
     RequestTimeout,
     SlotsExhaustedError,
+    StoreUnavailableError,
 )
 
 __all__ = ["MESSAGE_MARKERS", "broken_from", "classify", "describe", "error_from_code"]
@@ -123,6 +124,7 @@ _CLASS_BY_CODE: Final[dict[ErrorCode, type[KeeplinkError]]] = {
     ErrorCode.PROTOCOL_ERROR: ProtocolError,
     ErrorCode.INVALID_REQUEST: InvalidRequestError,
     ErrorCode.EXPIRED: ExpiredError,
+    ErrorCode.STORE_UNAVAILABLE: StoreUnavailableError,
     ErrorCode.CANCELLED: RequestCancelledError,
     ErrorCode.LINK_CLOSED: LinkClosedError,
     ErrorCode.CONFIG_ERROR: ConfigError,
@@ -175,6 +177,7 @@ def broken_from(exc: BaseException, context: str) -> KeeplinkError:
         ConflictError,
         PreconditionFailedError,
         CommandNotFoundError,
+        StoreUnavailableError,
     ):
         cls = LinkBrokenError
     return cls(f"{context}: {detail}", code=code)

@@ -37,6 +37,7 @@ __all__ = [
     "RequestCancelledError",
     "RequestTimeout",
     "SlotsExhaustedError",
+    "StoreUnavailableError",
     "error_class_of",
 ]
 
@@ -82,6 +83,9 @@ class ErrorCode(enum.StrEnum):
     """The request conflicts with the current state (e.g. cancelling a finished command)."""
     COMMAND_NOT_FOUND = "command_not_found"
     """No command with that id."""
+    STORE_UNAVAILABLE = "store_unavailable"
+    """The command store (a database server) cannot be reached now; nothing was written.
+    Retry later: a store reconnects on its own."""
     UNKNOWN = "unknown"
     """A code from a peer that this version does not know (kept verbatim in ``wire_code``)."""
 
@@ -243,6 +247,13 @@ class ExpiredError(KeeplinkError):
     """A deadline passed before delivery."""
 
     default_code = ErrorCode.EXPIRED
+
+
+class StoreUnavailableError(KeeplinkError):
+    """The command store cannot be reached (its database is down or the connection broke);
+    the write was not made. Raised with ``__cause__`` set to the driver's error."""
+
+    default_code = ErrorCode.STORE_UNAVAILABLE
 
 
 @dataclass(frozen=True, slots=True)

@@ -218,7 +218,11 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Gatewa
     host, port = _listen(source, gateway.get("listen", DEFAULT_LISTEN))
     store = g.text("store", DEFAULT_STORE) or DEFAULT_STORE
     if not store.startswith(("sqlite://", "postgresql://", "postgres://", "memory:")):
-        g.fail("store", f"must be a sqlite:///path URL (or memory:), got {store!r}")
+        g.fail(
+            "store",
+            f"must be a sqlite:///path or postgresql://user@host/db URL (or memory:), "
+            f"got {store!r}",
+        )
     token = g.text("token")
     raw_devices = data.get("devices", [])
     if not isinstance(raw_devices, list):

@@ -51,7 +51,8 @@ EVENT_BACKLOG = 1000
 
 def open_store(url: str, *, base: Path | None = None) -> CommandStore:
     """A store from a config URL: ``sqlite:///relative.db`` (relative to ``base``, the config
-    file's folder), ``sqlite:////abs.db``, ``…?synchronous=NORMAL``, or ``memory:``."""
+    file's folder), ``sqlite:////abs.db``, ``…?synchronous=NORMAL``, ``memory:``, or
+    ``postgresql://user@host:port/db`` (``?schema=NAME``, default ``keeplink``)."""
     if url == "memory:":
         return MemoryStore()
     if base is not None and url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
@@ -60,7 +61,11 @@ def open_store(url: str, *, base: Path | None = None) -> CommandStore:
             url = "sqlite:///" + str(base / relative)
     if url.startswith("sqlite:"):
         return SqliteStore.from_url(url)
-    raise ConfigError(f"store {url!r}: only sqlite:///path and memory: are supported here")
+    if url.startswith(("postgresql://", "postgres://")):
+        from keeplink.outbox.postgres import PostgresStore
+
+        return PostgresStore.from_url(url)
+    raise ConfigError(f"store {url!r}: use sqlite:///path, postgresql://user@host/db or memory:")
 
 
 def _driver(device: DeviceConfig) -> Any:

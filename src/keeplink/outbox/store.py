@@ -301,10 +301,14 @@ def state_value(state: object) -> str:
 
 
 def _text(name: str, value: object, *, empty: bool = False) -> str:
-    if type(value) is str and value.isascii() and (empty or value):
+    if type(value) is str and value.isascii() and (empty or value) and "\x00" not in value:
         return value  # the common case, checked without an encode (submits are hot)
     if not isinstance(value, str) or (not empty and not value):
         raise InvalidRequestError(f"{name} must be a non-empty string, got {value!r}")
+    if "\x00" in value:
+        # PostgreSQL's text cannot hold NUL; refused by every store alike. (Inside args,
+        # NUL is fine: JSON text escapes it.)
+        raise InvalidRequestError(f"{name} must not contain NUL: {value!r}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

@@ -1,0 +1,607 @@
+"""The shared command store: PostgreSQL through asyncpg, group-committed.
+
+Several gateway nodes can share one database. :class:`PostgresStore` keeps the same records
+as the SQLite store, encoded the same way (JSON as text, so a record read back equals the
+one written, field by field), and passes the same conformance suite.
+
+Group commit: :meth:`PostgresStore.apply` hands its writes to the store's one writer task.
+The writer takes every call that is waiting when it becomes free (at most
+``MAX_BATCH_WRITES`` writes) and commits them in one transaction: all inserts in one
+statement, all compare-and-set updates in one, all device records in one, so a batch costs
+a few round trips whatever its size. Each call is answered after the commit that holds it.
+A call whose insert names an existing id is refused alone; the others are committed.
+
+Failures: a broken connection or a database that is down fails the calls of that batch
+with :class:`~keeplink.StoreUnavailableError` (nothing of the batch was written, or, if
+the connection broke during ``COMMIT``, the outcome is unknown to PostgreSQL's client and
+the compare-and-set of the next attempt finds out). The pool opens new connections as they
+are needed, so the store works again as soon as the database does.
+
+Schema: ``MIGRATIONS`` in the configured schema (``keeplink`` by default), counted in a
+``schema_version`` table, applied under an advisory lock so concurrent nodes migrate once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import collections
+import logging
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from keeplink._core.commands import Command, CommandState, DeviceRecord
+from keeplink._core.errors import ConfigError, StoreUnavailableError
+from keeplink.outbox.store import (
+    COMMAND_COLUMNS,
+    DEVICE_COLUMNS,
+    CommandStore,
+    EncodedWrite,
+    Write,
+    WriteResult,
+    check_after_seq,
+    check_device_filter,
+    check_limit,
+    check_optional_limit,
+    check_real,
+    check_str,
+    command_from_row,
+    command_values,
+    device_from_row,
+    duplicate_id,
+    encode_writes,
+    recovered,
+    state_values,
+)
+
+__all__ = ["MAX_BATCH_WRITES", "MIGRATIONS", "SCHEMA_VERSION", "PostgresStore"]
+
+_log = logging.getLogger("keeplink.outbox.postgres")
+
+MIGRATIONS: Final[list[str]] = [
+    # 1: the initial schema (the SQLite store's version 3, with partial indexes).
+    """
+    CREATE TABLE commands (
+        seq               BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id                TEXT NOT NULL UNIQUE,
+        device            TEXT NOT NULL,
+        op                TEXT NOT NULL,
+        args              TEXT NOT NULL,
+        state             TEXT NOT NULL,
+        created_at        DOUBLE PRECISION NOT NULL,
+        updated_at        DOUBLE PRECISION NOT NULL,
+        idempotency_key   TEXT NOT NULL,
+        key               TEXT,
+        priority          BIGINT NOT NULL,
+        max_attempts      BIGINT NOT NULL,
+        attempts          BIGINT NOT NULL,
+        expires_at        DOUBLE PRECISION,
+        precondition      TEXT,
+        precondition_args TEXT NOT NULL,
+        error_code        TEXT,
+        error_message     TEXT,
+        result            TEXT,
+        cycle             BIGINT NOT NULL,
+        retry_at          DOUBLE PRECISION,
+        CHECK ((error_code IS NULL) = (error_message IS NULL))
+    );
+    CREATE INDEX commands_queue ON commands (device, priority DESC, seq)
+        WHERE state = 'queued';
+    CREATE INDEX commands_sending ON commands (device) WHERE state = 'sending';
+    CREATE INDEX commands_key ON commands (device, key)
+        WHERE state = 'queued' AND key IS NOT NULL;
+    CREATE INDEX commands_expiry ON commands (expires_at)
+        WHERE state = 'queued' AND expires_at IS NOT NULL;
+    CREATE INDEX commands_device ON commands (device, seq);
+    CREATE INDEX commands_state ON commands (state, seq);
+    CREATE TABLE devices (
+        device        TEXT PRIMARY KEY,
+        cycle         BIGINT NOT NULL,
+        failed_cycles BIGINT NOT NULL,
+        parked_reason TEXT,
+        parked_until  DOUBLE PRECISION,
+        failed_cycle  BIGINT NOT NULL
+    );
+    """,
+]
+"""Schema scripts; ``schema_version`` counts how many a database has applied."""
+
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+MAX_BATCH_WRITES: Final = 1024
+"""The most writes one transaction takes (whole calls): bounded, so a caller's wait is."""
+POOL_SIZE: Final = 4
+"""Connections: one for the writer, the rest for reads, which need not wait for it."""
+MIGRATION_LOCK: Final = 0x6B6C_696E_6B00  # "klink": one advisory lock for all migrations
+CONNECT_TIMEOUT_S: Final = 10.0
+
+_COLUMN_TYPES: Final = {
+    "seq": "bigint",
+    "created_at": "float8",
+    "updated_at": "float8",
+    "priority": "bigint",
+    "max_attempts": "bigint",
+    "attempts": "bigint",
+    "expires_at": "float8",
+    "cycle": "bigint",
+    "retry_at": "float8",
+    "failed_cycles": "bigint",
+    "failed_cycle": "bigint",
+    "parked_until": "float8",
+}
+
+
+def _type(column: str) -> str:
+    return _COLUMN_TYPES.get(column, "text")
+
+
+_COLUMNS: Final = ", ".join(COMMAND_COLUMNS)
+_INSERT_COLUMNS: Final = COMMAND_COLUMNS[1:]
+_INSERT_MANY: Final = (
+    f"INSERT INTO commands ({', '.join(_INSERT_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"${n + 1}::{_type(c)}[]" for n, c in enumerate(_INSERT_COLUMNS))
+    + ") RETURNING id, seq"
+)
+_UPDATE_COLUMNS: Final = COMMAND_COLUMNS[2:]
+_CAS_MANY: Final = (
+    "UPDATE commands AS c SET "
+    + ", ".join(f"{column} = v.{column}" for column in _UPDATE_COLUMNS)
+    + " FROM unnest($1::text[], $2::text[], "
+    + ", ".join(f"${n + 3}::{_type(c)}[]" for n, c in enumerate(_UPDATE_COLUMNS))
+    + f") AS v(id, expect, {', '.join(_UPDATE_COLUMNS)}) "
+    "WHERE c.id = v.id AND c.state = v.expect RETURNING c.id"
+)
+_SUPERSEDE: Final = (
+    "UPDATE commands SET state = $5, updated_at = $4, error_code = $6, error_message = $7, "
+    "retry_at = NULL WHERE device = $1 AND key = $2 AND state = 'queued' "
+    "AND seq < (SELECT seq FROM commands WHERE id = $3) "
+    f"RETURNING {_COLUMNS}"
+)
+_DEVICES_MANY: Final = (
+    f"INSERT INTO devices ({', '.join(DEVICE_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"${n + 1}::{_type(c)}[]" for n, c in enumerate(DEVICE_COLUMNS))
+    + ") ON CONFLICT (device) DO UPDATE SET "
+    + ", ".join(f"{column} = excluded.{column}" for column in DEVICE_COLUMNS[1:])
+)
+_SELECT: Final = f"SELECT {_COLUMNS} FROM commands"
+_SENDING: Final = CommandState.SENDING.value
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> builtins.list[builtins.list[Any]]:
+    """Rows as one list a column (what ``unnest`` takes)."""
+    return [[row[i] for row in rows] for i in range(width)]
+
+
+@dataclass(slots=True)
+class _Job:
+    future: asyncio.Future[builtins.list[Any]]
+    writes: builtins.list[EncodedWrite] = field(default_factory=builtins.list)
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailableError:
+    error = StoreUnavailableError(f"the PostgreSQL store cannot be reached: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+class PostgresStore(CommandStore):
+    """A :class:`~keeplink.outbox.store.CommandStore` in PostgreSQL, shared by nodes.
+
+    ``dsn`` is a ``postgresql://user[:password]@host[:port]/database`` URL (the password may
+    also come from ``PGPASSWORD``); ``schema`` is where its tables live (created if missing).
+    Raises :class:`~keeplink.ConfigError` for a malformed URL or schema name.
+    """
+
+    def __init__(self, dsn: str, *, schema: str = "keeplink", pool_size: int = POOL_SIZE) -> None:
+        if not isinstance(dsn, str) or urlsplit(dsn).scheme not in ("postgresql", "postgres"):
+            raise ConfigError(f"postgres store: not a postgresql:// URL: {dsn!r}")
+        if not isinstance(schema, str) or not schema.isidentifier() or not schema.isascii():
+            raise ConfigError(f"postgres store: schema must be a plain identifier, got {schema!r}")
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 2:
+            raise ConfigError(f"postgres store: pool_size must be >= 2, got {pool_size!r}")
+        self.dsn: Final[str] = dsn
+        self.schema: Final[str] = schema.lower()
+        self.pool_size = pool_size
+        self._status = "new"
+        self._lock = asyncio.Lock()
+        self._pool: Any = None  # asyncpg.Pool: imported lazily, the extra is optional
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> PostgresStore:
+        """A store from ``postgresql://…/db``; an optional ``?schema=NAME`` picks the schema
+        (every other query parameter goes to the connection)."""
+        if not isinstance(url, str):
+            raise ConfigError(f"store URL must be a string, got {url!r}")
+        parts = urlsplit(url)
+        params = parse_qsl(parts.query, keep_blank_values=True)
+        schema = next((v for k, v in params if k == "schema"), "keeplink")
+        rest = urlencode([(k, v) for k, v in params if k != "schema"])
+        return cls(urlunsplit(parts._replace(query=rest)), schema=schema)
+
+    def __repr__(self) -> str:
+        where = urlsplit(self.dsn)
+        return f"<PostgresStore {where.hostname}:{where.port}{where.path} {self._status}>"
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        async with self._lock:
+            if self._status == "open":
+                return
+            if self._status == "closed":
+                raise RuntimeError("store is closed")
+            try:
+                import asyncpg
+            except ImportError:
+                raise ConfigError(
+                    "the PostgreSQL store needs: pip install 'keeplink[postgres]'"
+                ) from None
+            try:
+                pool = await asyncpg.create_pool(
+                    self.dsn,
+                    min_size=1,
+                    max_size=self.pool_size,
+                    timeout=CONNECT_TIMEOUT_S,
+                    server_settings={"search_path": self.schema},
+                )
+            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+                raise _unavailable(exc) from exc
+            try:
+                async with pool.acquire() as conn:
+                    await self._migrate(conn)
+            except BaseException:
+                await pool.close()
+                raise
+            self._pool = pool
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write_loop(), name=f"keeplink.postgres[{self.schema}].writer"
+            )
+            self._status = "open"
+
+    async def _migrate(self, conn: Any) -> None:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+            )
+            version = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
+            if version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"database schema version {version} is newer than this keeplink "
+                    f"({SCHEMA_VERSION}); upgrade keeplink"
+                )
+            for number in range(version, SCHEMA_VERSION):
+                await conn.execute(MIGRATIONS[number])
+                await conn.execute("INSERT INTO schema_version VALUES ($1)", number + 1)
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._status == "closed":
+                return
+            opened = self._status == "open"
+            self._status = "closed"
+            if not opened:
+                return
+            self._wake.set()  # the writer commits what it was handed, then ends
+            if self._writer is not None:
+                await asyncio.shield(self._writer)
+            await self._pool.close()
+
+    def _check_open(self) -> Any:
+        if self._status != "open":
+            raise RuntimeError(
+                "store is closed" if self._status == "closed" else "store is not open"
+            )
+        return self._pool
+
+    # ------------------------------------------------------------------ writes
+
+    async def apply(self, writes: Sequence[Write]) -> builtins.list[WriteResult]:
+        encoded = encode_writes(writes)
+        self._check_open()
+        if not encoded:
+            return []
+        future: asyncio.Future[builtins.list[Any]] = asyncio.get_running_loop().create_future()
+        self._jobs.append(_Job(future, encoded))
+        self._wake.set()
+        raw = await future
+        results: builtins.list[WriteResult] = []
+        for write, value in zip(encoded, raw, strict=True):
+            if write.kind == "insert":
+                results.append(command_from_row((value, *write.values)))
+            elif write.kind == "supersede":
+                results.append(sorted(map(command_from_row, value), key=lambda c: c.seq))
+            else:
+                results.append(value)
+        return results
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._jobs:
+                batch: builtins.list[_Job] = []
+                size = 0
+                while self._jobs and (
+                    not batch or size + len(self._jobs[0].writes) <= MAX_BATCH_WRITES
+                ):
+                    job = self._jobs.popleft()
+                    if not job.future.cancelled():  # cancelled before its batch: not written
+                        batch.append(job)
+                        size += len(job.writes)
+                if batch:
+                    await self._commit(batch)
+            if self._status == "closed":
+                return
+
+    async def _commit(self, batch: builtins.list[_Job]) -> None:
+        import asyncpg
+
+        answers: builtins.list[tuple[_Job, bool, Any]]
+        try:
+            async with self._pool.acquire() as conn:
+                try:
+                    async with conn.transaction():
+                        answers = await self._bulk(conn, batch)
+                except asyncpg.UniqueViolationError:
+                    # An id inserted meanwhile by another node: each call on its own.
+                    answers = []
+                    for job in batch:
+                        answers.extend(await self._calls(conn, [job]))
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if isinstance(exc, asyncpg.UniqueViolationError):
+                raise  # not a connection problem (handled above)
+            _log.debug("postgres store: a batch of %d calls failed: %s", len(batch), exc)
+            answers = [(job, False, _unavailable(exc)) for job in batch]
+        for job, ok, value in answers:
+            if job.future.done():
+                continue
+            if ok:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(value)
+
+    async def _calls(
+        self, conn: Any, jobs: builtins.list[_Job]
+    ) -> builtins.list[tuple[_Job, bool, Any]]:
+        """Each call in its own transaction, in order; a duplicate id refuses its call."""
+        import asyncpg
+
+        answers: builtins.list[tuple[_Job, bool, Any]] = []
+        for job in jobs:
+            try:
+                async with conn.transaction():
+                    answers.extend(await self._bulk(conn, [job]))
+            except asyncpg.UniqueViolationError:
+                ids = [w.values[0] for w in job.writes if w.kind == "insert"]
+                answers.append((job, False, duplicate_id(ids[0] if ids else "?")))
+        return answers
+
+    async def _bulk(
+        self, conn: Any, jobs: builtins.list[_Job]
+    ) -> builtins.list[tuple[_Job, bool, Any]]:
+        """The calls' writes in a few statements, inside the caller's transaction. Calls
+        whose inserts name existing ids are refused (and none of their writes is made);
+        if two writes touch one command, the calls run one at a time, in order."""
+        inserted = [w.values[0] for job in jobs for w in job.writes if w.kind == "insert"]
+        existing = set()
+        if inserted:
+            rows = await conn.fetch("SELECT id FROM commands WHERE id = ANY($1::text[])", inserted)
+            existing = {row[0] for row in rows}
+        answers: builtins.list[tuple[_Job, bool, Any]] = []
+        kept: builtins.list[_Job] = []
+        seen: set[str] = set()
+        for job in jobs:
+            ids = [w.values[0] for w in job.writes if w.kind == "insert"]
+            clash = next((i for i in ids if i in existing or i in seen), None)
+            if clash is not None:
+                answers.append((job, False, duplicate_id(clash)))
+                continue
+            seen.update(ids)
+            kept.append(job)
+        touched = [
+            w.values[0] for job in kept for w in job.writes if w.kind in ("insert", "update")
+        ]
+        if len(set(touched)) != len(touched) and len(kept) > 1:
+            for job in kept:  # their order matters: savepoints, one call after another
+                async with conn.transaction():
+                    answers.extend(await self._bulk(conn, [job]))
+            return answers
+        results: builtins.list[builtins.list[Any]] = [[None] * len(job.writes) for job in kept]
+        places: dict[str, builtins.list[tuple[int, int, EncodedWrite]]] = {
+            "insert": [],
+            "update": [],
+            "supersede": [],
+        }
+        devices: dict[str, tuple[Any, ...]] = {}
+        for j, job in enumerate(kept):
+            for w, write in enumerate(job.writes):
+                if write.kind == "device":
+                    devices[write.values[0]] = write.values
+                else:
+                    places[write.kind].append((j, w, write))
+        if places["insert"]:
+            rows = [write.values for _, _, write in places["insert"]]
+            returned = await conn.fetch(_INSERT_MANY, *_columns(rows, len(_INSERT_COLUMNS)))
+            seqs = {row[0]: row[1] for row in returned}
+            for j, w, write in places["insert"]:
+                results[j][w] = seqs[write.values[0]]
+        if places["update"]:
+            rows = [
+                (write.values[0], write.expect, *write.values[1:])
+                for _, _, write in places["update"]
+            ]
+            returned = await conn.fetch(_CAS_MANY, *_columns(rows, 2 + len(_UPDATE_COLUMNS)))
+            written = {row[0] for row in returned}
+            for j, w, write in places["update"]:
+                results[j][w] = write.values[0] in written
+        for j, w, write in places["supersede"]:
+            results[j][w] = [tuple(row) for row in await conn.fetch(_SUPERSEDE, *write.values)]
+        if devices:
+            await conn.execute(
+                _DEVICES_MANY, *_columns(list(devices.values()), len(DEVICE_COLUMNS))
+            )
+        answers.extend((job, True, result) for job, result in zip(kept, results, strict=True))
+        return answers
+
+    # ------------------------------------------------------------------ reads
+
+    async def _fetch(self, sql: str, *params: Any) -> builtins.list[Any]:
+        import asyncpg
+
+        pool = self._check_open()
+        try:
+            rows: builtins.list[Any] = await pool.fetch(sql, *params)
+        except (TimeoutError, OSError, asyncpg.InterfaceError) as exc:
+            raise _unavailable(exc) from exc
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError):
+                raise _unavailable(exc) from exc
+            raise
+        return rows
+
+    async def get(self, command_id: str) -> Command | None:
+        rows = await self._fetch(f"{_SELECT} WHERE id = $1", check_str("command_id", command_id))
+        return command_from_row(tuple(rows[0])) if rows else None
+
+    @staticmethod
+    def _where(
+        device: str | None, states: Collection[CommandState] | None
+    ) -> tuple[builtins.list[str], builtins.list[Any]] | None:
+        device = check_device_filter(device)
+        values = state_values(states)
+        conditions: builtins.list[str] = []
+        params: builtins.list[Any] = []
+        if device is not None:
+            params.append(device)
+            conditions.append(f"device = ${len(params)}")
+        if values is not None:
+            if not values:
+                return None
+            params.append(values)
+            conditions.append(f"state = ANY(${len(params)}::text[])")
+        return conditions, params
+
+    async def list(
+        self,
+        *,
+        device: str | None = None,
+        states: Collection[CommandState] | None = None,
+        limit: int = 1000,
+        after_seq: int = 0,
+        newest: bool = False,
+    ) -> builtins.list[Command]:
+        limit = check_limit(limit)
+        after_seq = check_after_seq(after_seq)
+        where = self._where(device, states)
+        if where is None:
+            self._check_open()
+            return []
+        conditions, params = where
+        params += [after_seq, limit]
+        conditions.append(f"seq > ${len(params) - 1}")
+        order = "seq DESC" if newest else "seq"
+        sql = f"{_SELECT} WHERE {' AND '.join(conditions)} ORDER BY {order} LIMIT ${len(params)}"
+        return [command_from_row(tuple(row)) for row in await self._fetch(sql, *params)]
+
+    async def queued(self, device: str, *, limit: int | None = None) -> builtins.list[Command]:
+        device = check_str("device", device)
+        limit = check_optional_limit(limit)
+        sql = f"{_SELECT} WHERE device = $1 AND state = 'queued' ORDER BY priority DESC, seq"
+        if limit is not None:
+            rows = await self._fetch(sql + " LIMIT $2", device, limit)
+        else:
+            rows = await self._fetch(sql, device)
+        return [command_from_row(tuple(row)) for row in rows]
+
+    async def devices_with_queued(self) -> builtins.list[str]:
+        rows = await self._fetch(
+            "SELECT DISTINCT device FROM commands WHERE state = 'queued' ORDER BY device"
+        )
+        return [row[0] for row in rows]
+
+    async def count(
+        self, *, device: str | None = None, states: Collection[CommandState] | None = None
+    ) -> int:
+        where = self._where(device, states)
+        if where is None:
+            self._check_open()
+            return 0
+        conditions, params = where
+        sql = "SELECT count(*) FROM commands"
+        if conditions:
+            sql += f" WHERE {' AND '.join(conditions)}"
+        rows = await self._fetch(sql, *params)
+        return int(rows[0][0])
+
+    async def next_expiry(self) -> float | None:
+        rows = await self._fetch(
+            "SELECT min(expires_at) FROM commands WHERE state = 'queued' AND expires_at IS NOT NULL"
+        )
+        value = rows[0][0]
+        return None if value is None else float(value)
+
+    async def due(self, *, now: float, limit: int = 1000) -> builtins.list[Command]:
+        now = check_real("now", now)
+        limit = check_limit(limit)
+        rows = await self._fetch(
+            f"{_SELECT} WHERE state = 'queued' AND expires_at IS NOT NULL AND expires_at <= $1 "
+            "ORDER BY expires_at, seq LIMIT $2",
+            now,
+            limit,
+        )
+        return [command_from_row(tuple(row)) for row in rows]
+
+    async def recover(self, *, now: float) -> builtins.list[Command]:
+        """Every ``sending`` command back to ``queued`` (or ``failed``), atomically.
+
+        In a fleet of nodes sharing one database this is only right for the devices this
+        node owns; until device ownership exists, run recovery on one node only.
+        """
+        import asyncpg
+
+        now = check_real("now", now)
+        pool = self._check_open()
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(
+                    f"{_SELECT} WHERE state = $1 ORDER BY seq FOR UPDATE", _SENDING
+                )
+                changed = [recovered(command_from_row(tuple(row)), now=now) for row in rows]
+                for command in changed:
+                    values = command_values(command)
+                    await conn.execute(
+                        "UPDATE commands SET "
+                        + ", ".join(f"{c} = ${n + 1}" for n, c in enumerate(_UPDATE_COLUMNS))
+                        + f" WHERE id = ${len(_UPDATE_COLUMNS) + 1} AND state = 'sending'",
+                        *values[1:],
+                        values[0],
+                    )
+        except (TimeoutError, OSError, asyncpg.InterfaceError) as exc:
+            raise _unavailable(exc) from exc
+        return changed
+
+    async def get_device(self, device: str) -> DeviceRecord | None:
+        rows = await self._fetch(
+            f"SELECT {', '.join(DEVICE_COLUMNS)} FROM devices WHERE device = $1",
+            check_str("device", device),
+        )
+        return device_from_row(tuple(rows[0])) if rows else None

@@ -1,0 +1,118 @@
+"""PostgresStore beyond the conformance suite, against a real server the tests start:
+group commit, migrations shared by concurrent openers, and a database that goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from keeplink import ErrorCode, StoreUnavailableError
+from keeplink._core.commands import CommandState, DeviceRecord, new_command, transition
+from keeplink.outbox.postgres import SCHEMA_VERSION, PostgresStore
+from keeplink.outbox.store import Insert, PutDevice, Update
+from keeplink.testing.postgres import PostgresServer
+
+S = CommandState
+T0 = 1_763_812_345.5
+
+
+def cmd(device: str = "dev") -> Any:
+    return new_command(device=device, op="set", args={"n": 1}, now=T0)
+
+
+@pytest.fixture
+async def store(postgres_server: PostgresServer) -> AsyncIterator[PostgresStore]:
+    async with PostgresStore(postgres_server.dsn(), schema=f"t{uuid.uuid4().hex}") as store:
+        yield store
+
+
+async def test_concurrent_calls_share_transactions_and_keep_their_own_results(
+    store: PostgresStore,
+) -> None:
+    base = [await store.insert(cmd(f"d{n % 4}")) for n in range(40)]
+    calls: list[Any] = []
+    for n, command in enumerate(base):
+        sending = transition(command, S.SENDING, now=T0 + 1, attempts=1)
+        calls.append([Update(sending, S.QUEUED if n % 2 else S.SENDING)])  # half lose
+        calls.append([PutDevice(DeviceRecord(device=f"d{n % 4}", cycle=n)), Insert(cmd())])
+    calls.append([Insert(base[0])])  # a duplicate id: refused, alone
+    commits = 0
+    real = store._commit
+
+    async def counting(batch: Any) -> None:
+        nonlocal commits
+        commits += 1
+        await real(batch)
+
+    store._commit = counting  # type: ignore[method-assign]
+
+    async def run(writes: list[Any]) -> Any:
+        try:
+            return await store.apply(writes)
+        except Exception as exc:
+            return type(exc).__name__
+
+    results = await asyncio.gather(*(run(writes) for writes in calls))
+    assert commits < len(calls) / 10  # group-committed
+    assert results[-1] == "InvalidRequestError"
+    assert list(results[:-1:2]) == [[n % 2 == 1] for n in range(40)]
+    inserted = [r[1] for r in results[1:-1:2]]
+    assert len({c.seq for c in inserted}) == 40
+    assert [await store.get(c.id) for c in inserted] == inserted
+    assert (await store.get_device("d3")) == DeviceRecord(device="d3", cycle=39)
+    assert await store.count(states=[S.SENDING]) == 20
+
+
+async def test_concurrent_openers_migrate_once(postgres_server: PostgresServer) -> None:
+    schema = f"t{uuid.uuid4().hex}"
+    stores = [PostgresStore(postgres_server.dsn(), schema=schema) for _ in range(4)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        first = await stores[0].insert(cmd())
+        assert await stores[3].get(first.id) == first
+        versions = await stores[1]._fetch("SELECT version FROM schema_version ORDER BY version")
+        assert [row[0] for row in versions] == list(range(1, SCHEMA_VERSION + 1))
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_a_database_that_goes_away_is_store_unavailable_then_works_again(
+    postgres_server: PostgresServer,
+) -> None:
+    async with PostgresStore(postgres_server.dsn(), schema=f"t{uuid.uuid4().hex}") as store:
+        kept = await store.insert(cmd())
+        postgres_server.stop(mode="immediate")  # a crash of the database server
+        try:
+            with pytest.raises(StoreUnavailableError) as write_error:
+                await store.insert(cmd())
+            assert write_error.value.code is ErrorCode.STORE_UNAVAILABLE
+            assert write_error.value.__cause__ is not None
+            with pytest.raises(StoreUnavailableError):
+                await store.get(kept.id)
+        finally:
+            postgres_server.start()
+        # The pool opens new connections: no restart of the store is needed.
+        for _ in range(50):
+            try:
+                again = await store.insert(cmd())
+                break
+            except StoreUnavailableError:
+                await asyncio.sleep(0.1)
+        assert await store.get(kept.id) == kept
+        assert await store.get(again.id) == again
+
+
+def test_bad_urls_and_schemas_are_config_errors() -> None:
+    from keeplink import ConfigError
+
+    with pytest.raises(ConfigError, match="not a postgresql:// URL"):
+        PostgresStore("mysql://x/y")
+    with pytest.raises(ConfigError, match="schema must be a plain identifier"):
+        PostgresStore("postgresql://u@h/db", schema="a; DROP TABLE x")
+    store = PostgresStore.from_url("postgresql://u@h:5/db?schema=fleet&sslmode=disable")
+    assert store.schema == "fleet"
+    assert store.dsn == "postgresql://u@h:5/db?sslmode=disable"
