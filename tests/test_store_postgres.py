@@ -116,3 +116,60 @@ def test_bad_urls_and_schemas_are_config_errors() -> None:
     store = PostgresStore.from_url("postgresql://u@h:5/db?schema=fleet&sslmode=disable")
     assert store.schema == "fleet"
     assert store.dsn == "postgresql://u@h:5/db?sslmode=disable"
+
+
+# ---------------------------------------------------------------------- leases and fences
+
+
+async def test_a_lease_is_held_by_one_node_and_taken_over_only_when_it_expires(
+    store: PostgresStore,
+) -> None:
+    assert await store.acquire("a", ["d1", "d2"], lease_s=0.5) == {"d1": 1, "d2": 1}
+    assert await store.acquire("b", ["d1", "d2", "d3"], lease_s=0.5) == {"d3": 1}
+    assert await store.owners() == {"d1": "a", "d2": "a", "d3": "b"}
+    assert await store.renew("a", {"d1": 1, "d2": 1}, lease_s=0.5) == {"d1", "d2"}
+    await asyncio.sleep(0.7)  # a's leases expire (it stopped renewing: paused, partitioned)
+    assert await store.owners() == {}
+    assert await store.acquire("b", ["d1"], lease_s=5) == {"d1": 2}  # a new epoch
+    assert await store.renew("a", {"d1": 1, "d2": 1}, lease_s=5) == set()  # both lost
+    assert await store.owners() == {"d1": "b"}
+
+
+async def test_a_released_lease_is_free_at_once(store: PostgresStore) -> None:
+    assert await store.acquire("a", ["d1"], lease_s=60) == {"d1": 1}
+    await store.release("a", {"d1": 1})
+    assert await store.acquire("b", ["d1"], lease_s=60) == {"d1": 2}
+    await store.release("a", {"d1": 1})  # a stale release changes nothing
+    assert await store.owners() == {"d1": "b"}
+
+
+async def test_a_write_fenced_by_a_stale_epoch_is_refused_whole(store: PostgresStore) -> None:
+    from keeplink.outbox import FencedError
+    from keeplink.outbox.store import Fence
+
+    command = await store.insert(cmd("d1"))
+    assert await store.acquire("a", ["d1"], lease_s=0.3) == {"d1": 1}
+    sending = transition(command, S.SENDING, now=T0 + 1, attempts=1, cycle=1)
+    await asyncio.sleep(0.5)
+    assert await store.acquire("b", ["d1"], lease_s=60) == {"d1": 2}
+    with pytest.raises(FencedError, match="node 'a' no longer holds device 'd1'"):
+        await store.apply(
+            [
+                Update(sending, S.QUEUED, Fence("a", 1)),
+                PutDevice(DeviceRecord(device="d1", cycle=1), Fence("a", 1)),
+            ]
+        )
+    assert await store.get(command.id) == command  # nothing written
+    assert await store.get_device("d1") is None
+    # The owner's fenced write goes through; unfenced submits from any node always do.
+    assert await store.apply([Update(sending, S.QUEUED, Fence("b", 2))]) == [True]
+    assert (await store.insert(cmd("d1"))).device == "d1"
+
+
+async def test_live_nodes_are_the_recently_seen_ones(store: PostgresStore) -> None:
+    assert await store.heartbeat("a", lease_s=0.4) == ["a"]
+    assert await store.heartbeat("b", lease_s=0.4) == ["a", "b"]
+    await store.leave("a")
+    assert await store.heartbeat("b", lease_s=0.4) == ["b"]
+    await asyncio.sleep(0.6)
+    assert await store.heartbeat("c", lease_s=0.4) == ["c"]  # b was not seen for too long

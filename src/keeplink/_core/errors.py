@@ -27,6 +27,7 @@ __all__ = [
     "ErrorCode",
     "ErrorInfo",
     "ExpiredError",
+    "FencedError",
     "InvalidRequestError",
     "KeeplinkError",
     "LinkBrokenError",
@@ -247,6 +248,12 @@ class ExpiredError(KeeplinkError):
     """A deadline passed before delivery."""
 
     default_code = ErrorCode.EXPIRED
+
+
+class FencedError(ConflictError):
+    """A write for a device made by a node whose lease on the device is no longer current
+    (another node took it over): refused, nothing of the call written. The node must stop
+    delivering to that device."""
 
 
 class StoreUnavailableError(KeeplinkError):

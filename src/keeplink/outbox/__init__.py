@@ -8,6 +8,7 @@ from keeplink._core.commands import (
     DeviceRecord,
 )
 from keeplink._core.dispatch import PreconditionResult, Waiting, WaitReason
+from keeplink._core.errors import FencedError
 from keeplink.outbox._outbox import (
     DeliveryContext,
     Executor,
@@ -24,7 +25,7 @@ from keeplink.outbox.events import (
 )
 from keeplink.outbox.firmware import FirmwareTransfer, image_matches
 from keeplink.outbox.sqlite import SqliteStore
-from keeplink.outbox.store import CommandStore, MemoryStore
+from keeplink.outbox.store import CommandStore, Fence, MemoryStore
 
 __all__ = [
     "COMMAND_TRANSITIONS",
@@ -38,6 +39,8 @@ __all__ = [
     "DeliveryParked",
     "DeviceRecord",
     "Executor",
+    "Fence",
+    "FencedError",
     "FirmwareProgress",
     "FirmwareTransfer",
     "MemoryStore",

@@ -51,6 +51,7 @@ from keeplink._core.errors import (
     CommandNotFoundError,
     ConfigError,
     ConflictError,
+    FencedError,
     InvalidRequestError,
     LinkClosedError,
 )
@@ -65,7 +66,16 @@ from keeplink.outbox.events import (
     DeliveryParked,
     OutboxEvent,
 )
-from keeplink.outbox.store import CommandStore, Insert, PutDevice, Supersede, Update, Write
+from keeplink.outbox.store import (
+    CommandStore,
+    Fence,
+    Insert,
+    PutDevice,
+    Supersede,
+    Update,
+    Write,
+    recovered,
+)
 from keeplink.presence import PresenceChanged, PresenceTracker
 
 __all__ = [
@@ -159,6 +169,10 @@ class _Device:
     hold: Waiting | None = None
     in_flight: str | None = None
     wake_timer: Timer | None = None
+    fenced: bool = False
+    """Another node took the device over: this outbox no longer delivers to it."""
+    detaching: bool = False
+    """:meth:`Outbox.detach` waits for the attempt in flight, then the pass ends."""
     pending: _Pending = field(default_factory=_Pending)
     """Settled outcomes waiting to share the next commit. Kept across passes: if a commit
     fails (the store is unreachable) they are written by the next pass."""
@@ -174,6 +188,13 @@ class Outbox:
     device with :meth:`attach` (its state feeds presence as the highest-precedence source).
     ``retry_after_s`` is the delay before an attempt that failed on a live link (a lost ack)
     is made again in the same cycle, jittered down to half of it; ``rng`` draws that jitter.
+
+    In a fleet of nodes sharing one store, ``fences(device)`` gives this node's current
+    :class:`~keeplink.outbox.store.Fence` for a device it owns, and every write the
+    dispatcher makes for the device carries it; when the store refuses one (another node
+    took the device over), delivery to the device stops at once and ``on_fenced(device)``
+    is called. Start such an outbox with ``start(recover=False)`` and call
+    :meth:`adopt` for each device it takes over.
     """
 
     def __init__(
@@ -189,6 +210,8 @@ class Outbox:
         preconditions: Mapping[str, Precondition] | None = None,
         executors: Mapping[str, Executor] | None = None,
         rng: Callable[[], float] = random.random,
+        fences: Callable[[str], Fence | None] | None = None,
+        on_fenced: Callable[[str], object] | None = None,
     ) -> None:
         if not request_timeout_s > 0:
             raise ConfigError(f"outbox: request_timeout_s must be > 0, got {request_timeout_s!r}")
@@ -210,6 +233,8 @@ class Outbox:
         self.preconditions.update(preconditions or {})
         self.executors: dict[str, Executor] = dict(executors or {})
         self._rng = rng
+        self._fences = fences
+        self._on_fenced = on_fenced
         self._events: EventHub[OutboxEvent] = EventHub("outbox")
         self._devices: dict[str, _Device] = {}
         self._waiters: dict[str, list[asyncio.Future[Command]]] = {}
@@ -226,11 +251,12 @@ class Outbox:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> list[Command]:
+    async def start(self, *, recover: bool = True) -> list[Command]:
         """Open the store and recover from a crash: ``sending`` → ``queued`` (attempt
-        counted) or ``failed`` when attempts are exhausted. Returns what was recovered."""
+        counted) or ``failed`` when attempts are exhausted. Returns what was recovered.
+        ``recover=False`` (a node of a fleet) leaves that to :meth:`adopt`, per device."""
         await self.store.open()
-        recovered = await self.store.recover(now=self.clock.now())
+        recovered = await self.store.recover(now=self.clock.now()) if recover else []
         for command in recovered:
             _log.warning(
                 "outbox: command %s for %r was in flight at a crash; now %s (attempt %d/%d)",
@@ -324,10 +350,60 @@ class Outbox:
         """Un-park a device the breaker parked, and deliver again."""
         state = await self._device(device)
         state.record = unparked(state.record)
-        await self.store.put_device(state.record)
+        await self.store.apply([PutDevice(state.record, self._fence(device))])
         self._events.emit(
             DeliveryParked(device=device, reason=None, until=None, at=self.clock.now())
         )
+        self._kick(device)
+
+    async def detach(self, device: str, *, settle: bool = True) -> None:
+        """Stop delivering to ``device`` and forget it (its link is no longer watched).
+
+        ``settle``: an attempt in flight ends first (bounded by its own timeout) and its
+        outcome is written: a graceful handoff. Otherwise it is cancelled at once and its
+        command stays ``sending`` for the next owner to recover (:meth:`adopt`).
+        """
+        state = self._devices.get(device)
+        if state is None:
+            return
+        state.detaching = True
+        if state.unsubscribe is not None:
+            state.unsubscribe()
+            state.unsubscribe = None
+        if state.wake_timer is not None:
+            state.wake_timer.cancel()
+        task = state.task
+        if task is not None:
+            if not settle:
+                task.cancel()
+            await asyncio.wait([task])
+        self._devices.pop(device, None)
+
+    async def adopt(self, device: str) -> list[Command]:
+        """Take ``device`` over from a node that stopped or died: its commands left
+        ``sending`` go back to ``queued`` (the attempt counted) or to ``failed`` when their
+        attempts are used up, as after a crash. Returns them. The writes are fenced."""
+        sending = await self.store.list(device=device, states=[_Q.SENDING], limit=10_000)
+        if not sending:
+            return []
+        now = self.clock.now()
+        fence = self._fence(device)
+        changed = [recovered(command, now=now) for command in sending]
+        results = await self.store.apply([Update(new, _Q.SENDING, fence) for new in changed])
+        adopted = [new for new, written in zip(changed, results, strict=True) if written]
+        for command in adopted:
+            _log.info(
+                "outbox: command %s for %r was in flight on another node; now %s",
+                command.id,
+                device,
+                command.state.value,
+            )
+            self._announce(command, _Q.SENDING)
+        self._kick(device)
+        return adopted
+
+    def wake(self, device: str) -> None:
+        """Look at ``device``'s queue now (a submit on another node, a notification)."""
         self._kick(device)
 
     async def device_record(self, device: str) -> DeviceRecord:
@@ -574,6 +650,8 @@ class Outbox:
         if state is None:
             return
         state.again = True
+        if state.fenced or state.detaching:
+            return
         if state.task is None and (self._gate(state) is Gate.OPEN or state.pending.writes):
             # A device that cannot be delivered to has nothing to do until it can (its
             # deadlines are watched by the expiry timer): no pass, no read of its queue.
@@ -591,6 +669,14 @@ class Outbox:
                 _log.info("outbox: delivery to %r works again", state.name)
         except asyncio.CancelledError:
             raise
+        except FencedError as exc:
+            # Another node owns the device now: stop here, for good (nothing is retried);
+            # what this pass had settled but not written is the new owner's to recover.
+            _log.info("outbox: %r: delivery stops: %s", state.name, exc.message)
+            state.fenced = True
+            state.pending = _Pending()
+            if self._on_fenced is not None:
+                self._on_fenced(state.name)
         except Exception:  # noqa: BLE001 - see below
             # Deliberately broad: a bug or a store outage must not silently stop a device's
             # deliveries. Logged (the first time with its traceback), then tried again soon.
@@ -607,6 +693,9 @@ class Outbox:
                 for undo in state.pending.on_abort:
                     undo()
                 state.pending = _Pending()
+
+    def _fence(self, device: str) -> Fence | None:
+        return self._fences(device) if self._fences is not None else None
 
     def _hold(self, state: _Device, waiting: Waiting | None) -> None:
         if waiting == state.hold:
@@ -630,6 +719,9 @@ class Outbox:
         fresh = False  # the page was read after the last change
         verdict: tuple[str, PreconditionResult] | None = None
         while not self._closing:
+            if state.detaching or state.fenced:
+                await self._commit(pending)
+                return
             if state.again or not (page or fresh):
                 state.again = False
                 await self._commit(pending)  # a read must see every settled attempt
@@ -638,7 +730,7 @@ class Outbox:
             if state.pending_cycles:
                 state.record = begin_cycles(state.record, state.pending_cycles)
                 state.pending_cycles = 0
-                pending.add(PutDevice(state.record))
+                pending.add(PutDevice(state.record, self._fence(state.name)))
             head = page[0] if page else None
             step = next_step(
                 head,
@@ -654,7 +746,7 @@ class Outbox:
             self._hold(state, None)
             if isinstance(step, Resume):
                 state.record = step.record
-                pending.add(PutDevice(step.record))
+                pending.add(PutDevice(step.record, self._fence(state.name)))
                 await self._commit(pending)
                 self._events.emit(
                     DeliveryParked(device=state.name, reason=None, until=None, at=self.clock.now())
@@ -664,7 +756,10 @@ class Outbox:
                 verdict = (step.command.id, await self._check(state, step.command))
             elif isinstance(step, Expire | Fail):
                 new = step.expired if isinstance(step, Expire) else step.failed
-                pending.add(Update(new, _Q.QUEUED), self._announcer(new, _Q.QUEUED))
+                pending.add(
+                    Update(new, _Q.QUEUED, self._fence(state.name)),
+                    self._announcer(new, _Q.QUEUED),
+                )
                 await self._commit(pending)
                 page.popleft()
             else:
@@ -694,7 +789,10 @@ class Outbox:
                 attempt.done.set_result(None)
 
         try:
-            pending.add(Update(sending, _Q.QUEUED), self._announcer(sending, _Q.QUEUED))
+            pending.add(
+                Update(sending, _Q.QUEUED, self._fence(state.name)),
+                self._announcer(sending, _Q.QUEUED),
+            )
             written = (await self._commit(pending))[-1]
             if written is not True:
                 return True  # cancelled or superseded meanwhile
@@ -722,7 +820,7 @@ class Outbox:
                 announce(written)
                 finish()
 
-            pending.add(Update(done, _Q.SENDING), after)
+            pending.add(Update(done, _Q.SENDING, self._fence(state.name)), after)
             pending.on_abort.append(finish)
             old_record = state.record
             state.record = breaker(
@@ -735,7 +833,10 @@ class Outbox:
             )
             if state.record is not old_record:
                 record = state.record
-                pending.add(PutDevice(record), lambda _: self._parked(old_record, record))
+                pending.add(
+                    PutDevice(record, self._fence(state.name)),
+                    lambda _: self._parked(old_record, record),
+                )
             if done.state is _Q.QUEUED:
                 if done.expires_at is not None:
                     self._watch_expiry(done.expires_at)

@@ -27,14 +27,14 @@ import asyncio
 import builtins
 import collections
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from keeplink._core.commands import Command, CommandState, DeviceRecord
-from keeplink._core.errors import ConfigError, StoreUnavailableError
+from keeplink._core.errors import ConfigError, FencedError, StoreUnavailableError
 from keeplink.outbox.store import (
     COMMAND_COLUMNS,
     DEVICE_COLUMNS,
@@ -106,6 +106,21 @@ MIGRATIONS: Final[list[str]] = [
         failed_cycle  BIGINT NOT NULL
     );
     """,
+    # 2: nodes of a fleet and the device leases they hold (with their fencing epochs).
+    """
+    CREATE TABLE nodes (
+        node     TEXT PRIMARY KEY,
+        seen_at  TIMESTAMPTZ NOT NULL,
+        stopping BOOLEAN NOT NULL DEFAULT false
+    );
+    CREATE TABLE leases (
+        device     TEXT PRIMARY KEY,
+        node       TEXT,                      -- NULL: released
+        epoch      BIGINT NOT NULL,           -- +1 at every change of owner
+        expires_at TIMESTAMPTZ NOT NULL
+    );
+    CREATE INDEX leases_node ON leases (node);
+    """,
 ]
 """Schema scripts; ``schema_version`` counts how many a database has applied."""
 
@@ -166,6 +181,38 @@ _DEVICES_MANY: Final = (
     + ", ".join(f"{column} = excluded.{column}" for column in DEVICE_COLUMNS[1:])
 )
 _SELECT: Final = f"SELECT {_COLUMNS} FROM commands"
+_CURRENT_FENCES: Final = (
+    "SELECT l.device, l.node, l.epoch FROM leases AS l "
+    "JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS f(device, node, epoch) "
+    "ON l.device = f.device AND l.node = f.node AND l.epoch = f.epoch "
+    "WHERE l.expires_at > clock_timestamp() FOR SHARE OF l"
+)
+_HEARTBEAT: Final = (
+    "WITH me AS (INSERT INTO nodes (node, seen_at) VALUES ($1, clock_timestamp()) "
+    "ON CONFLICT (node) DO UPDATE SET seen_at = excluded.seen_at, stopping = false) "
+    "SELECT node FROM nodes WHERE NOT stopping "
+    "AND seen_at > clock_timestamp() - make_interval(secs => $2) "
+    "UNION SELECT $1"
+)
+_ACQUIRE: Final = (
+    "INSERT INTO leases (device, node, epoch, expires_at) "
+    "SELECT d, $1, 1, clock_timestamp() + make_interval(secs => $3) FROM unnest($2::text[]) AS d "
+    "ON CONFLICT (device) DO UPDATE SET node = excluded.node, epoch = leases.epoch + 1, "
+    "expires_at = excluded.expires_at "
+    "WHERE leases.node IS NULL OR leases.expires_at <= clock_timestamp() "
+    "RETURNING device, epoch"
+)
+_RENEW: Final = (
+    "UPDATE leases AS l SET expires_at = clock_timestamp() + make_interval(secs => $4) "
+    "FROM unnest($2::text[], $3::bigint[]) AS h(device, epoch) "
+    "WHERE l.device = h.device AND l.epoch = h.epoch AND l.node = $1 "
+    "AND l.expires_at > clock_timestamp() RETURNING l.device"
+)
+_RELEASE: Final = (
+    "UPDATE leases AS l SET node = NULL, expires_at = clock_timestamp() "
+    "FROM unnest($2::text[], $3::bigint[]) AS h(device, epoch) "
+    "WHERE l.device = h.device AND l.epoch = h.epoch AND l.node = $1"
+)
 _SENDING: Final = CommandState.SENDING.value
 
 
@@ -417,6 +464,7 @@ class PostgresStore(CommandStore):
                 continue
             seen.update(ids)
             kept.append(job)
+        kept = await self._fenced(conn, kept, answers)
         touched = [
             w.values[0] for job in kept for w in job.writes if w.kind in ("insert", "update")
         ]
@@ -461,6 +509,96 @@ class PostgresStore(CommandStore):
             )
         answers.extend((job, True, result) for job, result in zip(kept, results, strict=True))
         return answers
+
+    @staticmethod
+    async def _fenced(
+        conn: Any, jobs: builtins.list[_Job], answers: builtins.list[tuple[_Job, bool, Any]]
+    ) -> builtins.list[_Job]:
+        """The calls whose fences are current; the others are refused with FencedError.
+
+        The current lease rows are locked (``FOR SHARE``) until this transaction ends, so a
+        takeover, which updates them, waits for these writes and then sees them; a
+        takeover that committed first has changed the epoch, and the write is refused.
+        """
+        fences = {w.fence for job in jobs for w in job.writes if w.fence is not None}
+        if not fences:
+            return jobs
+        devices, nodes, epochs = (list(column) for column in zip(*fences, strict=True))
+        rows = await conn.fetch(_CURRENT_FENCES, devices, nodes, epochs)
+        current = {(row[0], row[1], row[2]) for row in rows}
+        kept: builtins.list[_Job] = []
+        for job in jobs:
+            stale = next(
+                (w.fence for w in job.writes if w.fence is not None and w.fence not in current),
+                None,
+            )
+            if stale is None:
+                kept.append(job)
+                continue
+            device, node, epoch = stale
+            answers.append(
+                (
+                    job,
+                    False,
+                    FencedError(
+                        f"node {node!r} no longer holds device {device!r} "
+                        f"(lease epoch {epoch} is not current)"
+                    ),
+                )
+            )
+        return kept
+
+    # ------------------------------------------------------------------ leases
+
+    async def heartbeat(self, node: str, *, lease_s: float) -> builtins.list[str]:
+        """Say that ``node`` is alive; the live nodes (seen within ``lease_s``, not
+        stopping), sorted. Uses the database's clock, the same for every node."""
+        pool = self._check_open()
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(_HEARTBEAT, check_str("node", node), float(lease_s))
+        return sorted(row[0] for row in rows)
+
+    async def leave(self, node: str) -> None:
+        """Mark ``node`` as stopping: the others stop counting it at once."""
+        pool = self._check_open()
+        await pool.execute("UPDATE nodes SET stopping = true WHERE node = $1", node)
+
+    async def acquire(
+        self, node: str, devices: Collection[str], *, lease_s: float
+    ) -> dict[str, int]:
+        """Take the leases of ``devices`` that are free (never held, released, or expired);
+        their new epochs. A device another node holds is not taken."""
+        if not devices:
+            return {}
+        pool = self._check_open()
+        rows = await pool.fetch(_ACQUIRE, node, list(devices), float(lease_s))
+        return {row[0]: int(row[1]) for row in rows}
+
+    async def renew(self, node: str, leases: Mapping[str, int], *, lease_s: float) -> set[str]:
+        """Extend the leases ``node`` still holds (at those epochs, not expired); the devices
+        renewed. A device missing from the answer is lost: stop delivering to it."""
+        if not leases:
+            return set()
+        pool = self._check_open()
+        rows = await pool.fetch(
+            _RENEW, node, list(leases), [int(e) for e in leases.values()], float(lease_s)
+        )
+        return {row[0] for row in rows}
+
+    async def release(self, node: str, leases: Mapping[str, int]) -> None:
+        """Give leases up at once, so the next owner need not wait for them to expire."""
+        if not leases:
+            return
+        pool = self._check_open()
+        await pool.execute(_RELEASE, node, list(leases), [int(e) for e in leases.values()])
+
+    async def owners(self) -> dict[str, str]:
+        """Every device with a current lease, and the node holding it."""
+        rows = await self._fetch(
+            "SELECT device, node FROM leases WHERE node IS NOT NULL "
+            "AND expires_at > clock_timestamp()"
+        )
+        return {row[0]: row[1] for row in rows}
 
     # ------------------------------------------------------------------ reads
 

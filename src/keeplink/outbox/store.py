@@ -35,6 +35,7 @@ __all__ = [
     "DEVICE_COLUMNS",
     "LIST_LIMIT_MAX",
     "CommandStore",
+    "Fence",
     "Insert",
     "MemoryStore",
     "PutDevice",
@@ -96,6 +97,18 @@ _INT64_MAX: Final = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
+class Fence:
+    """Who may write a device's delivery state: ``node`` holding the device's lease at
+    ``epoch``. A store shared by several nodes makes a fenced write only while that lease
+    is current, in the same transaction; otherwise it refuses the whole call with
+    :class:`~keeplink.outbox.FencedError`. A store of one process has one owner and no
+    leases: it takes a fence as always current."""
+
+    node: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
 class Insert:
     """Store a new ``queued`` command; its result is the stored copy, with its ``seq``."""
 
@@ -109,6 +122,7 @@ class Update:
 
     command: Command
     expect: CommandState
+    fence: Fence | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +142,7 @@ class PutDevice:
     """Insert or replace a device's record; its result is ``None``."""
 
     record: DeviceRecord
+    fence: Fence | None = None
 
 
 Write: TypeAlias = Insert | Update | Supersede | PutDevice
@@ -531,6 +546,8 @@ class EncodedWrite:
     kind: str
     values: tuple[Any, ...]
     expect: str | None = None
+    fence: tuple[str, str, int] | None = None
+    """``(device, node, epoch)`` of a fenced write."""
 
 
 _SUPERSEDED: Final = CommandState.SUPERSEDED.value
@@ -546,8 +563,14 @@ def encode_writes(writes: Sequence[Write]) -> builtins.list[EncodedWrite]:
         if isinstance(write, Insert):
             encoded.append(EncodedWrite("insert", new_command_values(write.command)))
         elif isinstance(write, Update):
+            values = command_values(write.command)
             encoded.append(
-                EncodedWrite("update", command_values(write.command), state_value(write.expect))
+                EncodedWrite(
+                    "update",
+                    values,
+                    state_value(write.expect),
+                    _fence(values[1], write.fence),
+                )
             )
         elif isinstance(write, Supersede):
             info = superseded_info(_text("by", write.by))
@@ -566,10 +589,19 @@ def encode_writes(writes: Sequence[Write]) -> builtins.list[EncodedWrite]:
                 )
             )
         elif isinstance(write, PutDevice):
-            encoded.append(EncodedWrite("device", device_values(write.record)))
+            values = device_values(write.record)
+            encoded.append(EncodedWrite("device", values, fence=_fence(values[0], write.fence)))
         else:
             raise InvalidRequestError(f"not a store write: {write!r}")
     return encoded
+
+
+def _fence(device: str, fence: object) -> tuple[str, str, int] | None:
+    if fence is None:
+        return None
+    if not isinstance(fence, Fence):
+        raise InvalidRequestError(f"fence must be a Fence, got {fence!r}")
+    return (device, _text("fence.node", fence.node), _integer("fence.epoch", fence.epoch))
 
 
 def duplicate_id(command_id: str) -> InvalidRequestError:
