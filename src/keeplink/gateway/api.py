@@ -274,14 +274,23 @@ async def _drain_client(ws: web.WebSocketResponse) -> None:
 
 async def healthz(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY_KEY]
-    return web.json_response(
-        {
-            "status": "ok",
-            "version": __version__,
-            "devices": len(gateway.links),
-            "links": dict(gateway.link_counts()),
+    body: dict[str, Any] = {
+        "status": "ok",
+        "version": __version__,
+        "node": gateway.config.node,
+        "devices": len(gateway.links),
+        "links": dict(gateway.link_counts()),
+    }
+    fleet = gateway.fleet
+    if fleet is not None:
+        body["fleet"] = {
+            "live_nodes": list(fleet.live),
+            "owned": sorted(d for d in gateway.links if fleet.owns(d)),
         }
-    )
+        if not fleet.healthy:
+            body["status"] = "degraded"
+            body["reason"] = fleet.problem
+    return web.json_response(body)
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +38,10 @@ __all__ = ["DeviceConfig", "GatewayConfig", "load_config", "parse_config"]
 
 DEFAULT_LISTEN: Final = "127.0.0.1:8470"
 DEFAULT_STORE: Final = "sqlite:///keeplink.db"
+DEFAULT_LEASE_S: Final = 10.0
+MIN_LEASE_S: Final = 0.5
+"""Below this a lease would be renewed more often than a database round trip is sure to
+take on a loaded machine."""
 DRIVERS: Final = ("jsonline", "modbus", "mqtt")
 _ID_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
@@ -67,6 +73,15 @@ class GatewayConfig:
     token: str | None = None
     devices: tuple[DeviceConfig, ...] = ()
     source: str = "<config>"
+    node: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    """This gateway's name in a fleet (unique per node): default hostname-pid."""
+    lease_s: float = DEFAULT_LEASE_S
+    """How long a node owns a device without renewing its lease (fleets only)."""
+
+    @property
+    def fleet(self) -> bool:
+        """Several nodes share the store (PostgreSQL): devices are owned through leases."""
+        return self.store.startswith(("postgresql://", "postgres://"))
 
     @property
     def listen(self) -> str:
@@ -214,7 +229,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Gatewa
     gateway = data.get("gateway", {})
     if not isinstance(gateway, Mapping):
         top.fail("gateway", "must be a table")
-    g = _Checker(source, "gateway", gateway, {"listen", "store", "token"})
+    g = _Checker(source, "gateway", gateway, {"listen", "store", "token", "node", "lease_s"})
     host, port = _listen(source, gateway.get("listen", DEFAULT_LISTEN))
     store = g.text("store", DEFAULT_STORE) or DEFAULT_STORE
     if not store.startswith(("sqlite://", "postgresql://", "postgres://", "memory:")):
@@ -224,6 +239,10 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Gatewa
             f"got {store!r}",
         )
     token = g.text("token")
+    node = g.text("node") or f"{socket.gethostname()}-{os.getpid()}"
+    lease_s = g.seconds("lease_s", DEFAULT_LEASE_S) or DEFAULT_LEASE_S
+    if lease_s < MIN_LEASE_S:
+        g.fail("lease_s", f"must be at least {MIN_LEASE_S:g} seconds, got {lease_s!r}")
     raw_devices = data.get("devices", [])
     if not isinstance(raw_devices, list):
         top.fail("devices", "must be an array of tables ([[devices]])")
@@ -234,7 +253,14 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Gatewa
             raise ConfigError(f"{source}: devices[{i}].id: duplicate id {device.id!r}")
         seen.add(device.id)
     return GatewayConfig(
-        listen_host=host, listen_port=port, store=store, token=token, devices=devices, source=source
+        listen_host=host,
+        listen_port=port,
+        store=store,
+        token=token,
+        devices=devices,
+        source=source,
+        node=node,
+        lease_s=lease_s,
     )
 
 

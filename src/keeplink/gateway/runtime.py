@@ -25,11 +25,13 @@ from keeplink._link import Link
 from keeplink._slots import SlotPool
 from keeplink.drivers.jsonline import JsonLineDriver
 from keeplink.gateway.config import DeviceConfig, GatewayConfig
+from keeplink.gateway.fleet import Fleet, Unit
 from keeplink.outbox import (
     CommandStateChanged,
     CommandStore,
     CommandWaiting,
     DeliveryParked,
+    Fence,
     FirmwareProgress,
     FirmwareTransfer,
     MemoryStore,
@@ -132,11 +134,15 @@ class Gateway:
         self.base_dir = base_dir
         self.store = open_store(config.store, base=base_dir)
         self.presence = PresenceTracker(debounce_online_s=1.0, debounce_offline_s=3.0)
+        self.fleet: Fleet | None = None
+        """In a fleet (a PostgreSQL store): this node's leases; None on a single node."""
         self.outbox = Outbox(
             self.store,
             presence=self.presence,
             executors={"firmware": FirmwareTransfer()},
             preconditions={"image_matches": image_matches},
+            fences=self._fence if config.fleet else None,
+            on_fenced=self._fenced if config.fleet else None,
         )
         self.devices: dict[str, DeviceConfig] = {d.id: d for d in config.devices}
         self.links: dict[str, Link[Any]] = {}
@@ -161,19 +167,63 @@ class Gateway:
         MQTT availability, not from the shared link.
         """
         plans = self._plan()  # fail on a bad driver before touching anything
-        await self.outbox.start()
+        await self.outbox.start(recover=not self.config.fleet)
         self._unsubscribers.append(self.outbox.subscribe(self._on_outbox))
         self._unsubscribers.append(self.presence.subscribe(self._on_presence))
+        units = []
         for link, devices, hub in plans:
             self._unsubscribers.append(link.subscribe(self._on_link))
             for device in devices:
                 self.links[device.id] = link
+            if self.config.fleet:
+                units.append(self._unit(link, [d.id for d in devices], hub))
+                continue
+            for device in devices:
                 await self.outbox.attach(device.id, link, hub=hub)
             link.start()
+        if self.config.fleet:
+            from keeplink.outbox.postgres import PostgresStore
+
+            assert isinstance(self.store, PostgresStore)
+            self.fleet = Fleet(
+                store=self.store,
+                outbox=self.outbox,
+                node=self.config.node,
+                lease_s=self.config.lease_s,
+                units=units,
+            )
+            self.fleet.start()
         for probe in self.probes:
             probe.start()
         self.started_at = time.time()
         _log.info("gateway: %d device(s), store %s", len(self.links), self.config.store)
+
+    def _unit(self, link: Link[Any], devices: list[str], hub: bool) -> Unit:
+        """A link and its devices as one thing a fleet node owns."""
+
+        async def start() -> None:
+            for device in devices:
+                await self.outbox.attach(device, link, hub=hub)
+            link.start()
+
+        async def stop(settle: bool) -> None:
+            if settle:  # a handoff: the attempt in flight needs the link to end well
+                for device in devices:
+                    await self.outbox.detach(device, settle=True)
+                await link.stop()
+                return
+            await link.stop()  # lost: close the sessions first, at once
+            for device in devices:
+                await self.outbox.detach(device, settle=False)
+
+        return Unit(key=devices[0], devices=devices, start=start, stop=stop)
+
+    def _fence(self, device: str) -> Fence | None:
+        return self.fleet.fence(device) if self.fleet is not None else None
+
+    def _fenced(self, device: str) -> None:
+        if self.fleet is not None:
+            self.fleet.fenced(device)
 
     def _pool(self, device: DeviceConfig) -> SlotPool | None:
         if device.hub is None:
@@ -256,6 +306,8 @@ class Gateway:
         """Graceful: stop the links, then close the outbox and store. A command that was
         being delivered stays ``sending`` on disk and is re-queued (attempt counted) at the
         next start — the same recovery a crash gets, so both leave a consistent store."""
+        if self.fleet is not None:
+            await self.fleet.close()  # hand every unit over gracefully, release the leases
         for probe in self.probes:
             await probe.close()
         await asyncio.gather(*(link.stop() for link in set(self.links.values())))
@@ -389,6 +441,7 @@ class Gateway:
             retry_in = max(0.0, stats.retry_at - link.clock.now())
         return {
             "id": device_id,
+            "node": self.owner_of(device_id),
             "driver": config.driver,
             "presence": self.presence.presence(device_id).value,
             "link": {
@@ -408,6 +461,16 @@ class Gateway:
                 else None
             ),
         }
+
+    def owner_of(self, device_id: str) -> str | None:
+        """The node delivering to the device: this one on a single node; in a fleet, the
+        lease holder (``None`` while unowned)."""
+        if self.fleet is None:
+            return self.config.node
+        if self.fleet.owns(device_id):
+            return self.config.node
+        owner: str | None = self.fleet.owners.get(device_id)
+        return owner
 
     async def devices_view(self) -> list[dict[str, Any]]:
         return [await self.device_view(device_id) for device_id in self.devices]

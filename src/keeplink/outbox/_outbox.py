@@ -383,6 +383,11 @@ class Outbox:
         """Take ``device`` over from a node that stopped or died: its commands left
         ``sending`` go back to ``queued`` (the attempt counted) or to ``failed`` when their
         attempts are used up, as after a crash. Returns them. The writes are fenced."""
+        cached = self._devices.get(device)
+        if cached is not None and cached.link is None:
+            # Known here only from submits: forget what was read then (the last owner has
+            # moved its cycle and breaker on since); attach() reads the record afresh.
+            self._devices.pop(device, None)
         sending = await self.store.list(device=device, states=[_Q.SENDING], limit=10_000)
         if not sending:
             return []

@@ -27,7 +27,7 @@ import asyncio
 import builtins
 import collections
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
@@ -181,6 +181,7 @@ _DEVICES_MANY: Final = (
     + ", ".join(f"{column} = excluded.{column}" for column in DEVICE_COLUMNS[1:])
 )
 _SELECT: Final = f"SELECT {_COLUMNS} FROM commands"
+_NOTIFY: Final = "SELECT pg_notify($1, d) FROM unnest($2::text[]) AS d"
 _CURRENT_FENCES: Final = (
     "SELECT l.device, l.node, l.epoch FROM leases AS l "
     "JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS f(device, node, epoch) "
@@ -492,6 +493,8 @@ class PostgresStore(CommandStore):
             seqs = {row[0]: row[1] for row in returned}
             for j, w, write in places["insert"]:
                 results[j][w] = seqs[write.values[0]]
+            # Wake the devices' owners, wherever they run: delivered at commit, not before.
+            await conn.execute(_NOTIFY, self.channel, sorted({row[1] for row in rows}))
         if places["update"]:
             rows = [
                 (write.values[0], write.expect, *write.values[1:])
@@ -547,6 +550,31 @@ class PostgresStore(CommandStore):
                 )
             )
         return kept
+
+    # ------------------------------------------------------------------ notifications
+
+    @property
+    def channel(self) -> str:
+        """The notification channel: each committed submit sends its device's id on it."""
+        return f"keeplink_{self.schema}"
+
+    async def listen(self, on_submit: Callable[[str], object]) -> Any:
+        """A connection of its own that calls ``on_submit(device)`` for every submit any
+        node commits. Returns the asyncpg connection (``is_closed()``, ``close()``). Raises
+        StoreUnavailableError if it cannot connect."""
+        import asyncpg
+
+        self._check_open()
+
+        def notified(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            on_submit(str(payload))
+
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT_S)
+            await conn.add_listener(self.channel, notified)
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            raise _unavailable(exc) from exc
+        return conn
 
     # ------------------------------------------------------------------ leases
 

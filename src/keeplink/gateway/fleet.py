@@ -1,0 +1,278 @@
+"""A node's share of a fleet: device leases in the shared PostgreSQL store.
+
+Every node reads the same ``[[devices]]``. Each *unit* (a device with its own link, or a
+hub link with the devices behind it) belongs to one live node, chosen by rendezvous
+hashing: of the live nodes, the one whose hash with the unit's key is highest. So devices
+spread evenly, a node that joins takes its share (the others see it and hand its units
+over), and a node that dies loses only its own (the others pick them up when the leases
+expire), with no coordination beyond the lease rows.
+
+Every ``lease_s / RENEW_RATIO`` seconds the keeper:
+
+1. says this node is alive and learns the live nodes;
+2. renews the leases it holds; a lease it could not renew is lost: the unit's delivery and
+   link stop at once (the new owner recovers its commands);
+3. hands over (gracefully: the attempt in flight settles, then the lease is released) the
+   units that now belong to another live node;
+4. takes the leases of the units that are now its own and free, recovers their commands
+   left ``sending`` by the last owner, and starts their links.
+
+If it cannot confirm its leases for a whole ``lease_s`` (the database is unreachable, or
+this process was paused), it stops every unit: another node may own them by now. The
+dispatcher's writes carry the lease epoch as a fence, so even a write made before the
+keeper notices is refused by the database.
+
+New commands wake their owner through ``LISTEN/NOTIFY``; while the listening connection is
+down, owned devices are looked at every ``POLL_S`` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from keeplink._core.errors import KeeplinkError
+from keeplink.outbox import Fence, Outbox
+from keeplink.outbox.postgres import PostgresStore
+
+__all__ = ["RENEW_RATIO", "Fleet", "Unit", "owner_of"]
+
+_log = logging.getLogger("keeplink.gateway.fleet")
+
+RENEW_RATIO: Final = 3
+"""Leases are renewed three times a lease period: two lost round trips are survived, a
+third means the database (or this node) is in trouble and the lease may lapse."""
+POLL_S: Final = 1.0
+"""While no notification connection is up, owned devices are looked at this often."""
+NO_FENCE: Final = -1
+"""The epoch of a device this node does not hold: never current, so a write is refused."""
+
+
+def owner_of(key: str, nodes: Sequence[str]) -> str | None:
+    """Rendezvous hashing: the node that owns ``key`` among ``nodes`` (None if empty)."""
+    if not nodes:
+        return None
+
+    def score(node: str) -> bytes:
+        return hashlib.blake2b(f"{node}\0{key}".encode(), digest_size=8).digest()
+
+    return max(nodes, key=score)
+
+
+@dataclass(slots=True)
+class Unit:
+    """What is owned as one: a link and the devices reached through it."""
+
+    key: str
+    devices: list[str]
+    start: Callable[[], Coroutine[Any, Any, None]]
+    """Attach the devices to the outbox and start the link."""
+    stop: Callable[[bool], Coroutine[Any, Any, None]]
+    """Stop the link and detach the devices (``True``: let an attempt in flight settle)."""
+    running: bool = False
+    epochs: dict[str, int] = field(default_factory=dict)
+
+
+class Fleet:
+    """Keeps this node's leases; see the module's docstring. Keyword-only config."""
+
+    def __init__(
+        self,
+        *,
+        store: PostgresStore,
+        outbox: Outbox,
+        node: str,
+        lease_s: float,
+        units: Sequence[Unit],
+    ) -> None:
+        self.store = store
+        self.outbox = outbox
+        self.node = node
+        self.lease_s = lease_s
+        self.units = list(units)
+        self._by_device = {device: unit for unit in self.units for device in unit.devices}
+        self.live: list[str] = [node]
+        self.owners: dict[str, str] = {}
+        """Device → owning node, as last read (for the device view)."""
+        self.healthy = False
+        self.problem: str | None = "not started"
+        self._confirmed_at: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._listener: Any = None
+        self._closing = False
+        self._wake = asyncio.Event()
+        self._stopping: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ for the outbox
+
+    def fence(self, device: str) -> Fence:
+        """The fence this node's writes for ``device`` carry (a refused one if not held)."""
+        unit = self._by_device.get(device)
+        epoch = unit.epochs.get(device) if unit is not None else None
+        return Fence(self.node, epoch if epoch is not None else NO_FENCE)
+
+    def fenced(self, device: str) -> None:
+        """The store refused a write for ``device``: stop its unit now, the next tick
+        sorts out who owns it."""
+        unit = self._by_device.get(device)
+        if unit is not None and unit.running:
+            _log.warning("fleet: %s lost device %r to another node", self.node, device)
+            unit.epochs.clear()
+            unit.running = False
+            task = asyncio.get_running_loop().create_task(
+                unit.stop(False), name=f"keeplink.fleet[{unit.key}].stop"
+            )
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+        self._wake.set()
+
+    def owns(self, device: str) -> bool:
+        unit = self._by_device.get(device)
+        return unit is not None and unit.running
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"keeplink.fleet[{self.node}]"
+        )
+
+    async def close(self) -> None:
+        """SIGTERM: leave the fleet gracefully. Attempts in flight settle, then the leases
+        are released, so the next owners start at once instead of waiting for expiry."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._stopping:
+            await asyncio.wait(self._stopping)
+        with contextlib.suppress(KeeplinkError, OSError):
+            await self.store.leave(self.node)
+        for unit in self.units:
+            if unit.running or unit.epochs:
+                await self._hand_over(unit)
+        await self._close_listener()
+
+    # ------------------------------------------------------------------ the keeper
+
+    async def _run(self) -> None:
+        interval = self.lease_s / RENEW_RATIO
+        while True:
+            try:
+                await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the keeper must not die; see below
+                # A database that is down is expected and said once; anything else is a
+                # bug, logged with its traceback. Either way the next tick tries again.
+                if self.healthy or self.problem is None:
+                    log = _log.warning if isinstance(exc, KeeplinkError) else _log.exception
+                    log("fleet: %s cannot keep its leases: %s", self.node, exc)
+                self.healthy = False
+                self.problem = f"the store is unreachable: {exc}"
+            await self._expire_if_unconfirmed()
+            wait = interval
+            if self._listener is None or self._listener.is_closed():
+                self._poll()  # no notifications: look at every owned device instead
+                wait = min(interval, POLL_S)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+
+    async def _expire_if_unconfirmed(self) -> None:
+        """Not confirmed for a whole lease: stop everything (another node may own it)."""
+        if self._confirmed_at is None or time.monotonic() - self._confirmed_at < self.lease_s:
+            return
+        for unit in self.units:
+            if unit.running:
+                _log.warning(
+                    "fleet: %s could not renew its leases for %gs: stopping %s",
+                    self.node,
+                    self.lease_s,
+                    unit.key,
+                )
+                unit.running = False
+                unit.epochs.clear()
+                await unit.stop(False)
+
+    async def _tick(self) -> None:
+        await self._expire_if_unconfirmed()  # first: after a pause, before anything else
+        asked = time.monotonic()
+        self.live = await self.store.heartbeat(self.node, lease_s=self.lease_s)
+        held = {d: e for unit in self.units for d, e in unit.epochs.items()}
+        kept = await self.store.renew(self.node, held, lease_s=self.lease_s) if held else set()
+        self._confirmed_at = asked
+        for unit in self.units:
+            if unit.epochs and not set(unit.epochs) <= kept:
+                _log.warning("fleet: %s lost %s (its lease lapsed)", self.node, unit.key)
+                unit.epochs.clear()
+                if unit.running:
+                    unit.running = False
+                    await unit.stop(False)
+        for unit in self.units:
+            mine = owner_of(unit.key, self.live) == self.node
+            if not mine and (unit.running or unit.epochs):
+                await self._hand_over(unit)
+            elif mine and not unit.running:
+                await self._take(unit)
+        self.owners = await self.store.owners()
+        await self._keep_listener()
+        self.healthy = True
+        self.problem = None
+
+    async def _take(self, unit: Unit) -> None:
+        missing = [d for d in unit.devices if d not in unit.epochs]
+        if missing:
+            unit.epochs.update(await self.store.acquire(self.node, missing, lease_s=self.lease_s))
+        if len(unit.epochs) < len(unit.devices):
+            return  # another node still holds some: its lease runs out, or it hands over
+        _log.info("fleet: %s takes %s (epochs %s)", self.node, unit.key, unit.epochs)
+        for device in unit.devices:
+            await self.outbox.adopt(device)
+        unit.running = True
+        await unit.start()
+
+    async def _hand_over(self, unit: Unit) -> None:
+        _log.info("fleet: %s hands %s over", self.node, unit.key)
+        if unit.running:
+            unit.running = False
+            await unit.stop(True)
+        epochs, unit.epochs = dict(unit.epochs), {}
+        with contextlib.suppress(KeeplinkError, OSError):
+            await self.store.release(self.node, epochs)
+
+    # ------------------------------------------------------------------ notifications
+
+    def _on_submit(self, device: str) -> None:
+        if self.owns(device):
+            self.outbox.wake(device)
+
+    async def _keep_listener(self) -> None:
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        self._listener = None
+        try:
+            self._listener = await self.store.listen(self._on_submit)
+        except KeeplinkError as exc:
+            _log.debug("fleet: no notification connection (%s); polling every %gs", exc, POLL_S)
+
+    def _poll(self) -> None:
+        """The fallback while notifications are down: look at every owned device."""
+        for unit in self.units:
+            if unit.running:
+                for device in unit.devices:
+                    self.outbox.wake(device)
+
+    async def _close_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(Exception):  # closing a connection that may be broken
+                await listener.close(timeout=2)

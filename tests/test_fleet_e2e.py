@@ -1,0 +1,200 @@
+"""Three ``keeplink serve`` nodes on one PostgreSQL database, in front of twelve simulated
+devices: every device owned by exactly one node, commands submitted through any node
+delivered once and in order, a node killed with SIGKILL and one paused with SIGSTOP.
+
+Leases are short (LEASE_S) so the takeovers happen within the test's bounds; the fleet
+benchmark (``python -m bench.fleet_pg``) runs the long version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+import uuid
+from collections import Counter
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from keeplink.testing import DeviceSimulator
+from keeplink.testing.postgres import PostgresServer
+from test_gateway_e2e import TOKEN, GatewayProc, Procs, procs  # noqa: F401
+
+LEASE_S = 1.5
+DEVICES = [f"dev{n:02d}" for n in range(12)]
+NODES = ["gw-a", "gw-b", "gw-c"]
+COMMANDS = 15  # per device, per phase
+
+
+def fleet_config(path: Path, *, node: str, dsn: str, ports: dict[str, int]) -> Path:
+    lines = [
+        "[gateway]",
+        'listen = "127.0.0.1:0"',
+        f'store = "{dsn}"',
+        f'token = "{TOKEN}"',
+        f'node = "{node}"',
+        f"lease_s = {LEASE_S}",
+    ]
+    for device, port in ports.items():
+        lines += [
+            "",
+            "[[devices]]",
+            f'id = "{device}"',
+            'driver = "jsonline"',
+            f"port = {port}",
+            "heartbeat_s = 0.5",
+            "backoff = { initial_s = 0.05, cap_s = 0.3 }",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def views(session: aiohttp.ClientSession, url: str) -> dict[str, dict[str, Any]]:
+    async with session.get(f"{url}/api/devices", timeout=aiohttp.ClientTimeout(total=5)) as r:
+        body = await r.json()
+    return {d["id"]: d for d in body["devices"]}
+
+
+async def owners(session: aiohttp.ClientSession, urls: list[str]) -> list[dict[str, Any]]:
+    """Each node's answer: device → owning node."""
+    return [{d: v["node"] for d, v in (await views(session, u)).items()} for u in urls]
+
+
+async def settled_owners(
+    session: aiohttp.ClientSession, urls: list[str], live: list[str], bound_s: float
+) -> tuple[dict[str, str], float]:
+    """Wait until every node names one live owner for every device, all agreeing, and
+    every live node has its share (at least one device); the owners and how long it took."""
+    begin = time.monotonic()
+    while True:
+        answers = await owners(session, urls)
+        first = answers[0]
+        agreed = all(a == first for a in answers)
+        if agreed and all(first[d] in live for d in DEVICES) and set(first.values()) == set(live):
+            return first, time.monotonic() - begin
+        assert time.monotonic() - begin < bound_s, answers
+        await asyncio.sleep(0.05)
+
+
+async def submit_all(
+    session: aiohttp.ClientSession,
+    urls: list[str],
+    rng: random.Random,
+    phase: int,
+    accepted: dict[str, list[str]],
+) -> dict[str, list[str]]:
+    """COMMANDS commands for every device, each through a random node; their ids by
+    device, also appended to ``accepted`` (every command a node answered 202 for, in the
+    order they were accepted)."""
+    ids: dict[str, list[str]] = {d: [] for d in DEVICES}
+    for n in range(COMMANDS):
+        for device in DEVICES:
+            url = rng.choice(urls)
+            async with session.post(
+                f"{url}/api/devices/{device}/commands",
+                json={"op": "set", "args": {"phase": phase, "n": n}},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            ) as r:
+                assert r.status == 202, await r.text()
+                command_id = (await r.json())["command"]["id"]
+            ids[device].append(command_id)
+            accepted.setdefault(device, []).append(command_id)
+    return ids
+
+
+async def all_final(
+    session: aiohttp.ClientSession, url: str, ids: dict[str, list[str]], bound_s: float
+) -> None:
+    wanted = {i for group in ids.values() for i in group}
+    deadline = time.monotonic() + bound_s
+    while True:
+        async with session.get(f"{url}/api/commands", params={"limit": "10000"}) as r:
+            commands = {c["id"]: c for c in (await r.json())["commands"]}
+        states = Counter(commands[i]["state"] for i in wanted)
+        if states == {"succeeded": len(wanted)}:
+            return
+        assert time.monotonic() < deadline, states
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
+    tmp_path: Path, procs: Procs, postgres_server: PostgresServer
+) -> None:
+    rng = random.Random(5)
+    accepted: dict[str, list[str]] = {}
+    dsn = f"{postgres_server.dsn()}?schema=fleet{uuid.uuid4().hex[:12]}"
+    async with AsyncExitStack() as stack:
+        sims = {d: await stack.enter_async_context(DeviceSimulator(device_id=d)) for d in DEVICES}
+        ports = {d: sim.port for d, sim in sims.items()}
+        nodes: dict[str, GatewayProc] = {}
+        urls: dict[str, str] = {}
+        for name in NODES:
+            config = fleet_config(tmp_path / f"{name}.toml", node=name, dsn=dsn, ports=ports)
+            nodes[name] = procs.gateway(config)
+            urls[name] = await nodes[name].start_ready()
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+
+        # 1. Every device owned by one node, all nodes agreeing, spread over the three.
+        owner, _ = await settled_owners(session, list(urls.values()), NODES, 4 * LEASE_S)
+        spread = Counter(owner.values())
+        assert set(spread) == set(NODES), spread
+        phase1 = await submit_all(session, list(urls.values()), rng, 1, accepted)
+        await all_final(session, urls["gw-a"], phase1, bound_s=30)
+
+        # 2. SIGKILL the busiest node while commands are submitted through all nodes.
+        victim = spread.most_common(1)[0][0]
+        phase2_task = asyncio.create_task(
+            submit_all(session, list(urls.values()), rng, 2, accepted)
+        )
+        await asyncio.sleep(0.3)
+        nodes[victim].kill()
+        killed_at = time.monotonic()
+        alive = [n for n in NODES if n != victim]
+        with pytest.raises(aiohttp.ClientError):  # its API is gone with it
+            await views(session, urls[victim])
+        phase2_task.cancel()  # some went to the dead node's API: submit the rest again
+        await asyncio.gather(phase2_task, return_exceptions=True)
+        phase2 = await submit_all(session, [urls[n] for n in alive], rng, 2, accepted)
+        owner, _ = await settled_owners(session, [urls[n] for n in alive], alive, 4 * LEASE_S)
+        takeover_s = time.monotonic() - killed_at
+        assert takeover_s <= 2 * LEASE_S + 1.0, takeover_s  # + polling slack of this test
+        await all_final(session, urls[alive[0]], phase2, bound_s=30)
+
+        # 3. SIGSTOP one of the two for three lease periods, then SIGCONT.
+        paused = alive[0]
+        other = alive[1]
+        assert nodes[paused].proc is not None
+        nodes[paused].proc.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(3 * LEASE_S)
+            owner, _ = await settled_owners(session, [urls[other]], [other], 2 * LEASE_S)
+            phase3 = await submit_all(session, [urls[other]], rng, 3, accepted)
+        finally:
+            nodes[paused].proc.send_signal(signal.SIGCONT)
+        await all_final(session, urls[other], phase3, bound_s=30)
+        await all_final(session, urls[other], accepted, bound_s=30)  # nothing accepted lost
+        owner, _ = await settled_owners(session, [urls[n] for n in alive], alive, 4 * LEASE_S)
+        await asyncio.sleep(LEASE_S)  # the paused node noticed, and the fleet is quiet
+        sessions = {d: sim.statistics().sessions_active for d, sim in sims.items()}
+        assert sessions == dict.fromkeys(DEVICES, 1), sessions  # exactly one owner connected
+
+        for name in alive:
+            assert await nodes[name].stop() == 0, nodes[name].stderr
+        for name in alive:
+            assert "Traceback" not in nodes[name].stderr, nodes[name].stderr
+
+    # Nothing lost (every accepted command succeeded above), nothing applied twice, and
+    # each device's commands applied in the order they were accepted.
+    for device, sim in sims.items():
+        keys = Counter(c.key for c in sim.applied)
+        assert max(keys.values()) == 1, (device, keys.most_common(3))
+        known = set(accepted[device])  # (a command sent to the killed node may be unknown)
+        applied = [c.key for c in sim.applied if c.key in known]
+        assert applied == accepted[device], device  # each once, in the order accepted
