@@ -379,3 +379,11 @@ def test_fuzzed_bodies_and_queries_never_5xx(api: Api) -> None:
         check_response(response, f"GET /api/commands {params!r}")
 
     run()
+
+
+@pytest.mark.parametrize("limit", ["²", "١٢", "1²", "9" * 40])
+def test_a_limit_that_is_not_an_ascii_number_is_a_422(api: Api, limit: str) -> None:
+    """Unicode digits pass str.isdigit() but not int(): once a 500 and a traceback."""
+    answer = api.call("GET", "/api/commands", params={"limit": limit})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["code"] == "invalid_request"

@@ -23,7 +23,7 @@ import pytest
 
 from keeplink.testing import DeviceSimulator
 from keeplink.testing.postgres import PostgresServer
-from test_gateway_e2e import TOKEN, GatewayProc, Procs, procs  # noqa: F401
+from test_gateway_e2e import TOKEN, Events, GatewayProc, Procs, procs  # noqa: F401
 
 LEASE_S = 1.5
 DEVICES = [f"dev{n:02d}" for n in range(12)]
@@ -140,6 +140,7 @@ async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
             nodes[name] = procs.gateway(config)
             urls[name] = await nodes[name].start_ready()
         session = await stack.enter_async_context(aiohttp.ClientSession())
+        events = await stack.enter_async_context(Events(session, urls["gw-a"]))
 
         # 1. Every device owned by one node, all nodes agreeing, spread over the three.
         owner, _ = await settled_owners(session, list(urls.values()), NODES, 4 * LEASE_S)
@@ -147,6 +148,19 @@ async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
         assert set(spread) == set(NODES), spread
         phase1 = await submit_all(session, list(urls.values()), rng, 1, accepted)
         await all_final(session, urls["gw-a"], phase1, bound_s=30)
+        # gw-a's API shows the devices other nodes own as those nodes see them, and its
+        # event stream carries the whole fleet's events.
+        elsewhere = [d for d in DEVICES if owner[d] != "gw-a"]
+        view = await views(session, urls["gw-a"])
+        assert all(view[d]["presence"] == "online" for d in elsewhere), view
+        assert all(view[d]["link"]["state"] == "connected" for d in elsewhere), view
+        succeeded = {
+            e["command"]["id"]: e.get("node")
+            for e in events.events
+            if e["type"] == "command" and e["command"]["state"] == "succeeded"
+        }
+        for device in elsewhere:
+            assert all(succeeded.get(i) == owner[device] for i in phase1[device]), device
 
         # 2. SIGKILL the busiest node while commands are submitted through all nodes.
         victim = spread.most_common(1)[0][0]
@@ -184,6 +198,28 @@ async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
         await asyncio.sleep(LEASE_S)  # the paused node noticed, and the fleet is quiet
         sessions = {d: sim.statistics().sessions_active for d, sim in sims.items()}
         assert sessions == dict.fromkeys(DEVICES, 1), sessions  # exactly one owner connected
+
+        # 4. PostgreSQL restarts while commands are submitted: the nodes ride it out.
+        postgres_server.stop(mode="immediate")
+        await asyncio.sleep(0.5)
+        postgres_server.start()
+        phase4 = await submit_all(session, [urls[n] for n in alive], rng, 4, accepted)
+        await all_final(session, urls[alive[0]], phase4, bound_s=40)
+        owner, _ = await settled_owners(session, [urls[n] for n in alive], alive, 6 * LEASE_S)
+
+        # 5. SIGTERM one node: it hands its devices over, faster than a lease expires.
+        leaving, staying = alive
+        stopped_at = time.monotonic()
+        assert await nodes[leaving].stop() == 0, nodes[leaving].stderr
+        owner, _ = await settled_owners(session, [urls[staying]], [staying], 2 * LEASE_S)
+        handoff_s = time.monotonic() - stopped_at
+        phase5 = await submit_all(session, [urls[staying]], rng, 5, accepted)
+        await all_final(session, urls[staying], phase5, bound_s=30)
+        alive = [staying]
+        print(
+            f"\nfleet: takeover after SIGKILL {takeover_s:.2f}s, handoff after SIGTERM "
+            f"{handoff_s:.2f}s (lease {LEASE_S}s); {sum(map(len, accepted.values()))} commands"
+        )
 
         for name in alive:
             assert await nodes[name].stop() == 0, nodes[name].stderr

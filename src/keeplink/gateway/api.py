@@ -113,6 +113,11 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
+def _decimal(text: str) -> bool:
+    """A plain decimal number: ASCII digits, not too many of them."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -195,7 +200,8 @@ async def list_commands(request: web.Request) -> web.Response:
                 f"state must be one of {known}, got {request.query['state']!r}"
             ) from None
     limit_text = request.query.get("limit", "100")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 10_000:
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if not _decimal(limit_text) or not 1 <= int(limit_text) <= 10_000:
         raise InvalidRequestError(f"limit must be an integer in 1..10000, got {limit_text!r}")
     limit = int(limit_text)
     order = request.query.get("order", "oldest")
@@ -223,7 +229,7 @@ async def cancel_command(request: web.Request) -> web.Response:
 async def events(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY_KEY]
     since_text = request.query.get("since", "")
-    since = int(since_text) if since_text.isdigit() else None
+    since = int(since_text) if _decimal(since_text) else None
     ws = web.WebSocketResponse(heartbeat=30)
     await ws.prepare(request)
     request.app[SOCKETS_KEY].add(ws)

@@ -29,17 +29,19 @@ down, owned devices are looked at every ``POLL_S`` instead.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
+import json
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from keeplink._core.errors import KeeplinkError
 from keeplink.outbox import Fence, Outbox
-from keeplink.outbox.postgres import PostgresStore
+from keeplink.outbox.postgres import NOTIFY_MAX, PostgresStore
 
 __all__ = ["RENEW_RATIO", "Fleet", "Unit", "owner_of"]
 
@@ -50,6 +52,8 @@ RENEW_RATIO: Final = 3
 third means the database (or this node) is in trouble and the lease may lapse."""
 POLL_S: Final = 1.0
 """While no notification connection is up, owned devices are looked at this often."""
+OUTGOING_MAX: Final = 10_000
+"""Events waiting to be sent to the other nodes; past this the oldest are dropped."""
 NO_FENCE: Final = -1
 """The epoch of a device this node does not hold: never current, so a write is refused."""
 
@@ -90,8 +94,11 @@ class Fleet:
         node: str,
         lease_s: float,
         units: Sequence[Unit],
+        on_event: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.store = store
+        self.on_event = on_event
+        """Called with each event another node published (its ``node`` names it)."""
         self.outbox = outbox
         self.node = node
         self.lease_s = lease_s
@@ -108,6 +115,9 @@ class Fleet:
         self._closing = False
         self._wake = asyncio.Event()
         self._stopping: set[asyncio.Task[None]] = set()
+        self._outgoing: collections.deque[str] = collections.deque(maxlen=OUTGOING_MAX)
+        self._send_wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ for the outbox
 
@@ -139,9 +149,44 @@ class Fleet:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"keeplink.fleet[{self.node}]"
-        )
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name=f"keeplink.fleet[{self.node}]")
+        self._sender = loop.create_task(self._send(), name=f"keeplink.fleet[{self.node}].events")
+
+    # ------------------------------------------------------------------ events
+
+    def publish(self, event: Mapping[str, Any]) -> None:
+        """Send one of this node's API events to the other nodes (best effort: events
+        describe the store, which has the truth). One too large for a notification goes
+        without its command's args and result."""
+        text = json.dumps({**event, "node": self.node}, separators=(",", ":"))
+        if len(text.encode()) > NOTIFY_MAX and isinstance(event.get("command"), dict):
+            command = {k: v for k, v in event["command"].items() if k not in ("args", "result")}
+            text = json.dumps({**event, "command": command, "node": self.node})
+        if len(text.encode()) > NOTIFY_MAX:
+            _log.debug("fleet: an event of %d bytes is not sent to other nodes", len(text))
+            return
+        self._outgoing.append(text)
+        self._send_wake.set()
+
+    async def _send(self) -> None:
+        while True:
+            await self._send_wake.wait()
+            self._send_wake.clear()
+            while self._outgoing:
+                batch = [self._outgoing.popleft() for _ in range(min(100, len(self._outgoing)))]
+                try:
+                    await self.store.publish(batch)
+                except KeeplinkError as exc:
+                    _log.debug("fleet: %d events not sent: %s", len(batch), exc)
+
+    def _on_event(self, text: str) -> None:
+        try:
+            event = json.loads(text)
+        except ValueError:
+            return
+        if isinstance(event, dict) and event.get("node") != self.node and self.on_event:
+            self.on_event(event)
 
     async def close(self) -> None:
         """SIGTERM: leave the fleet gracefully. Attempts in flight settle, then the leases
@@ -153,6 +198,10 @@ class Fleet:
                 await self._task
         if self._stopping:
             await asyncio.wait(self._stopping)
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
         with contextlib.suppress(KeeplinkError, OSError):
             await self.store.leave(self.node)
         for unit in self.units:
@@ -260,7 +309,7 @@ class Fleet:
             return
         self._listener = None
         try:
-            self._listener = await self.store.listen(self._on_submit)
+            self._listener = await self.store.listen(self._on_submit, self._on_event)
         except KeeplinkError as exc:
             _log.debug("fleet: no notification connection (%s); polling every %gs", exc, POLL_S)
 

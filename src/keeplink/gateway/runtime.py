@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from keeplink._core.commands import Command, CommandState
-from keeplink._core.errors import ConfigError, DeviceNotFoundError
+from keeplink._core.commands import Command, CommandState, DeviceRecord
+from keeplink._core.errors import ConfigError, DeviceNotFoundError, KeeplinkError
 from keeplink._core.presence import Presence
 from keeplink._events import LinkEvent, LinkStateChanged
 from keeplink._link import Link
@@ -136,6 +136,8 @@ class Gateway:
         self.presence = PresenceTracker(debounce_online_s=1.0, debounce_offline_s=3.0)
         self.fleet: Fleet | None = None
         """In a fleet (a PostgreSQL store): this node's leases; None on a single node."""
+        self.remote: dict[str, dict[str, Any]] = {}
+        """What other nodes said of the devices they own (presence, link state)."""
         self.outbox = Outbox(
             self.store,
             presence=self.presence,
@@ -191,6 +193,7 @@ class Gateway:
                 node=self.config.node,
                 lease_s=self.config.lease_s,
                 units=units,
+                on_event=self._remote_event,
             )
             self.fleet.start()
         for probe in self.probes:
@@ -328,13 +331,27 @@ class Gateway:
     def backlog(self, since: int = 0) -> list[dict[str, Any]]:
         return [event for event in self._backlog if event["seq"] > since]
 
-    def _publish(self, event: dict[str, Any]) -> None:
+    def _publish(self, event: dict[str, Any], *, relay: bool = True) -> None:
+        if relay and self.fleet is not None:
+            self.fleet.publish({"at": time.time(), **event})
         self._seq += 1
-        event = {"seq": self._seq, "at": time.time(), **event}
+        event = {"at": time.time(), **event, "seq": self._seq}
         self._backlog.append(event)
         for listener in tuple(self._listeners):
             with contextlib.suppress(Exception):  # a slow or gone client never hurts delivery
                 listener(event)
+
+    def _remote_event(self, event: dict[str, Any]) -> None:
+        """An event another node published: into this node's stream, and what it says of
+        a device that node owns into the device view."""
+        device = event.get("device")
+        if isinstance(device, str) and device in self.devices:
+            status = self.remote.setdefault(device, {})
+            if event.get("type") == "presence":
+                status["presence"] = event.get("new")
+            elif event.get("type") == "link":
+                status["link"] = {"state": event.get("new"), "last_error": event.get("error")}
+        self._publish(event, relay=False)
 
     def _on_link(self, event: LinkEvent) -> None:
         if not isinstance(event, LinkStateChanged):
@@ -428,20 +445,28 @@ class Gateway:
         except KeyError:
             raise DeviceNotFoundError(f"no device {device_id!r}") from None
 
-    async def device_view(self, device_id: str) -> dict[str, Any]:
+    async def device_view(
+        self, device_id: str, *, owners: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
         config = self.device(device_id)
         link = self.links.get(device_id)
         stats = link.statistics() if link is not None else None
-        record = await self.outbox.device_record(device_id)
+        elsewhere = self.fleet is not None and not self.fleet.owns(device_id)
+        if elsewhere:
+            # Another node (or none yet) delivers to it: the shared store has its record,
+            # and that node's events what its link and presence are.
+            record = await self.store.get_device(device_id) or DeviceRecord(device=device_id)
+        else:
+            record = await self.outbox.device_record(device_id)
         queued = await self.store.count(device=device_id, states=[CommandState.QUEUED])
         sending = await self.store.count(device=device_id, states=[CommandState.SENDING])
         last = stats.last_error if stats is not None else None
         retry_in = None
         if stats is not None and stats.retry_at is not None and link is not None:
             retry_in = max(0.0, stats.retry_at - link.clock.now())
-        return {
+        view: dict[str, Any] = {
             "id": device_id,
-            "node": self.owner_of(device_id),
+            "node": await self.owner_of(device_id, owners=owners),
             "driver": config.driver,
             "presence": self.presence.presence(device_id).value,
             "link": {
@@ -461,19 +486,40 @@ class Gateway:
                 else None
             ),
         }
+        if elsewhere:
+            remote = self.remote.get(device_id, {})
+            view["presence"] = remote.get("presence", "unknown")
+            link_view = remote.get("link", {})
+            view["link"] = {
+                "state": link_view.get("state", "unknown"),
+                "last_error": link_view.get("last_error"),
+            }
+        return view
 
-    def owner_of(self, device_id: str) -> str | None:
+    async def owner_of(
+        self, device_id: str, *, owners: Mapping[str, str] | None = None
+    ) -> str | None:
         """The node delivering to the device: this one on a single node; in a fleet, the
-        lease holder (``None`` while unowned)."""
+        lease holder as the shared store has it now (``None`` while unowned), so every
+        node answers the same."""
         if self.fleet is None:
             return self.config.node
-        if self.fleet.owns(device_id):
-            return self.config.node
-        owner: str | None = self.fleet.owners.get(device_id)
-        return owner
+        if owners is None:
+            owners = await self.owners()
+        return owners.get(device_id)
+
+    async def owners(self) -> Mapping[str, str]:
+        """Device → owning node, read from the shared store (the keeper's last reading
+        while the store cannot be reached)."""
+        assert self.fleet is not None
+        try:
+            return await self.fleet.store.owners()
+        except KeeplinkError:
+            return self.fleet.owners
 
     async def devices_view(self) -> list[dict[str, Any]]:
-        return [await self.device_view(device_id) for device_id in self.devices]
+        owners = await self.owners() if self.fleet is not None else None
+        return [await self.device_view(device_id, owners=owners) for device_id in self.devices]
 
     def presence_of(self, device_id: str) -> Presence:
         return self.presence.presence(device_id)

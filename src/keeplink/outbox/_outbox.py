@@ -53,6 +53,7 @@ from keeplink._core.errors import (
     ConflictError,
     FencedError,
     InvalidRequestError,
+    KeeplinkError,
     LinkClosedError,
 )
 from keeplink._core.outcomes import Cancelled, Outcome
@@ -682,12 +683,16 @@ class Outbox:
             state.pending = _Pending()
             if self._on_fenced is not None:
                 self._on_fenced(state.name)
-        except Exception:  # noqa: BLE001 - see below
+        except Exception as exc:  # noqa: BLE001 - see below
             # Deliberately broad: a bug or a store outage must not silently stop a device's
-            # deliveries. Logged (the first time with its traceback), then tried again soon.
+            # deliveries. Logged once (a bug with its traceback; a typed error, such as an
+            # unreachable store, in one line), then tried again soon.
             if not state.failing:
                 state.failing = True
-                _log.exception("outbox: delivery to %r failed; retrying", state.name)
+                if isinstance(exc, KeeplinkError):
+                    _log.warning("outbox: delivery to %r paused, retrying: %s", state.name, exc)
+                else:
+                    _log.exception("outbox: delivery to %r failed; retrying", state.name)
             else:
                 _log.debug("outbox: delivery to %r failed again", state.name, exc_info=True)
             if not self._closing:

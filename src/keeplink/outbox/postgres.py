@@ -129,6 +129,8 @@ MAX_BATCH_WRITES: Final = 1024
 """The most writes one transaction takes (whole calls): bounded, so a caller's wait is."""
 POOL_SIZE: Final = 4
 """Connections: one for the writer, the rest for reads, which need not wait for it."""
+NOTIFY_MAX: Final = 7900
+"""PostgreSQL refuses a notification payload of 8000 bytes or more."""
 MIGRATION_LOCK: Final = 0x6B6C_696E_6B00  # "klink": one advisory lock for all migrations
 CONNECT_TIMEOUT_S: Final = 10.0
 
@@ -181,7 +183,9 @@ _DEVICES_MANY: Final = (
     + ", ".join(f"{column} = excluded.{column}" for column in DEVICE_COLUMNS[1:])
 )
 _SELECT: Final = f"SELECT {_COLUMNS} FROM commands"
-_NOTIFY: Final = "SELECT pg_notify($1, d) FROM unnest($2::text[]) AS d"
+_NOTIFY: Final = (
+    "SELECT pg_notify($1, d) FROM unnest($2::text[]) WITH ORDINALITY AS t(d, n) ORDER BY n"
+)
 _CURRENT_FENCES: Final = (
     "SELECT l.device, l.node, l.epoch FROM leases AS l "
     "JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS f(device, node, epoch) "
@@ -226,6 +230,20 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> builtins.list[builtin
 class _Job:
     future: asyncio.Future[builtins.list[Any]]
     writes: builtins.list[EncodedWrite] = field(default_factory=builtins.list)
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """What says "the database cannot be reached" (as opposed to a bad statement): the
+    network, a broken or closed connection, a server starting or shutting down."""
+    import asyncpg
+
+    return (
+        OSError,
+        TimeoutError,
+        asyncpg.InterfaceError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.exceptions.OperatorInterventionError,
+    )
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailableError:
@@ -304,16 +322,26 @@ class PostgresStore(CommandStore):
             try:
                 pool = await asyncpg.create_pool(
                     self.dsn,
-                    min_size=1,
+                    # No floor: connections are made when needed, so while the database
+                    # is down nothing keeps trying (and logging) in the background.
+                    min_size=0,
                     max_size=self.pool_size,
                     timeout=CONNECT_TIMEOUT_S,
                     server_settings={"search_path": self.schema},
                 )
-            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            except _connection_errors() as exc:
                 raise _unavailable(exc) from exc
+            except asyncpg.PostgresError as exc:  # a wrong password, no such database…
+                raise ConfigError(f"postgres store {self!r}: cannot open: {exc}") from exc
             try:
                 async with pool.acquire() as conn:
                     await self._migrate(conn)
+            except _connection_errors() as exc:
+                await pool.close()
+                raise _unavailable(exc) from exc
+            except asyncpg.PostgresError as exc:
+                await pool.close()
+                raise ConfigError(f"postgres store {self!r}: cannot open: {exc}") from exc
             except BaseException:
                 await pool.close()
                 raise
@@ -414,9 +442,7 @@ class PostgresStore(CommandStore):
                     answers = []
                     for job in batch:
                         answers.extend(await self._calls(conn, [job]))
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            if isinstance(exc, asyncpg.UniqueViolationError):
-                raise  # not a connection problem (handled above)
+        except _connection_errors() as exc:
             _log.debug("postgres store: a batch of %d calls failed: %s", len(batch), exc)
             answers = [(job, False, _unavailable(exc)) for job in batch]
         for job, ok, value in answers:
@@ -558,38 +584,57 @@ class PostgresStore(CommandStore):
         """The notification channel: each committed submit sends its device's id on it."""
         return f"keeplink_{self.schema}"
 
-    async def listen(self, on_submit: Callable[[str], object]) -> Any:
+    @property
+    def event_channel(self) -> str:
+        """The channel :meth:`publish` sends on: events for every node's API."""
+        return f"keeplink_{self.schema}_events"
+
+    async def listen(
+        self,
+        on_submit: Callable[[str], object],
+        on_event: Callable[[str], object] | None = None,
+    ) -> Any:
         """A connection of its own that calls ``on_submit(device)`` for every submit any
-        node commits. Returns the asyncpg connection (``is_closed()``, ``close()``). Raises
-        StoreUnavailableError if it cannot connect."""
+        node commits, and ``on_event(text)`` for every :meth:`publish`. Returns the asyncpg
+        connection (``is_closed()``, ``close()``). Raises StoreUnavailableError if it
+        cannot connect."""
         import asyncpg
 
         self._check_open()
 
-        def notified(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+        def submitted(_conn: object, _pid: int, _channel: str, payload: object) -> None:
             on_submit(str(payload))
+
+        def published(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            if on_event is not None:
+                on_event(str(payload))
 
         try:
             conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT_S)
-            await conn.add_listener(self.channel, notified)
-        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            await conn.add_listener(self.channel, submitted)
+            if on_event is not None:
+                await conn.add_listener(self.event_channel, published)
+        except _connection_errors() as exc:
             raise _unavailable(exc) from exc
         return conn
+
+    async def publish(self, payloads: Sequence[str]) -> None:
+        """Send texts (each at most ``NOTIFY_MAX`` bytes) to every listening node, in one
+        round trip. Raises StoreUnavailableError when the database cannot be reached."""
+        if payloads:
+            await self._fetch(_NOTIFY, self.event_channel, list(payloads))
 
     # ------------------------------------------------------------------ leases
 
     async def heartbeat(self, node: str, *, lease_s: float) -> builtins.list[str]:
         """Say that ``node`` is alive; the live nodes (seen within ``lease_s``, not
         stopping), sorted. Uses the database's clock, the same for every node."""
-        pool = self._check_open()
-        async with pool.acquire() as conn:
-            rows = await conn.fetch(_HEARTBEAT, check_str("node", node), float(lease_s))
+        rows = await self._fetch(_HEARTBEAT, check_str("node", node), float(lease_s))
         return sorted(row[0] for row in rows)
 
     async def leave(self, node: str) -> None:
         """Mark ``node`` as stopping: the others stop counting it at once."""
-        pool = self._check_open()
-        await pool.execute("UPDATE nodes SET stopping = true WHERE node = $1", node)
+        await self._fetch("UPDATE nodes SET stopping = true WHERE node = $1", node)
 
     async def acquire(
         self, node: str, devices: Collection[str], *, lease_s: float
@@ -598,8 +643,7 @@ class PostgresStore(CommandStore):
         their new epochs. A device another node holds is not taken."""
         if not devices:
             return {}
-        pool = self._check_open()
-        rows = await pool.fetch(_ACQUIRE, node, list(devices), float(lease_s))
+        rows = await self._fetch(_ACQUIRE, node, list(devices), float(lease_s))
         return {row[0]: int(row[1]) for row in rows}
 
     async def renew(self, node: str, leases: Mapping[str, int], *, lease_s: float) -> set[str]:
@@ -607,8 +651,7 @@ class PostgresStore(CommandStore):
         renewed. A device missing from the answer is lost: stop delivering to it."""
         if not leases:
             return set()
-        pool = self._check_open()
-        rows = await pool.fetch(
+        rows = await self._fetch(
             _RENEW, node, list(leases), [int(e) for e in leases.values()], float(lease_s)
         )
         return {row[0] for row in rows}
@@ -617,8 +660,7 @@ class PostgresStore(CommandStore):
         """Give leases up at once, so the next owner need not wait for them to expire."""
         if not leases:
             return
-        pool = self._check_open()
-        await pool.execute(_RELEASE, node, list(leases), [int(e) for e in leases.values()])
+        await self._fetch(_RELEASE, node, list(leases), [int(e) for e in leases.values()])
 
     async def owners(self) -> dict[str, str]:
         """Every device with a current lease, and the node holding it."""
@@ -631,17 +673,12 @@ class PostgresStore(CommandStore):
     # ------------------------------------------------------------------ reads
 
     async def _fetch(self, sql: str, *params: Any) -> builtins.list[Any]:
-        import asyncpg
 
         pool = self._check_open()
         try:
             rows: builtins.list[Any] = await pool.fetch(sql, *params)
-        except (TimeoutError, OSError, asyncpg.InterfaceError) as exc:
+        except _connection_errors() as exc:
             raise _unavailable(exc) from exc
-        except asyncpg.PostgresError as exc:
-            if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError):
-                raise _unavailable(exc) from exc
-            raise
         return rows
 
     async def get(self, command_id: str) -> Command | None:
@@ -742,7 +779,6 @@ class PostgresStore(CommandStore):
         In a fleet of nodes sharing one database this is only right for the devices this
         node owns; until device ownership exists, run recovery on one node only.
         """
-        import asyncpg
 
         now = check_real("now", now)
         pool = self._check_open()
@@ -761,7 +797,7 @@ class PostgresStore(CommandStore):
                         *values[1:],
                         values[0],
                     )
-        except (TimeoutError, OSError, asyncpg.InterfaceError) as exc:
+        except _connection_errors() as exc:
             raise _unavailable(exc) from exc
         return changed
 
