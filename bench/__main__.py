@@ -89,6 +89,45 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, str]]:
             f"{durable['keyed_20k'] / durable['keyed_0']:.2f}x (goal ~1.0x)",
         )
     )
+    from keeplink.testing.postgres import postgres_bindir
+
+    if postgres_bindir() is not None and importlib.util.find_spec("pgqueuer") is not None:
+        from bench import fleet_pg
+
+        pg = await fleet_pg.measure(
+            commands=args.pg_commands, rounds=args.outbox_rounds, devices=args.pg_devices
+        )
+        rows.append(
+            (
+                "PostgreSQL durable submits, 1 producer",
+                f"{pg['kl_1']:,.0f}/s vs pgqueuer {pg['pgq_1']:,.0f}/s",
+                f"{pg['kl_1'] / pg['pgq_1']:.2f}x (goal 1.0x)",
+            )
+        )
+        rows.append(
+            (
+                f"PostgreSQL durable submits, {fleet_pg.PRODUCERS} producers",
+                f"{pg['kl_32']:,.0f}/s vs pgqueuer {pg['pgq_32']:,.0f}/s",
+                f"{pg['kl_32'] / pg['pgq_32']:.2f}x (goal 3x)",
+            )
+        )
+        rows.append(
+            (
+                "PostgreSQL submit-to-ack vs enqueue-to-handler",
+                f"p50 {pg['kl_p50_ms']:.1f} ms, p99 {pg['kl_p99_ms']:.1f} ms vs pgqueuer "
+                f"p50 {pg['pgq_p50_ms']:.1f} ms, p99 {pg['pgq_p99_ms']:.1f} ms",
+                f"{pg['kl_p99_ms'] / pg['pgq_p99_ms']:.2f}x at p99 (goal <= 2x)",
+            )
+        )
+        rows.append(
+            (
+                f"fleet takeover after SIGKILL, {pg['devices']} devices",
+                f"{pg['takeover_s']:.2f} s until owned and connected again",
+                f"lease {pg['lease_s']:g} s (goal <= 2 lease periods)",
+            )
+        )
+    else:
+        rows.append(("PostgreSQL", "skipped: no PostgreSQL server binaries or pgqueuer", "-"))
     idle = await fleet.idle(links=args.links, idle_s=args.idle_s, heartbeat_s=args.heartbeat_s)
     rows.append(
         (
@@ -118,6 +157,8 @@ def main() -> None:
     args.devices = 20 if args.quick else 100
     args.commands = 500 if args.quick else 4000
     args.outbox_rounds = 1 if args.quick else 3
+    args.pg_commands = 200 if args.quick else 2000
+    args.pg_devices = 4 if args.quick else 20
     args.links = args.links or (200 if args.quick else 1000)
     args.idle_s = 5.0 if args.quick else 30.0
     args.heartbeat_s = 2.0 if args.quick else 30.0

@@ -20,6 +20,10 @@ ROWS = [
     r"durable submits, SQLite FULL, 32 producers .*/s vs persist-queue sequential .*x",
     r"one device's drain, SQLite FULL .* deliveries/s",
     r"keyed submit, 0 vs 20,000 queued .* µs vs .* µs .*x",
+    r"PostgreSQL durable submits, 1 producer .*/s vs pgqueuer .*/s .*x",
+    r"PostgreSQL durable submits, 32 producers .*/s vs pgqueuer .*/s .*x",
+    r"PostgreSQL submit-to-ack vs enqueue-to-handler .*p99 .* ms .*x at p99",
+    r"fleet takeover after SIGKILL, \d+ devices .* s until owned and connected again",
     r"idle links, \d+, heartbeat .* KiB resident per link .*% of one core idle",
     r"reconnect storm, \d+ links .*peak \d+ connects/s .*all up after [\d.]+ s",
 ]

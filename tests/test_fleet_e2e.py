@@ -201,8 +201,25 @@ async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
 
         # 4. PostgreSQL restarts while commands are submitted: the nodes ride it out.
         postgres_server.stop(mode="immediate")
-        await asyncio.sleep(0.5)
-        postgres_server.start()
+        try:
+            async with session.post(
+                f"{urls[alive[0]]}/api/devices/{DEVICES[0]}/commands",
+                json={"op": "set", "args": {"during": "outage"}},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            ) as r:
+                assert r.status == 503, await r.text()  # said plainly, nothing stored
+                assert (await r.json())["code"] == "store_unavailable"
+            deadline = time.monotonic() + 3 * LEASE_S
+            while True:
+                async with session.get(f"{urls[alive[0]]}/healthz") as r:
+                    health = await r.json()
+                if health["status"] == "degraded":
+                    break
+                assert time.monotonic() < deadline, health
+                await asyncio.sleep(0.1)
+            assert "unreachable" in health["reason"], health
+        finally:
+            postgres_server.start()
         phase4 = await submit_all(session, [urls[n] for n in alive], rng, 4, accepted)
         await all_final(session, urls[alive[0]], phase4, bound_s=40)
         owner, _ = await settled_owners(session, [urls[n] for n in alive], alive, 6 * LEASE_S)

@@ -43,6 +43,7 @@ STATUS_OF_CODE: Final[dict[str, int]] = {
     ErrorCode.CONFLICT.value: 409,
     ErrorCode.LINK_CLOSED.value: 503,
     ErrorCode.DEVICE_UNAVAILABLE.value: 503,
+    ErrorCode.STORE_UNAVAILABLE.value: 503,
 }
 MAX_BODY: Final = 256 * 1024
 SUBMIT_FIELDS: Final = frozenset(

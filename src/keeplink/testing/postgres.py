@@ -63,7 +63,11 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    """One cluster in ``directory``, restartable on the same port."""
+    """One cluster in ``directory``, restartable on the same port.
+
+    As root, ``directory`` is handed to the ``postgres`` user, who must also be able to
+    reach it: make it with ``tempfile.mkdtemp()`` (not inside a root-only directory).
+    """
 
     host = "127.0.0.1"
 
