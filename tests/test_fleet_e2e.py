@@ -2,13 +2,17 @@
 devices: every device owned by exactly one node, commands submitted through any node
 delivered once and in order, a node killed with SIGKILL and one paused with SIGSTOP.
 
-Leases are short (LEASE_S) so the takeovers happen within the test's bounds; the fleet
-benchmark (``python -m bench.fleet_pg``) runs the long version.
+Leases are short (LEASE_S) so the takeovers happen within the test's bounds. Throughout,
+a sampler asks every node which devices it owns and counts a device two nodes claim while
+its lease did not change. The long version (``python -m bench.fleet_soak``) runs this same
+scenario with hundreds of devices and thousands of commands, through the environment
+variables below.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import time
@@ -25,10 +29,11 @@ from keeplink.testing import DeviceSimulator
 from keeplink.testing.postgres import PostgresServer
 from test_gateway_e2e import TOKEN, Events, GatewayProc, Procs, procs  # noqa: F401
 
-LEASE_S = 1.5
-DEVICES = [f"dev{n:02d}" for n in range(12)]
+LEASE_S = float(os.environ.get("KEEPLINK_FLEET_LEASE_S", "1.5"))
+DEVICES = [f"dev{n:03d}" for n in range(int(os.environ.get("KEEPLINK_FLEET_DEVICES", "12")))]
 NODES = ["gw-a", "gw-b", "gw-c"]
-COMMANDS = 15  # per device, per phase
+COMMANDS = int(os.environ.get("KEEPLINK_FLEET_COMMANDS", "15"))  # per device, per phase
+FINAL_BOUND_S = 30 + len(DEVICES) * COMMANDS / 100  # a larger fleet takes longer to drain
 
 
 def fleet_config(path: Path, *, node: str, dsn: str, ports: dict[str, int]) -> Path:
@@ -122,14 +127,87 @@ async def all_final(
         await asyncio.sleep(0.1)
 
 
+class Sampler:
+    """Every SAMPLE_S: each reachable node's owned devices, between two reads of the
+    lease epochs; a device claimed by two nodes while its epoch held is a double owner."""
+
+    SAMPLE_S = 0.2
+
+    def __init__(self, session: aiohttp.ClientSession, dsn: str, schema: str) -> None:
+        self.session = session
+        self.dsn = dsn
+        self.schema = schema
+        self.urls: dict[str, str] = {}
+        self.samples = 0
+        self.double: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+        self._conn: Any = None
+
+    async def _epochs(self, conn: Any) -> dict[str, int]:
+        rows = await conn.fetch(
+            f"SELECT device, epoch FROM {self.schema}.leases "
+            "WHERE node IS NOT NULL AND expires_at > clock_timestamp()"
+        )
+        return {row[0]: row[1] for row in rows}
+
+    async def _claims(self, url: str) -> list[str]:
+        try:
+            async with self.session.get(
+                f"{url}/healthz", timeout=aiohttp.ClientTimeout(total=0.5)
+            ) as r:
+                owned: list[str] = (await r.json()).get("fleet", {}).get("owned", [])
+                return owned
+        except (aiohttp.ClientError, TimeoutError):
+            return []  # killed, paused or stopping: it claims nothing it can answer for
+
+    async def _run(self) -> None:
+        import asyncpg
+
+        try:
+            await self._samples(asyncpg)
+        finally:
+            if self._conn is not None:
+                await self._conn.close()
+
+    async def _samples(self, asyncpg: Any) -> None:
+        conn = None
+        while True:
+            try:
+                if conn is None or conn.is_closed():
+                    conn = self._conn = await asyncpg.connect(self.dsn)
+                before = await self._epochs(conn)
+                claims = await asyncio.gather(*(self._claims(u) for u in self.urls.values()))
+                after = await self._epochs(conn)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                conn = None  # the database is restarting: no sample
+                await asyncio.sleep(self.SAMPLE_S)
+                continue
+            self.samples += 1
+            counts = Counter(d for owned in claims for d in owned)
+            for device, n in counts.items():
+                if n > 1 and before.get(device) == after.get(device):
+                    self.double.append(f"{device} claimed by {n} nodes (epoch {after.get(device)})")
+            await asyncio.sleep(self.SAMPLE_S)
+
+    async def __aenter__(self) -> Sampler:
+        self._task = asyncio.create_task(self._run(), name="fleet.sampler")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(240 + 2 * len(DEVICES) * COMMANDS // 10)
 async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
     tmp_path: Path, procs: Procs, postgres_server: PostgresServer
 ) -> None:
     rng = random.Random(5)
     accepted: dict[str, list[str]] = {}
-    dsn = f"{postgres_server.dsn()}?schema=fleet{uuid.uuid4().hex[:12]}"
+    schema = f"fleet{uuid.uuid4().hex[:12]}"
+    dsn = f"{postgres_server.dsn()}?schema={schema}"
     async with AsyncExitStack() as stack:
         sims = {d: await stack.enter_async_context(DeviceSimulator(device_id=d)) for d in DEVICES}
         ports = {d: sim.port for d, sim in sims.items()}
@@ -141,13 +219,15 @@ async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
             urls[name] = await nodes[name].start_ready()
         session = await stack.enter_async_context(aiohttp.ClientSession())
         events = await stack.enter_async_context(Events(session, urls["gw-a"]))
+        sampler = await stack.enter_async_context(Sampler(session, postgres_server.dsn(), schema))
+        sampler.urls = dict(urls)
 
         # 1. Every device owned by one node, all nodes agreeing, spread over the three.
         owner, _ = await settled_owners(session, list(urls.values()), NODES, 4 * LEASE_S)
         spread = Counter(owner.values())
         assert set(spread) == set(NODES), spread
         phase1 = await submit_all(session, list(urls.values()), rng, 1, accepted)
-        await all_final(session, urls["gw-a"], phase1, bound_s=30)
+        await all_final(session, urls["gw-a"], phase1, bound_s=FINAL_BOUND_S)
         # gw-a's API shows the devices other nodes own as those nodes see them, and its
         # event stream carries the whole fleet's events.
         elsewhere = [d for d in DEVICES if owner[d] != "gw-a"]
@@ -179,7 +259,7 @@ async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
         owner, _ = await settled_owners(session, [urls[n] for n in alive], alive, 4 * LEASE_S)
         takeover_s = time.monotonic() - killed_at
         assert takeover_s <= 2 * LEASE_S + 1.0, takeover_s  # + polling slack of this test
-        await all_final(session, urls[alive[0]], phase2, bound_s=30)
+        await all_final(session, urls[alive[0]], phase2, bound_s=FINAL_BOUND_S)
 
         # 3. SIGSTOP one of the two for three lease periods, then SIGCONT.
         paused = alive[0]
@@ -192,8 +272,10 @@ async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
             phase3 = await submit_all(session, [urls[other]], rng, 3, accepted)
         finally:
             nodes[paused].proc.send_signal(signal.SIGCONT)
-        await all_final(session, urls[other], phase3, bound_s=30)
-        await all_final(session, urls[other], accepted, bound_s=30)  # nothing accepted lost
+        await all_final(session, urls[other], phase3, bound_s=FINAL_BOUND_S)
+        await all_final(
+            session, urls[other], accepted, bound_s=FINAL_BOUND_S
+        )  # nothing accepted lost
         owner, _ = await settled_owners(session, [urls[n] for n in alive], alive, 4 * LEASE_S)
         await asyncio.sleep(LEASE_S)  # the paused node noticed, and the fleet is quiet
         sessions = {d: sim.statistics().sessions_active for d, sim in sims.items()}
@@ -221,7 +303,7 @@ async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
         finally:
             postgres_server.start()
         phase4 = await submit_all(session, [urls[n] for n in alive], rng, 4, accepted)
-        await all_final(session, urls[alive[0]], phase4, bound_s=40)
+        await all_final(session, urls[alive[0]], phase4, bound_s=FINAL_BOUND_S + 10)
         owner, _ = await settled_owners(session, [urls[n] for n in alive], alive, 6 * LEASE_S)
 
         # 5. SIGTERM one node: it hands its devices over, faster than a lease expires.
@@ -231,11 +313,15 @@ async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
         owner, _ = await settled_owners(session, [urls[staying]], [staying], 2 * LEASE_S)
         handoff_s = time.monotonic() - stopped_at
         phase5 = await submit_all(session, [urls[staying]], rng, 5, accepted)
-        await all_final(session, urls[staying], phase5, bound_s=30)
+        await all_final(session, urls[staying], phase5, bound_s=FINAL_BOUND_S)
         alive = [staying]
+        assert sampler.double == [], sampler.double  # never two owners at one epoch
+        assert sampler.samples >= 20
         print(
-            f"\nfleet: takeover after SIGKILL {takeover_s:.2f}s, handoff after SIGTERM "
-            f"{handoff_s:.2f}s (lease {LEASE_S}s); {sum(map(len, accepted.values()))} commands"
+            f"\nfleet: {len(DEVICES)} devices, {sum(map(len, accepted.values()))} commands "
+            f"accepted; takeover after SIGKILL {takeover_s:.2f}s, handoff after SIGTERM "
+            f"{handoff_s:.2f}s (lease {LEASE_S}s); {sampler.samples} ownership samples, "
+            f"{len(sampler.double)} with two owners"
         )
 
         for name in alive:

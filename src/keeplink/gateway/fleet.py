@@ -143,8 +143,15 @@ class Fleet:
         self._wake.set()
 
     def owns(self, device: str) -> bool:
+        """This node delivers to ``device`` now: it runs its unit, and has confirmed the
+        lease within the last ``lease_s`` (a node just back from a pause claims nothing)."""
         unit = self._by_device.get(device)
-        return unit is not None and unit.running
+        return unit is not None and unit.running and self._confirmed()
+
+    def _confirmed(self) -> bool:
+        return (
+            self._confirmed_at is not None and time.monotonic() - self._confirmed_at < self.lease_s
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
