@@ -116,6 +116,7 @@ class Fleet:
         self._wake = asyncio.Event()
         self._stopping: set[asyncio.Task[None]] = set()
         self._outgoing: collections.deque[str] = collections.deque(maxlen=OUTGOING_MAX)
+        self._statuses: dict[str, str] = {}  # device → JSON, to record with the next send
         self._send_wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
 
@@ -176,10 +177,25 @@ class Fleet:
         self._outgoing.append(text)
         self._send_wake.set()
 
+    def report(self, device: str, status: Mapping[str, Any]) -> None:
+        """Record what this node, the owner, says of ``device`` (its presence and link),
+        for the other nodes' device views: written with the next batch of events."""
+        if self.owns(device):
+            self._statuses[device] = json.dumps(dict(status), separators=(",", ":"))
+            self._send_wake.set()
+
     async def _send(self) -> None:
         while True:
             await self._send_wake.wait()
             self._send_wake.clear()
+            if self._statuses:
+                statuses, self._statuses = self._statuses, {}
+                try:
+                    await self.store.put_statuses(self.node, statuses)
+                except KeeplinkError as exc:
+                    _log.debug("fleet: %d statuses not recorded: %s", len(statuses), exc)
+                    for device, text in statuses.items():  # the next send tries again
+                        self._statuses.setdefault(device, text)
             while self._outgoing:
                 batch = [self._outgoing.popleft() for _ in range(min(100, len(self._outgoing)))]
                 try:

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import importlib.util
+import json
 import logging
 import time
 import uuid
@@ -356,6 +357,9 @@ class Gateway:
     def _on_link(self, event: LinkEvent) -> None:
         if not isinstance(event, LinkStateChanged):
             return
+        for device, each in self.links.items():
+            if each.name == event.link:
+                self._report(device)
         retry_in = None
         link = next((lk for lk in self.links.values() if lk.name == event.link), None)
         if event.retry_at is not None and link is not None:
@@ -422,7 +426,26 @@ class Gateway:
                 }
             )
 
+    def _report(self, device: str) -> None:
+        """In a fleet: what this node says of a device it owns, for the others' views."""
+        if self.fleet is None or not self.fleet.owns(device):
+            return
+        link = self.links.get(device)
+        stats = link.statistics() if link is not None else None
+        last = stats.last_error if stats is not None else None
+        self.fleet.report(
+            device,
+            {
+                "presence": self.presence.presence(device).value,
+                "link": {
+                    "state": stats.state.value if stats else "idle",
+                    "last_error": {"code": last.code, "message": last.message} if last else None,
+                },
+            },
+        )
+
     def _on_presence(self, change: PresenceChanged) -> None:
+        self._report(change.device)
         self._publish(
             {
                 "type": "presence",
@@ -446,7 +469,11 @@ class Gateway:
             raise DeviceNotFoundError(f"no device {device_id!r}") from None
 
     async def device_view(
-        self, device_id: str, *, owners: Mapping[str, str] | None = None
+        self,
+        device_id: str,
+        *,
+        owners: Mapping[str, str] | None = None,
+        statuses: Mapping[str, tuple[str, str]] | None = None,
     ) -> dict[str, Any]:
         config = self.device(device_id)
         link = self.links.get(device_id)
@@ -487,7 +514,7 @@ class Gateway:
             ),
         }
         if elsewhere:
-            remote = self.remote.get(device_id, {})
+            remote = await self._remote_status(device_id, view["node"], statuses)
             view["presence"] = remote.get("presence", "unknown")
             link_view = remote.get("link", {})
             view["link"] = {
@@ -508,6 +535,29 @@ class Gateway:
             owners = await self.owners()
         return owners.get(device_id)
 
+    async def _remote_status(
+        self,
+        device_id: str,
+        owner: str | None,
+        statuses: Mapping[str, tuple[str, str]] | None,
+    ) -> dict[str, Any]:
+        """What the device's owner last recorded of it (from the store), or, while the
+        store cannot be reached, what its relayed events said."""
+        assert self.fleet is not None
+        if statuses is None:
+            try:
+                statuses = await self.fleet.store.statuses()
+            except KeeplinkError:
+                return self.remote.get(device_id, {})
+        node, text = statuses.get(device_id, (None, "{}"))
+        if owner is None or node != owner:
+            return {}  # unowned, or its owner has not said anything yet
+        try:
+            status = json.loads(text)
+        except ValueError:
+            return {}
+        return status if isinstance(status, dict) else {}
+
     async def owners(self) -> Mapping[str, str]:
         """Device → owning node, read from the shared store (the keeper's last reading
         while the store cannot be reached)."""
@@ -518,8 +568,15 @@ class Gateway:
             return self.fleet.owners
 
     async def devices_view(self) -> list[dict[str, Any]]:
-        owners = await self.owners() if self.fleet is not None else None
-        return [await self.device_view(device_id, owners=owners) for device_id in self.devices]
+        owners = statuses = None
+        if self.fleet is not None:
+            owners = await self.owners()
+            with contextlib.suppress(KeeplinkError):
+                statuses = await self.fleet.store.statuses()
+        return [
+            await self.device_view(device_id, owners=owners, statuses=statuses)
+            for device_id in self.devices
+        ]
 
     def presence_of(self, device_id: str) -> Presence:
         return self.presence.presence(device_id)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from keeplink._clock import WallClock
+from keeplink._core.backoff import Backoff
 from keeplink._core.clock import Clock, Timer
 from keeplink._core.commands import Command, CommandState, DeviceRecord, new_command, transition
 from keeplink._core.dispatch import (
@@ -51,6 +52,7 @@ from keeplink._core.errors import (
     CommandNotFoundError,
     ConfigError,
     ConflictError,
+    ErrorClass,
     FencedError,
     InvalidRequestError,
     KeeplinkError,
@@ -95,9 +97,10 @@ PAGE: Final = 64
 N commands costs N/64 reads, and a long queue is never read whole."""
 EXPIRE_BATCH: Final = 500
 """Expired commands settled in one commit when the expiry timer fires."""
-STORE_RETRY_S: Final = 1.0
-"""After a delivery pass failed (the store refused a write), the next pass runs this much
-later; what it had settled is kept and written then."""
+STORE_RETRY: Final = Backoff(initial_s=0.25, cap_s=10.0)
+"""After a delivery pass failed (the store could not be reached), the next pass runs after
+a capped, fully jittered backoff (devices do not retry in lockstep against a database that
+is coming back); what it had settled is kept and written then."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -178,6 +181,8 @@ class _Device:
     """Settled outcomes waiting to share the next commit. Kept across passes: if a commit
     fails (the store is unreachable) they are written by the next pass."""
     failing: bool = False
+    failures: int = 0
+    """Passes in a row that failed (the backoff's attempt number)."""
 
 
 class Outbox:
@@ -672,6 +677,7 @@ class Outbox:
                 await self._pass(state)
             if state.failing:
                 state.failing = False
+                state.failures = 0
                 _log.info("outbox: delivery to %r works again", state.name)
         except asyncio.CancelledError:
             raise
@@ -696,7 +702,9 @@ class Outbox:
             else:
                 _log.debug("outbox: delivery to %r failed again", state.name, exc_info=True)
             if not self._closing:
-                self._wake_at(state, self.clock.now() + STORE_RETRY_S)
+                delay = STORE_RETRY.delay(state.failures, ErrorClass.TRANSIENT, self._rng())
+                state.failures += 1
+                self._wake_at(state, self.clock.now() + (delay or STORE_RETRY.cap_s))
         finally:
             state.task = None
             if self._closing:

@@ -121,6 +121,15 @@ MIGRATIONS: Final[list[str]] = [
     );
     CREATE INDEX leases_node ON leases (node);
     """,
+    # 3: what each owner says of its devices (presence, link), for the other nodes' views.
+    """
+    CREATE TABLE device_status (
+        device     TEXT PRIMARY KEY,
+        node       TEXT NOT NULL,
+        status     TEXT NOT NULL,             -- JSON object
+        updated_at TIMESTAMPTZ NOT NULL
+    );
+    """,
 ]
 """Schema scripts; ``schema_version`` counts how many a database has applied."""
 
@@ -199,6 +208,12 @@ _CURRENT_FENCES: Final = (
     "JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS f(device, node, epoch) "
     "ON l.device = f.device AND l.node = f.node AND l.epoch = f.epoch "
     "WHERE l.expires_at > clock_timestamp() FOR SHARE OF l"
+)
+_STATUS_UPSERT: Final = (
+    "INSERT INTO device_status (device, node, status, updated_at) "
+    "SELECT d, $1, s, clock_timestamp() FROM unnest($2::text[], $3::text[]) AS t(d, s) "
+    "ON CONFLICT (device) DO UPDATE SET node = excluded.node, status = excluded.status, "
+    "updated_at = excluded.updated_at"
 )
 _HEARTBEAT: Final = (
     "WITH me AS (INSERT INTO nodes (node, seen_at) VALUES ($1, clock_timestamp()) "
@@ -681,6 +696,16 @@ class PostgresStore(CommandStore):
         if not leases:
             return
         await self._fetch(_RELEASE, node, list(leases), [int(e) for e in leases.values()])
+
+    async def put_statuses(self, node: str, statuses: Mapping[str, str]) -> None:
+        """Record what ``node`` says of its devices (device → JSON text), one round trip."""
+        if statuses:
+            await self._fetch(_STATUS_UPSERT, node, list(statuses), list(statuses.values()))
+
+    async def statuses(self) -> dict[str, tuple[str, str]]:
+        """Device → (node, JSON text) of the last status its owner recorded."""
+        rows = await self._fetch("SELECT device, node, status FROM device_status")
+        return {row[0]: (row[1], row[2]) for row in rows}
 
     async def owners(self) -> dict[str, str]:
         """Every device with a current lease, and the node holding it."""
