@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import percentile, start_sim
+from bench.outbox import submit_rate
 from keeplink import Link
 from keeplink.drivers import JsonLineDriver
 from keeplink.outbox import CommandState, CommandStateChanged, Outbox, OutboxEvent
@@ -58,21 +59,10 @@ def _outbox(dsn: str) -> tuple[Outbox, PresenceTracker]:
 
 async def keeplink_submits(dsn: str, commands: int, producers: int) -> float:
     outbox, presence = _outbox(dsn)
-    await outbox.start()
     try:
-        per = commands // producers
-
-        async def produce(p: int) -> None:
-            for n in range(per):
-                await outbox.submit(f"dev{p % 8}", "set", {"n": n, "p": p})
-
-        begin = time.perf_counter()
-        await asyncio.gather(*(produce(p) for p in range(producers)))
-        elapsed = time.perf_counter() - begin
+        return await submit_rate(outbox, commands, producers)
     finally:
-        await outbox.close()
         presence.close()
-    return per * producers / elapsed
 
 
 async def pgqueuer_enqueues(dsn: str, commands: int, producers: int) -> float:

@@ -45,9 +45,9 @@ def _outbox(path: Path) -> tuple[Outbox, PresenceTracker]:
     return Outbox(SqliteStore(path, synchronous="FULL"), presence=presence), presence
 
 
-async def keeplink_submits(directory: Path, commands: int, producers: int) -> float:
-    """Durable submits/s through ``Outbox.submit`` (the device is away: nothing delivers)."""
-    outbox, presence = _outbox(directory / f"submits-{producers}.db")
+async def submit_rate(outbox: Outbox, commands: int, producers: int) -> float:
+    """Durable submits/s through ``outbox.submit()`` from ``producers`` concurrent callers,
+    for 8 devices that are away (nothing delivers); the outbox is started and closed."""
     await outbox.start()
     try:
         per = commands // producers
@@ -61,8 +61,16 @@ async def keeplink_submits(directory: Path, commands: int, producers: int) -> fl
         elapsed = time.perf_counter() - begin
     finally:
         await outbox.close()
-        presence.close()
     return per * producers / elapsed
+
+
+async def keeplink_submits(directory: Path, commands: int, producers: int) -> float:
+    """Durable submits/s on SQLite."""
+    outbox, presence = _outbox(directory / f"submits-{producers}.db")
+    try:
+        return await submit_rate(outbox, commands, producers)
+    finally:
+        presence.close()
 
 
 def persist_queue_puts(directory: Path, commands: int) -> float:

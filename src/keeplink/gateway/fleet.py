@@ -289,21 +289,26 @@ class Fleet:
                 if unit.running:
                     unit.running = False
                     await unit.stop(False)
+        wanted: list[Unit] = []
         for unit in self.units:
             mine = owner_of(unit.key, self.live) == self.node
             if not mine and (unit.running or unit.epochs):
                 await self._hand_over(unit)
             elif mine and not unit.running:
-                await self._take(unit)
+                wanted.append(unit)
+        missing = [d for unit in wanted for d in unit.devices if d not in unit.epochs]
+        if missing:  # one round trip for every lease this node should take now
+            taken = await self.store.acquire(self.node, missing, lease_s=self.lease_s)
+            for unit in wanted:
+                unit.epochs.update({d: taken[d] for d in unit.devices if d in taken})
+        for unit in wanted:
+            await self._take(unit)
         self.owners = await self.store.owners()
         await self._keep_listener()
         self.healthy = True
         self.problem = None
 
     async def _take(self, unit: Unit) -> None:
-        missing = [d for d in unit.devices if d not in unit.epochs]
-        if missing:
-            unit.epochs.update(await self.store.acquire(self.node, missing, lease_s=self.lease_s))
         if len(unit.epochs) < len(unit.devices):
             return  # another node still holds some: its lease runs out, or it hands over
         _log.info("fleet: %s takes %s (epochs %s)", self.node, unit.key, unit.epochs)

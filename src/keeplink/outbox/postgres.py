@@ -29,8 +29,7 @@ import collections
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from keeplink._core.commands import Command, CommandState, DeviceRecord
@@ -315,18 +314,6 @@ class PostgresStore(CommandStore):
     def __repr__(self) -> str:
         where = urlsplit(self.dsn)
         return f"<PostgresStore {where.hostname}:{where.port}{where.path} {self._status}>"
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # ------------------------------------------------------------------ lifecycle
 

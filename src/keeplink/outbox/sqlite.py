@@ -42,8 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, TypeVar
 
 from keeplink._core.commands import Command, CommandState, DeviceRecord
 from keeplink._core.errors import ConfigError, InvalidRequestError
@@ -674,18 +673,6 @@ class SqliteStore(CommandStore):
 
     def __repr__(self) -> str:
         return f"<SqliteStore {self.path!r} {self._status}>"
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # ------------------------------------------------------------------ worker thread
 

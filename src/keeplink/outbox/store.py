@@ -233,6 +233,19 @@ class CommandStore(Protocol):
         """The device's record, or ``None``."""
         ...
 
+    async def __aenter__(self) -> Self:
+        """``async with store:`` opens it, and closes it at the end."""
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
     async def insert(self, command: Command) -> Command:
         """Store a new ``queued`` command (one :class:`Insert`) and return the stored copy.
 
@@ -638,18 +651,6 @@ class MemoryStore(CommandStore):
 
     def __repr__(self) -> str:
         return f"<MemoryStore {self._status} commands={len(self._rows)}>"
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def _check_open(self) -> None:
         if self._status != "open":
