@@ -140,13 +140,26 @@ async def submit_all(
 async def all_final(
     session: aiohttp.ClientSession, url: str, ids: dict[str, list[str]], bound_s: float
 ) -> None:
-    wanted = {i for group in ids.values() for i in group}
+    """Wait until every command in ``ids`` has succeeded (read device by device, so a
+    large fleet's history is never cut by the list's limit)."""
+
+    async def of(device: str) -> dict[str, Any]:
+        async with session.get(
+            f"{url}/api/commands", params={"device": device, "limit": "10000"}
+        ) as r:
+            return {c["id"]: c for c in (await r.json())["commands"]}
+
     deadline = time.monotonic() + bound_s
     while True:
-        async with session.get(f"{url}/api/commands", params={"limit": "10000"}) as r:
-            commands = {c["id"]: c for c in (await r.json())["commands"]}
-        states = Counter(commands[i]["state"] for i in wanted)
-        if states == {"succeeded": len(wanted)}:
+        commands: dict[str, Any] = {}
+        for found in await asyncio.gather(*(of(d) for d in ids)):
+            commands.update(found)
+        states = Counter(
+            commands[i]["state"] if i in commands else "missing"
+            for group in ids.values()
+            for i in group
+        )
+        if set(states) == {"succeeded"}:
             return
         assert time.monotonic() < deadline, states
         await asyncio.sleep(0.1)
