@@ -1,4 +1,4 @@
-"""The HTTP API under bad input (DESIGN §5), against a real ``keeplink serve`` subprocess.
+"""The HTTP API under bad input, against a real ``keeplink serve`` subprocess.
 
 First each documented error with its status and code; then property-based runs that must
 never see a 5xx and always see the ``{"code", "message"}`` shape on an error:

@@ -1,4 +1,4 @@
-"""Black-box acceptance of the gateway (DESIGN §5): ``keeplink serve`` and ``keeplink sim``
+"""Black-box acceptance of the gateway: ``keeplink serve`` and ``keeplink sim``
 run as subprocesses; the test speaks only HTTP and WebSocket to them.
 
 The helpers at the top (subprocesses, free ports, config files) are also used by
@@ -328,7 +328,7 @@ async def test_commands_survive_device_absence_and_gateway_restart(
         status, answer = await submit(session, url, "hall", "set", {"target": 21.5})
         assert status == 202, answer
         assert answer["command"]["state"] == "queued"
-        # Never seen yet: the gateway says "unknown" (DESIGN §1: online/offline/unknown);
+        # Never seen yet: the gateway says "unknown" (presence is online, offline or unknown);
         # either way it is away, and the answer says so.
         assert answer["device_presence"] in ("offline", "unknown")
         assert "away" in answer["note"]

@@ -1,4 +1,4 @@
-"""The field failures of DESIGN §2, reproduced against the simulator behind the fault proxy.
+"""The field failures keeplink exists for, reproduced against the simulator behind the fault proxy.
 
 In each, the link recovers on its own with no user action. Timing rules run on the virtual
 clock; bytes travel over real loopback sockets.

@@ -303,7 +303,7 @@ REQUEST = st.tuples(
 def expected_outcome(
     kind: str, start: int, timeout: int, delay: int, stop_at: float | None
 ) -> type:
-    """The outcome DESIGN §2 prescribes, from the scenario alone."""
+    """The outcome the request rules prescribe, from the scenario alone."""
     if stop_at is not None and stop_at <= start:
         return Unavailable
     if kind == "ack":

@@ -1,4 +1,4 @@
-"""The gateway from a shell: ``keeplink devices | send | commands | cancel`` (DESIGN §5).
+"""The gateway from a shell: ``keeplink devices | send | commands | cancel``.
 
 These commands mirror the HTTP API of a running ``keeplink serve``. Options every one of
 them takes (after the command name):

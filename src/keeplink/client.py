@@ -1,4 +1,4 @@
-"""A client for the gateway's HTTP and WebSocket API (DESIGN §5), on aiohttp.
+"""A client for the gateway's HTTP and WebSocket API, on aiohttp.
 
 It is what the ``keeplink devices | send | commands | cancel`` commands use, and it works as
 a small library for scripts::

@@ -1,7 +1,7 @@
 """The jsonline reference protocol, sans-IO: typed frames, a decoder and an encoder.
 
-Newline-delimited JSON objects, UTF-8, one object a line, at most 64 KiB a line
-(DESIGN §4). Bytes go in, frames come out; frames go in, bytes come out. Nothing here
+Newline-delimited JSON objects, UTF-8, one object a line, at most 64 KiB a line.
+Bytes go in, frames come out; frames go in, bytes come out. Nothing here
 touches a socket or a clock.
 
 A line that is not a valid frame (bad UTF-8, bad JSON, not an object, unknown type, a field
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 MAX_LINE: Final = 64 * 1024
-"""Longest line in bytes, newline excluded (DESIGN §4)."""
+"""Longest line in bytes, newline excluded."""
 PROTOCOL_VERSION: Final = 1
 _MAX_SEQ: Final = 2**32 - 1
 _SAMPLE: Final = 80  # bytes of a bad line kept for the log: enough to recognise, never a dump

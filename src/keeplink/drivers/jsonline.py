@@ -1,4 +1,4 @@
-"""The jsonline reference driver (DESIGN §4): newline-delimited JSON over TCP or TLS.
+"""The jsonline reference driver: newline-delimited JSON over TCP or TLS.
 
     driver = JsonLineDriver(host="127.0.0.1", port=7001, token="s3cret")
     async with Link(driver, name="hall-thermostat") as link:

@@ -1,4 +1,4 @@
-"""The MQTT driver: one link to a broker, many devices behind it (a hub link, DESIGN §1).
+"""The MQTT driver: one link to a broker, many devices behind it (a hub link).
 
     presence = PresenceTracker()
     driver = MqttDriver(

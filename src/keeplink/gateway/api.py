@@ -1,4 +1,4 @@
-"""The gateway's HTTP and WebSocket API (DESIGN §5), on aiohttp.
+"""The gateway's HTTP and WebSocket API, on aiohttp.
 
 Errors are always ``{"code": "<ErrorCode>", "message": "…"}`` with a fitting status. Writes
 need ``Authorization: Bearer TOKEN`` (compared in constant time); reads do not. The OpenAPI

@@ -52,6 +52,9 @@ RENEW_RATIO: Final = 3
 third means the database (or this node) is in trouble and the lease may lapse."""
 POLL_S: Final = 1.0
 """While no notification connection is up, owned devices are looked at this often."""
+TAKE_CONCURRENCY: Final = 16
+"""Units taken over at once: enough to overlap their round trips, few enough to leave the
+database connections (and the loop) to the deliveries under way."""
 OUTGOING_MAX: Final = 10_000
 """Events waiting to be sent to the other nodes; past this the oldest are dropped."""
 NO_FENCE: Final = -1
@@ -301,8 +304,18 @@ class Fleet:
             taken = await self.store.acquire(self.node, missing, lease_s=self.lease_s)
             for unit in wanted:
                 unit.epochs.update({d: taken[d] for d in unit.devices if d in taken})
-        for unit in wanted:
-            await self._take(unit)
+        # Take them side by side (each is a few round trips: recover its commands, read its
+        # record, start its link): a dead node's hundred devices move in one go.
+        slots = asyncio.Semaphore(TAKE_CONCURRENCY)
+
+        async def take(unit: Unit) -> None:
+            async with slots:
+                await self._take(unit)
+
+        results = await asyncio.gather(*(take(unit) for unit in wanted), return_exceptions=True)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise failed  # every take has ended; the tick reports it and tries again
         self.owners = await self.store.owners()
         await self._keep_listener()
         self.healthy = True

@@ -1,4 +1,4 @@
-"""A jsonline device simulator (DESIGN §4), for tests, demos and integration authors.
+"""A jsonline device simulator, for tests, demos and integration authors.
 
 It is a real TCP (or TLS) server on loopback that speaks the reference protocol, with the
 behaviours real devices have and real integrations trip over, all switchable at run time:
@@ -476,7 +476,7 @@ class DeviceSimulator:
             return self._ota_end()
         raise _Refused("rejected", f"unknown op {req.op!r}")
 
-    # Firmware transfer (DESIGN §4): bytes already held survive a dropped connection.
+    # Firmware transfer: bytes already held survive a dropped connection.
 
     def _ota_begin(self, args: Mapping[str, Any]) -> dict[str, Any]:
         size, digest = args.get("size"), args.get("sha256")
