@@ -34,6 +34,7 @@ DEVICES = [f"dev{n:03d}" for n in range(int(os.environ.get("KEEPLINK_FLEET_DEVIC
 NODES = ["gw-a", "gw-b", "gw-c"]
 COMMANDS = int(os.environ.get("KEEPLINK_FLEET_COMMANDS", "15"))  # per device, per phase
 SUBMIT_CONCURRENCY = 32  # submits in flight at once, each for another device
+SUBMIT_BOUND_S = 45.0  # a submit answers well within this (the store gives up at 30 s)
 FINAL_BOUND_S = 30 + len(DEVICES) * COMMANDS / 100  # a larger fleet takes longer to drain
 
 
@@ -120,6 +121,7 @@ async def submit_all(
             f"{url}/api/devices/{device}/commands",
             json={"op": "set", "args": {"phase": phase, "n": n}},
             headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=aiohttp.ClientTimeout(total=SUBMIT_BOUND_S),
         ) as r:
             assert r.status == 202, await r.text()
             command_id = (await r.json())["command"]["id"]

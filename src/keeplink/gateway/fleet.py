@@ -7,15 +7,14 @@ spread evenly, a node that joins takes its share (the others see it and hand its
 over), and a node that dies loses only its own (the others pick them up when the leases
 expire), with no coordination beyond the lease rows.
 
-Every ``lease_s / RENEW_RATIO`` seconds the keeper:
-
-1. says this node is alive and learns the live nodes;
-2. renews the leases it holds; a lease it could not renew is lost: the unit's delivery and
-   link stop at once (the new owner recovers its commands);
-3. hands over (gracefully: the attempt in flight settles, then the lease is released) the
-   units that now belong to another live node;
-4. takes the leases of the units that are now its own and free, recovers their commands
-   left ``sending`` by the last owner, and starts their links.
+Every ``lease_s / RENEW_RATIO`` seconds the *renewer* says this node is alive, learns the
+live nodes and renews the leases it holds; a lease it could not renew is lost: the unit's
+delivery and link stop at once (the new owner recovers its commands). On its own schedule
+(and at once when woken), the *balancer* hands over (gracefully: the attempt in flight
+settles, then the lease is released) the units that now belong to another live node, and
+takes the leases of the units that are now its own and free, recovers their commands left
+``sending`` by the last owner, and starts their links. The two are separate tasks so that
+taking a hundred devices over never delays a renewal.
 
 If it cannot confirm its leases for a whole ``lease_s`` (the database is unreachable, or
 this process was paused), it stops every unit: another node may own them by now. The
@@ -114,6 +113,7 @@ class Fleet:
         self.problem: str | None = "not started"
         self._confirmed_at: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
         self._listener: Any = None
         self._closing = False
         self._wake = asyncio.Event()
@@ -161,6 +161,9 @@ class Fleet:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._renewer = loop.create_task(
+            self._renew_loop(), name=f"keeplink.fleet[{self.node}].renew"
+        )
         self._task = loop.create_task(self._run(), name=f"keeplink.fleet[{self.node}]")
         self._sender = loop.create_task(self._send(), name=f"keeplink.fleet[{self.node}].events")
 
@@ -218,10 +221,11 @@ class Fleet:
         """SIGTERM: leave the fleet gracefully. Attempts in flight settle, then the leases
         are released, so the next owners start at once instead of waiting for expiry."""
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._renewer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._stopping:
             await asyncio.wait(self._stopping)
         if self._sender is not None:
@@ -238,21 +242,16 @@ class Fleet:
     # ------------------------------------------------------------------ the keeper
 
     async def _run(self) -> None:
+        """The balancer: hand units over and take them, as the live nodes change."""
         interval = self.lease_s / RENEW_RATIO
         while True:
             try:
-                await self._tick()
+                if self._confirmed():
+                    await self._balance()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - the keeper must not die; see below
-                # A database that is down is expected and said once; anything else is a
-                # bug, logged with its traceback. Either way the next tick tries again.
-                if self.healthy or self.problem is None:
-                    log = _log.warning if isinstance(exc, KeeplinkError) else _log.exception
-                    log("fleet: %s cannot keep its leases: %s", self.node, exc)
-                self.healthy = False
-                self.problem = f"the store is unreachable: {exc}"
-            await self._expire_if_unconfirmed()
+            except Exception as exc:  # noqa: BLE001 - the keeper must not die; see _failed
+                self._failed(exc)
             wait = interval
             if self._listener is None or self._listener.is_closed():
                 self._poll()  # no notifications: look at every owned device instead
@@ -262,9 +261,33 @@ class Fleet:
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
 
+    async def _renew_loop(self) -> None:
+        """The renewer, on its own so that taking many devices over never delays it: a
+        lease renewed late is a lease lost."""
+        interval = self.lease_s / RENEW_RATIO
+        while True:
+            await self._expire_if_unconfirmed()  # first: after a pause, before anything else
+            try:
+                await self._renew()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the keeper must not die; see _failed
+                self._failed(exc)
+            await self._expire_if_unconfirmed()
+            await asyncio.sleep(interval)
+
+    def _failed(self, exc: BaseException) -> None:
+        # A database that is down is expected and said once; anything else is a bug,
+        # logged with its traceback. Either way the next round tries again.
+        if self.healthy or self.problem is None:
+            log = _log.warning if isinstance(exc, KeeplinkError) else _log.exception
+            log("fleet: %s cannot keep its leases: %s", self.node, exc)
+        self.healthy = False
+        self.problem = f"the store is unreachable: {exc}"
+
     async def _expire_if_unconfirmed(self) -> None:
         """Not confirmed for a whole lease: stop everything (another node may own it)."""
-        if self._confirmed_at is None or time.monotonic() - self._confirmed_at < self.lease_s:
+        if self._confirmed_at is None or self._confirmed():
             return
         for unit in self.units:
             if unit.running:
@@ -278,20 +301,29 @@ class Fleet:
                 unit.epochs.clear()
                 await unit.stop(False)
 
-    async def _tick(self) -> None:
-        await self._expire_if_unconfirmed()  # first: after a pause, before anything else
+    async def _renew(self) -> None:
         asked = time.monotonic()
-        self.live = await self.store.heartbeat(self.node, lease_s=self.lease_s)
+        live = await self.store.heartbeat(self.node, lease_s=self.lease_s)
         held = {d: e for unit in self.units for d, e in unit.epochs.items()}
         kept = await self.store.renew(self.node, held, lease_s=self.lease_s) if held else set()
+        if live != self.live or self._confirmed_at is None:
+            self._wake.set()  # nodes came or went (or this is the first round): rebalance
+        self.live = live
         self._confirmed_at = asked
         for unit in self.units:
-            if unit.epochs and not set(unit.epochs) <= kept:
+            # Only what was asked about and is still held at that epoch counts as lost (the
+            # balancer may have handed a unit over, or taken a new one, meanwhile).
+            lost = [d for d, e in held.items() if unit.epochs.get(d) == e and d not in kept]
+            if lost:
                 _log.warning("fleet: %s lost %s (its lease lapsed)", self.node, unit.key)
                 unit.epochs.clear()
                 if unit.running:
                     unit.running = False
                     await unit.stop(False)
+        self.healthy = True
+        self.problem = None
+
+    async def _balance(self) -> None:
         wanted: list[Unit] = []
         for unit in self.units:
             mine = owner_of(unit.key, self.live) == self.node
@@ -315,11 +347,9 @@ class Fleet:
         results = await asyncio.gather(*(take(unit) for unit in wanted), return_exceptions=True)
         failed = next((r for r in results if isinstance(r, BaseException)), None)
         if failed is not None:
-            raise failed  # every take has ended; the tick reports it and tries again
+            raise failed  # every take has ended; the round reports it and tries again
         self.owners = await self.store.owners()
         await self._keep_listener()
-        self.healthy = True
-        self.problem = None
 
     async def _take(self, unit: Unit) -> None:
         if len(unit.epochs) < len(unit.devices):

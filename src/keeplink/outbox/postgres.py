@@ -141,6 +141,9 @@ NOTIFY_MAX: Final = 7900
 """PostgreSQL refuses a notification payload of 8000 bytes or more."""
 MIGRATION_LOCK: Final = 0x6B6C_696E_6B00  # "klink": one advisory lock for all migrations
 CONNECT_TIMEOUT_S: Final = 10.0
+COMMAND_TIMEOUT_S: Final = 30.0
+"""A statement that has not answered by then (a lock held by a stuck transaction, a
+database that stopped answering) fails as store_unavailable instead of waiting forever."""
 
 _COLUMN_TYPES: Final = {
     "seq": "bigint",
@@ -337,6 +340,7 @@ class PostgresStore(CommandStore):
                     min_size=0,
                     max_size=self.pool_size,
                     timeout=CONNECT_TIMEOUT_S,
+                    command_timeout=COMMAND_TIMEOUT_S,
                     server_settings={"search_path": self.schema},
                 )
             except _connection_errors() as exc:
@@ -434,7 +438,16 @@ class PostgresStore(CommandStore):
                         batch.append(job)
                         size += len(job.writes)
                 if batch:
-                    await self._commit(batch)
+                    try:
+                        await self._commit(batch)
+                    except Exception as exc:  # noqa: BLE001 - the writer must not die
+                        # Not a connection problem (those are answered in _commit): a bug
+                        # or a database error nobody expected. Logged with its traceback;
+                        # this batch's callers get the error; the writer goes on.
+                        _log.exception("postgres store: a batch of %d calls failed", len(batch))
+                        for job in batch:
+                            if not job.future.done():
+                                job.future.set_exception(exc)
             if self._status == "closed":
                 return
 
