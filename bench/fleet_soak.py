@@ -6,8 +6,9 @@ Runs the fleet scenario of ``tests/test_fleet_e2e.py`` (SIGKILL of a node, SIGST
 another for three lease periods, a PostgreSQL restart, a SIGTERM handoff; commands
 submitted through every node; ownership sampled throughout) with ``--devices`` simulated
 devices and ``--commands`` commands per device and phase, and prints its summary: commands
-accepted, takeover and handoff times, ownership samples. It fails (exit status 1) on a lost
-command, a command applied twice or out of order, or a device with two owners at once.
+accepted, takeover (in lease periods: the goal is two) and handoff times, ownership
+samples. It fails (exit status 1) on a lost command, a command applied twice or out of
+order, or a device with two owners at once.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> int:
         "KEEPLINK_FLEET_DEVICES": str(args.devices),
         "KEEPLINK_FLEET_COMMANDS": str(args.commands),
         "KEEPLINK_FLEET_LEASE_S": str(args.lease_s),
+        "KEEPLINK_FLEET_TAKEOVER": "report",  # the time is printed against its goal
     }
     command = [
         sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",

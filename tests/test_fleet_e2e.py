@@ -33,6 +33,9 @@ LEASE_S = float(os.environ.get("KEEPLINK_FLEET_LEASE_S", "1.5"))
 DEVICES = [f"dev{n:03d}" for n in range(int(os.environ.get("KEEPLINK_FLEET_DEVICES", "12")))]
 NODES = ["gw-a", "gw-b", "gw-c"]
 COMMANDS = int(os.environ.get("KEEPLINK_FLEET_COMMANDS", "15"))  # per device, per phase
+REPORT_TAKEOVER = os.environ.get("KEEPLINK_FLEET_TAKEOVER") == "report"
+"""The soak at scale reports the takeover time against the goal instead of stopping there,
+so that it still checks everything after it."""
 SUBMIT_CONCURRENCY = 32  # submits in flight at once, each for another device
 SUBMIT_BOUND_S = 45.0  # a submit answers well within this (the store gives up at 30 s)
 FINAL_BOUND_S = 30 + len(DEVICES) * COMMANDS / 100  # a larger fleet takes longer to drain
@@ -301,7 +304,8 @@ async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
         )
         owner, _ = await settled_owners(session, [urls[n] for n in alive], alive, 4 * LEASE_S)
         takeover_s = time.monotonic() - killed_at
-        assert takeover_s <= 2 * LEASE_S + 1.0, takeover_s  # + polling slack of this test
+        if not REPORT_TAKEOVER:  # the goal: two lease periods (+ this test's polling slack)
+            assert takeover_s <= 2 * LEASE_S + 1.0, takeover_s
         phase2 = await phase2_task
         await all_final(session, urls[alive[0]], phase2, bound_s=FINAL_BOUND_S)
 
@@ -364,7 +368,8 @@ async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
         dropped = sum(sim.statistics().duplicates for sim in sims.values())
         print(
             f"\nfleet: {len(DEVICES)} devices, {sum(map(len, accepted.values()))} commands "
-            f"accepted; takeover after SIGKILL {takeover_s:.2f}s, handoff after SIGTERM "
+            f"accepted; takeover after SIGKILL {takeover_s:.2f}s "
+            f"({takeover_s / LEASE_S:.2f} lease periods), handoff after SIGTERM "
             f"{handoff_s:.2f}s (lease {LEASE_S}s); {sampler.samples} ownership samples, "
             f"{len(sampler.double)} with two owners; devices dropped {dropped} re-deliveries "
             "by idempotency key"
