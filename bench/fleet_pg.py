@@ -176,14 +176,26 @@ async def pgqueuer_latency(dsn: str, samples: int) -> list[float]:
 # ---------------------------------------------------------------------------- takeover
 
 
-def _node_config(path: Path, node: str, dsn: str, ports: dict[str, int]) -> Path:
+def fleet_config(
+    path: Path,
+    *,
+    node: str,
+    dsn: str,
+    ports: dict[str, int],
+    lease_s: float,
+    token: str,
+    heartbeat_s: float = 1.0,
+    backoff_cap_s: float = 0.5,
+) -> Path:
+    """A ``keeplink serve`` config for one node of a fleet on loopback: the shared store,
+    this node's name, and one jsonline device a port (every node gets the same devices)."""
     lines = [
         "[gateway]",
         'listen = "127.0.0.1:0"',
         f'store = "{dsn}"',
-        'token = "bench-token-0123456789"',
+        f'token = "{token}"',
         f'node = "{node}"',
-        f"lease_s = {TAKEOVER_LEASE_S}",
+        f"lease_s = {lease_s}",
     ]
     for device, port in ports.items():
         lines += [
@@ -192,8 +204,8 @@ def _node_config(path: Path, node: str, dsn: str, ports: dict[str, int]) -> Path
             f'id = "{device}"',
             'driver = "jsonline"',
             f"port = {port}",
-            "heartbeat_s = 1",
-            "backoff = { initial_s = 0.05, cap_s = 0.5 }",
+            f"heartbeat_s = {heartbeat_s}",
+            f"backoff = {{ initial_s = 0.05, cap_s = {backoff_cap_s} }}",
         ]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -217,7 +229,14 @@ async def takeover(dsn: str, devices: int, directory: Path) -> float:
         urls: dict[str, str] = {}
         schema_dsn = f"{dsn}?schema=t{uuid.uuid4().hex[:12]}"
         for node in ("gw-a", "gw-b"):
-            config = _node_config(directory / f"{node}.toml", node, schema_dsn, ports)
+            config = fleet_config(
+                directory / f"{node}.toml",
+                node=node,
+                dsn=schema_dsn,
+                ports=ports,
+                lease_s=TAKEOVER_LEASE_S,
+                token="bench-token-0123456789",
+            )
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "keeplink", "serve", "--config", str(config),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,

@@ -15,6 +15,7 @@ import asyncio
 import os
 import random
 import signal
+import sys
 import time
 import uuid
 from collections import Counter
@@ -25,9 +26,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from keeplink.testing import DeviceSimulator
-from keeplink.testing.postgres import PostgresServer
-from test_gateway_e2e import TOKEN, Events, GatewayProc, Procs, procs  # noqa: F401
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:  # `pytest` (unlike `python -m pytest`) does not put the root there
+    sys.path.insert(0, _ROOT)
+
+from bench.fleet_pg import fleet_config  # noqa: E402
+
+from keeplink.testing import DeviceSimulator  # noqa: E402
+from keeplink.testing.postgres import PostgresServer  # noqa: E402
+from test_gateway_e2e import TOKEN, Events, GatewayProc, Procs, procs  # noqa: E402,F401
 
 LEASE_S = float(os.environ.get("KEEPLINK_FLEET_LEASE_S", "1.5"))
 DEVICES = [f"dev{n:03d}" for n in range(int(os.environ.get("KEEPLINK_FLEET_DEVICES", "12")))]
@@ -39,29 +46,6 @@ so that it still checks everything after it."""
 SUBMIT_CONCURRENCY = 32  # submits in flight at once, each for another device
 SUBMIT_BOUND_S = 45.0  # a submit answers well within this (the store gives up at 30 s)
 FINAL_BOUND_S = 30 + len(DEVICES) * COMMANDS / 100  # a larger fleet takes longer to drain
-
-
-def fleet_config(path: Path, *, node: str, dsn: str, ports: dict[str, int]) -> Path:
-    lines = [
-        "[gateway]",
-        'listen = "127.0.0.1:0"',
-        f'store = "{dsn}"',
-        f'token = "{TOKEN}"',
-        f'node = "{node}"',
-        f"lease_s = {LEASE_S}",
-    ]
-    for device, port in ports.items():
-        lines += [
-            "",
-            "[[devices]]",
-            f'id = "{device}"',
-            'driver = "jsonline"',
-            f"port = {port}",
-            "heartbeat_s = 0.5",
-            "backoff = { initial_s = 0.05, cap_s = 0.3 }",
-        ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 async def views(session: aiohttp.ClientSession, url: str) -> dict[str, dict[str, Any]]:
@@ -257,7 +241,16 @@ async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
         nodes: dict[str, GatewayProc] = {}
         urls: dict[str, str] = {}
         for name in NODES:
-            config = fleet_config(tmp_path / f"{name}.toml", node=name, dsn=dsn, ports=ports)
+            config = fleet_config(
+                tmp_path / f"{name}.toml",
+                node=name,
+                dsn=dsn,
+                ports=ports,
+                lease_s=LEASE_S,
+                token=TOKEN,
+                heartbeat_s=0.5,
+                backoff_cap_s=0.3,
+            )
             nodes[name] = procs.gateway(config)
             urls[name] = await nodes[name].start_ready()
         session = await stack.enter_async_context(aiohttp.ClientSession())
