@@ -11,7 +11,6 @@ never see a 5xx and always see the ``{"code", "message"}`` shape on an error:
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 import urllib.request
@@ -25,6 +24,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 import requests
+from keeplink.gateway import models
 from test_gateway_e2e import START_BOUND_S, TOKEN, Procs, free_port, write_config
 
 # Bounds: the whole file stays well under 40 s on a 2-core machine.
@@ -219,29 +219,6 @@ def check_response(response: requests.Response, what: str) -> None:
         response.json()
 
 
-def _openapi_3_0(document: dict[str, Any]) -> dict[str, Any]:
-    """The document with JSON Schema 2019 style ``exclusiveMinimum: N`` rewritten to the
-    OpenAPI 3.0 form (``minimum: N, exclusiveMinimum: true``), which is what a 3.0 tool
-    expects; a no-op on a document that already uses the 3.0 form."""
-    document = copy.deepcopy(document)
-
-    def fix(node: Any) -> None:
-        if isinstance(node, dict):
-            for key, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
-                value = node.get(key)
-                if isinstance(value, int | float) and not isinstance(value, bool):
-                    node[key] = True
-                    node[bound] = value
-            for child in node.values():
-                fix(child)
-        elif isinstance(node, list):
-            for child in node:
-                fix(child)
-
-    fix(document)
-    return document
-
-
 def _live_document(api: Api) -> dict[str, Any]:
     with urllib.request.urlopen(f"{api.url}/api/openapi.json", timeout=HTTP_TIMEOUT_S) as r:
         document: dict[str, Any] = json.loads(r.read())
@@ -250,12 +227,12 @@ def _live_document(api: Api) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def schema(api: Api) -> schemathesis.BaseSchema:
-    return schemathesis.openapi.from_dict(_openapi_3_0(_live_document(api)))
+    return schemathesis.openapi.from_dict(_live_document(api))
 
 
 def test_openapi_document_names_every_route(api: Api) -> None:
     document = _live_document(api)
-    assert document["openapi"].startswith("3.0")
+    assert document["openapi"] == "3.1.0"
     paths = document["paths"]
     for path, method in [
         ("/api/devices", "get"),
@@ -264,14 +241,20 @@ def test_openapi_document_names_every_route(api: Api) -> None:
         ("/api/commands", "get"),
         ("/api/commands/{command}", "get"),
         ("/api/commands/{command}", "delete"),
+        ("/api/events", "get"),
         ("/healthz", "get"),
     ]:
         assert method in paths[path], (path, method)
 
 
-def test_openapi_document_is_valid_openapi_3_0(api: Api) -> None:
+def test_openapi_document_is_generated_from_the_models(api: Api) -> None:
+    """What is served is what the models say: one declaration of each shape."""
     document = _live_document(api)
-    assert document == _openapi_3_0(document)
+    assert document == json.loads(json.dumps(models.openapi()))
+    submit = document["components"]["schemas"]["Submit"]
+    assert submit["additionalProperties"] is False
+    assert submit["required"] == ["op"]
+    assert submit["properties"]["max_attempts"]["maximum"] == 1000
 
 
 def _strategies(schema: schemathesis.BaseSchema, command_id: str) -> st.SearchStrategy[Any]:

@@ -292,7 +292,7 @@ async def test_exit_codes(world: World) -> None:
         # 1: the gateway refuses the command itself (422).
         (
             ["send", "hall", ""],
-            TOKEN, 1, r"keeplink: \[invalid_request\] op must be a non-empty string",
+            TOKEN, 1, r"keeplink: \[invalid_request\] op: String should have at least 1 character",
         ),
         # 2: bad usage, caught before anything is sent.
         (["send", "hall"], TOKEN, 2, r"required: OP"),

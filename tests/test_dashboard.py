@@ -220,7 +220,8 @@ async def test_dashboard_live(rig: Rig, page: Page, tmp_path: Path) -> None:
     await expect(page.locator("#write-error")).to_be_hidden()
     await expect(device_cell(page, "garage", "queued")).to_have_text("0", timeout=WAIT_MS)
     assert (await rig.command(command_id))["state"] == "cancelled"
-    assert await page.evaluate("localStorage.getItem('keeplink.token')") == TOKEN
+    assert await page.evaluate("sessionStorage.getItem('keeplink.token')") == TOKEN
+    assert await page.evaluate("localStorage.getItem('keeplink.token')") is None
 
     # a firmware transfer to hall shows its progress bar; a second garage command waits
     image = tmp_path / "fw.bin"

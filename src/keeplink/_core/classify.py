@@ -32,10 +32,12 @@ from keeplink._core.errors import (
     LinkClosedError,
     PreconditionFailedError,
     ProtocolError,
+    QueueFullError,
     RejectedError,
     RequestCancelledError,
     RequestTimeout,
     SlotsExhaustedError,
+    StoreBusyError,
     StoreUnavailableError,
 )
 
@@ -125,6 +127,8 @@ _CLASS_BY_CODE: Final[dict[ErrorCode, type[KeeplinkError]]] = {
     ErrorCode.INVALID_REQUEST: InvalidRequestError,
     ErrorCode.EXPIRED: ExpiredError,
     ErrorCode.STORE_UNAVAILABLE: StoreUnavailableError,
+    ErrorCode.STORE_BUSY: StoreBusyError,
+    ErrorCode.QUEUE_FULL: QueueFullError,
     ErrorCode.CANCELLED: RequestCancelledError,
     ErrorCode.LINK_CLOSED: LinkClosedError,
     ErrorCode.CONFIG_ERROR: ConfigError,
@@ -178,6 +182,7 @@ def broken_from(exc: BaseException, context: str) -> KeeplinkError:
         PreconditionFailedError,
         CommandNotFoundError,
         StoreUnavailableError,
+        QueueFullError,
     ):
         cls = LinkBrokenError
     return cls(f"{context}: {detail}", code=code)

@@ -34,10 +34,12 @@ __all__ = [
     "LinkClosedError",
     "PreconditionFailedError",
     "ProtocolError",
+    "QueueFullError",
     "RejectedError",
     "RequestCancelledError",
     "RequestTimeout",
     "SlotsExhaustedError",
+    "StoreBusyError",
     "StoreUnavailableError",
     "error_class_of",
 ]
@@ -87,6 +89,11 @@ class ErrorCode(enum.StrEnum):
     STORE_UNAVAILABLE = "store_unavailable"
     """The command store (a database server) cannot be reached now; nothing was written.
     Retry later: a store reconnects on its own."""
+    STORE_BUSY = "store_busy"
+    """The command store is locked by another writer (another process holds the SQLite
+    write lock) past its busy timeout; nothing was written. Retry later."""
+    QUEUE_FULL = "queue_full"
+    """The device already has its ``max_queued`` commands queued; nothing was stored."""
     UNKNOWN = "unknown"
     """A code from a peer that this version does not know (kept verbatim in ``wire_code``)."""
 
@@ -261,6 +268,19 @@ class StoreUnavailableError(KeeplinkError):
     the write was not made. Raised with ``__cause__`` set to the driver's error."""
 
     default_code = ErrorCode.STORE_UNAVAILABLE
+
+
+class StoreBusyError(StoreUnavailableError):
+    """The command store stayed locked by another writer past its busy timeout; the write
+    was not made (``__cause__`` is the driver's error). Retry later."""
+
+    default_code = ErrorCode.STORE_BUSY
+
+
+class QueueFullError(KeeplinkError):
+    """The device's queue is at its ``max_queued``; the command was not stored."""
+
+    default_code = ErrorCode.QUEUE_FULL
 
 
 @dataclass(frozen=True, slots=True)

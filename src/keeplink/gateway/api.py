@@ -1,34 +1,47 @@
 """The gateway's HTTP and WebSocket API, on aiohttp.
 
 Errors are always ``{"code": "<ErrorCode>", "message": "…"}`` with a fitting status. Writes
-need ``Authorization: Bearer TOKEN`` (compared in constant time); reads do not. The OpenAPI
-schema is served at ``/api/openapi.json``.
+need ``Authorization: Bearer TOKEN`` (compared in constant time); reads need the read token
+(or the write token) when the gateway has a ``read_token``. Bodies, answers and query
+parameters are the models of :mod:`keeplink.gateway.models`; the OpenAPI document served at
+``/api/openapi.json`` is generated from them.
+
+The edge refuses what a browser could be tricked into: a request whose ``Host`` is not an IP
+address, localhost or one of ``allowed_hosts`` (DNS rebinding), and a WebSocket whose
+``Origin`` is another site. Every answer carries the browser hardening headers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import collections
+import hashlib
 import hmac
+import ipaddress
 import json
 import logging
-import math
+import re
+import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
+import pydantic_core
 from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
 
 from keeplink import __version__
 from keeplink._core.commands import CommandState
-from keeplink._core.dispatch import WaitReason
 from keeplink._core.errors import (
     AuthError,
     ErrorCode,
     InvalidRequestError,
     KeeplinkError,
 )
+from keeplink.gateway import models
 from keeplink.gateway.runtime import Gateway
 
 __all__ = ["build_app"]
@@ -41,23 +54,59 @@ STATUS_OF_CODE: Final[dict[str, int]] = {
     ErrorCode.INVALID_REQUEST.value: 422,
     ErrorCode.AUTH_FAILED.value: 401,
     ErrorCode.CONFLICT.value: 409,
+    ErrorCode.QUEUE_FULL.value: 429,
     ErrorCode.LINK_CLOSED.value: 503,
     ErrorCode.DEVICE_UNAVAILABLE.value: 503,
     ErrorCode.STORE_UNAVAILABLE.value: 503,
+    ErrorCode.STORE_BUSY.value: 503,
 }
 MAX_BODY: Final = 256 * 1024
-SUBMIT_FIELDS: Final = frozenset(
-    {"op", "args", "key", "ttl_s", "max_attempts", "idempotency_key", "priority"}
-)
+CLIENT_BUFFER: Final = 2_000
+"""Events a WebSocket client may have waiting; one that falls further behind is closed
+(close code 1013, reason naming the ``since=`` to resume from)."""
+BEHIND_CLOSE_CODE: Final = 1013
+PING_S: Final = 30.0
+"""An idle event stream is pinged this often; a ping that cannot be written in as long
+ends the connection."""
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 TOKEN_KEY: web.AppKey[str] = web.AppKey("token", str)
 METRICS_KEY: web.AppKey[_Metrics] = web.AppKey("metrics")
 SOCKETS_KEY: web.AppKey[set[Any]] = web.AppKey("sockets")  # of WebSocketResponse
 
+_M = TypeVar("_M", bound=BaseModel)
+
 
 def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"code": code, "message": message}, status=status)
+
+
+def _answer(model: type[BaseModel], value: Any, *, status: int = 200) -> web.Response:
+    """Answer ``value`` as ``model`` says (the shape the OpenAPI document shows)."""
+    body = model.model_validate(value).model_dump(mode="json")
+    return web.json_response(body, status=status)
+
+
+class _Quiet:
+    """Client errors at DEBUG, at most one line a second (a flood never fills the log)."""
+
+    def __init__(self) -> None:
+        self._last = 0.0
+        self._dropped = 0
+
+    def __call__(self, request: web.Request, status: int, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last < 1.0:
+            self._dropped += 1
+            return
+        dropped, self._dropped, self._last = self._dropped, 0, now
+        more = f" (+{dropped} more)" if dropped else ""
+        _log.debug(
+            "client error %d on %s %s: %s%s", status, request.method, request.path, message, more
+        )
+
+
+_quiet = _Quiet()
 
 
 @web.middleware
@@ -70,6 +119,10 @@ async def _errors(
         status = STATUS_OF_CODE.get(
             exc.wire_code, 400 if exc.code is ErrorCode.INVALID_REQUEST else 500
         )
+        if status >= 500:
+            _log.info("gateway: %s %s: %s", request.method, request.path, exc.message)
+        else:
+            _quiet(request, status, exc.message)
         return _error(status, exc.wire_code, exc.message)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -79,8 +132,11 @@ async def _errors(
             message = f"no such endpoint: {request.method} {request.path}"
         elif exc.status == 405:
             message = f"method {request.method} not allowed on {request.path}"
+        elif exc.status == 413:
+            message = f"body too large (the limit is {MAX_BODY} bytes)"
         else:
             message = exc.reason
+        _quiet(request, exc.status, message)
         return _error(exc.status, code, message)
     except Exception:  # noqa: BLE001 - see below
         # Deliberately broad: a bug must answer as a typed 500, never a stack dump, and be
@@ -89,88 +145,186 @@ async def _errors(
         return _error(500, ErrorCode.UNKNOWN.value, "internal error; see the gateway log")
 
 
-def _authorize(request: web.Request) -> None:
-    expected = request.app[TOKEN_KEY]
-    header = request.headers.get("Authorization", "")
+# ---------------------------------------------------------------------------- the edge
+
+
+def _host_name(header: str) -> str | None:
+    """The name in a ``Host`` header (or an Origin's authority), without the port."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        name, bracket, rest = header[1:].partition("]")
+        if not bracket or (rest and not re.fullmatch(r":[0-9]{1,5}", rest)):
+            return None
+        return name
+    name, colon, port = header.rpartition(":")
+    if not colon:
+        name = header
+    elif not re.fullmatch(r"[0-9]{1,5}", port):
+        return None
+    return name.rstrip(".") or None
+
+
+def _host_allowed(name: str | None, allowed: tuple[str, ...]) -> bool:
+    """IP addresses and localhost are safe from DNS rebinding; other names only when the
+    operator listed them (the names the gateway is really reached by)."""
+    if name is None:
+        return False
+    if name == "localhost" or name.endswith(".localhost") or name in allowed:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+@web.middleware
+async def _edge(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    allowed = request.app[GATEWAY_KEY].config.allowed_hosts
+    host = request.headers.get("Host")
+    if host is None or not _host_allowed(_host_name(host), allowed):
+        raise web.HTTPMisdirectedRequest(
+            reason=f"this gateway does not answer for host {host!r} "
+            "(IP addresses, localhost and gateway.allowed_hosts only)"
+        )
+    return await handler(request)
+
+
+def _hash_source(kind: str, page: str) -> str:
+    """CSP sources for the page's inline ``<script>``/``<style>`` blocks, by hash."""
+    blocks = re.findall(rf"<{kind}>(.*?)</{kind}>", page, flags=re.S)
+    return " ".join(
+        "'sha256-" + _b64(hashlib.sha256(block.encode()).digest()) + "'" for block in blocks
+    )
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+_DASHBOARD: Final = (
+    resources.files("keeplink.gateway").joinpath("dashboard.html").read_text("utf-8")
+)
+_API_CSP: Final = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
+_PAGE_CSP: Final = (
+    "default-src 'none'; "
+    f"script-src {_hash_source('script', _DASHBOARD)}; "
+    f"style-src {_hash_source('style', _DASHBOARD)}; "
+    "connect-src 'self'; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+async def _hardening(request: web.Request, response: web.StreamResponse) -> None:
+    headers = response.headers
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("X-Frame-Options", "DENY")
+    headers.setdefault("Referrer-Policy", "no-referrer")
+    headers.setdefault("Cache-Control", "no-store")
+    headers.setdefault("Content-Security-Policy", _API_CSP)
+
+
+def _presented(request: web.Request, *, query: bool = False) -> str | None:
+    header = request.headers.get("Authorization")
+    if header is None:
+        return request.query.get("access_token") if query else None
     scheme, _, presented = header.partition(" ")
-    if scheme.lower() != "bearer" or not presented:
+    if scheme.lower() != "bearer" or not presented.strip():
         raise AuthError("this endpoint needs Authorization: Bearer <token>")
-    if not hmac.compare_digest(presented.strip().encode(), expected.encode()):
+    return presented.strip()
+
+
+def _matches(presented: str, expected: str) -> bool:
+    # A header may carry any byte; a token is ASCII. Compared as bytes, in constant time.
+    return hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), expected.encode())
+
+
+def _authorize(request: web.Request) -> None:
+    presented = _presented(request)
+    if presented is None:
+        raise AuthError("this endpoint needs Authorization: Bearer <token>")
+    if not _matches(presented, request.app[TOKEN_KEY]):
         raise AuthError("the bearer token is not valid")
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise InvalidRequestError(f"body too large ({request.content_length} > {MAX_BODY} bytes)")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise InvalidRequestError(f"body too large (> {MAX_BODY} bytes)")
+def _authorize_read(request: web.Request, *, query: bool = False) -> None:
+    """Reads are open unless the gateway has a read_token; then that or the write token."""
+    read_token = request.app[GATEWAY_KEY].config.read_token
+    if read_token is None:
+        return
+    presented = _presented(request, query=query)
+    if presented is None:
+        raise AuthError("reads need Authorization: Bearer <read token> on this gateway")
+    if not (_matches(presented, read_token) or _matches(presented, request.app[TOKEN_KEY])):
+        raise AuthError("the bearer token is not valid")
+
+
+def _query(request: web.Request, model: type[_M]) -> _M:
+    known = set(model.model_fields)
+    for name in request.query:
+        if name not in known:
+            raise InvalidRequestError(f"unknown query parameter {name!r}; allowed: {sorted(known)}")
     try:
-        body = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise web.HTTPBadRequest(reason=f"malformed JSON: {exc}") from exc
-    if not isinstance(body, dict):
+        return model.model_validate(dict(request.query))
+    except ValidationError as exc:
+        raise InvalidRequestError(models.describe(exc)) from None
+
+
+async def _body(request: web.Request, model: type[_M]) -> _M:
+    """The whole body (however many reads and chunks it takes, up to MAX_BODY: 413 over
+    it), validated as ``model``: malformed JSON is 400, a wrong shape 422."""
+    raw = await request.read()
+    try:
+        # Strict JSON: NaN and Infinity are not JSON; nesting is bounded by the parser.
+        document = pydantic_core.from_json(raw, allow_inf_nan=False)
+    except ValueError as exc:
+        raise web.HTTPBadRequest(reason=f"malformed JSON: {exc}") from None
+    if not isinstance(document, dict):
         raise InvalidRequestError("the body must be a JSON object")
-    return body
-
-
-def _decimal(text: str) -> bool:
-    """A plain decimal number: ASCII digits, not too many of them."""
-    return text.isascii() and text.isdigit() and len(text) <= 18
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidRequestError(models.describe(exc)) from None
 
 
 # ---------------------------------------------------------------------------- handlers
 
 
 async def list_devices(request: web.Request) -> web.Response:
-    return web.json_response({"devices": await request.app[GATEWAY_KEY].devices_view()})
+    _authorize_read(request)
+    devices = await request.app[GATEWAY_KEY].devices_view()
+    return _answer(models.DeviceList, {"devices": devices})
 
 
 async def get_device(request: web.Request) -> web.Response:
+    _authorize_read(request)
     gateway = request.app[GATEWAY_KEY]
-    return web.json_response(await gateway.device_view(request.match_info["device"]))
+    return _answer(models.Device, await gateway.device_view(request.match_info["device"]))
 
 
 async def submit_command(request: web.Request) -> web.Response:
     _authorize(request)
     gateway = request.app[GATEWAY_KEY]
     device_id = request.match_info["device"]
-    gateway.device(device_id)  # 404 before looking at the body
-    body = await _json_body(request)
-    unknown = sorted(set(body) - SUBMIT_FIELDS)
-    if unknown:
-        raise InvalidRequestError(f"unknown field {unknown[0]!r}; allowed: {sorted(SUBMIT_FIELDS)}")
-    op, args = body.get("op"), body.get("args", {})
-    if args is None:
-        args = {}
-    if not isinstance(args, dict):
-        raise InvalidRequestError("args must be a JSON object")
-    key = body.get("key")
-    ttl = body.get("ttl_s")
-    if ttl is not None and (
-        isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl)
-    ):
-        raise InvalidRequestError(f"ttl_s must be a number of seconds, got {ttl!r}")
+    config = gateway.device(device_id)  # 404 before looking at the body
+    body = await _body(request, models.Submit)
     link = gateway.links[device_id]
-    if not isinstance(op, str) or not op:
-        raise InvalidRequestError(f"op must be a non-empty string, got {op!r}")
-    args = gateway.command_args(device_id, args)
+    args = gateway.command_args(device_id, body.args or {})
     # The device's driver validates op and args now, so a bad command fails at once (422)
     # rather than being stored and failing on delivery.
-    link.driver.build_request(0, op, args, body.get("idempotency_key"))
+    link.driver.build_request(0, body.op, args, body.idempotency_key)
     command = await gateway.outbox.submit(
         device_id,
-        op,
+        body.op,
         args,
-        key=key,
-        ttl_s=ttl,
-        max_attempts=body.get("max_attempts", 3),
-        priority=body.get("priority", 0),
-        idempotency_key=body.get("idempotency_key"),
+        key=body.key,
+        ttl_s=body.ttl_s if body.ttl_s is not None else gateway.config.ttl_s,
+        max_attempts=body.max_attempts,
+        priority=body.priority,
+        idempotency_key=body.idempotency_key,
+        max_queued=config.max_queued,
     )
     presence = gateway.presence_of(device_id).value
     waiting = gateway.outbox.waiting(command)
@@ -180,89 +334,138 @@ async def submit_command(request: web.Request) -> web.Response:
         note = f"queued: {waiting.message}"
     else:
         note = "queued for delivery now"
-    return web.json_response(
-        {"command": gateway.command_json(command), "device_presence": presence, "note": note},
-        status=202,
-    )
+    accepted = {
+        "command": gateway.command_json(command),
+        "device_presence": presence,
+        "note": note,
+    }
+    return _answer(models.SubmitAccepted, accepted, status=202)
 
 
 async def list_commands(request: web.Request) -> web.Response:
+    _authorize_read(request)
     gateway = request.app[GATEWAY_KEY]
-    device = request.query.get("device")
-    if device is not None:
-        gateway.device(device)
-    states = None
-    if "state" in request.query:
-        try:
-            states = [CommandState(s) for s in request.query["state"].split(",")]
-        except ValueError:
-            known = [s.value for s in CommandState]
-            raise InvalidRequestError(
-                f"state must be one of {known}, got {request.query['state']!r}"
-            ) from None
-    limit_text = request.query.get("limit", "100")
-    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
-    if not _decimal(limit_text) or not 1 <= int(limit_text) <= 10_000:
-        raise InvalidRequestError(f"limit must be an integer in 1..10000, got {limit_text!r}")
-    limit = int(limit_text)
-    order = request.query.get("order", "oldest")
-    if order not in ("oldest", "newest"):
-        raise InvalidRequestError(f"order must be oldest or newest, got {order!r}")
+    query = _query(request, models.CommandsQuery)
+    if query.device is not None:
+        gateway.device(query.device)
     commands = await gateway.outbox.list(
-        device=device, states=states, limit=limit, newest=order == "newest"
+        device=query.device,
+        states=query.states(),
+        limit=query.limit,
+        newest=query.order == "newest",
     )
-    return web.json_response({"commands": [gateway.command_json(c) for c in commands]})
+    return _answer(models.CommandList, {"commands": [gateway.command_json(c) for c in commands]})
 
 
 async def get_command(request: web.Request) -> web.Response:
+    _authorize_read(request)
     gateway = request.app[GATEWAY_KEY]
     command = await gateway.outbox.get(request.match_info["command"])
-    return web.json_response(gateway.command_json(command))
+    return _answer(models.Command, gateway.command_json(command))
 
 
 async def cancel_command(request: web.Request) -> web.Response:
     _authorize(request)
     gateway = request.app[GATEWAY_KEY]
     command = await gateway.outbox.cancel(request.match_info["command"])
-    return web.json_response(gateway.command_json(command))
+    return _answer(models.Command, gateway.command_json(command))
+
+
+def _same_origin(request: web.Request) -> bool:
+    """A browser's WebSocket must come from a page of this gateway (or an allowed host);
+    clients that are not browsers send no Origin."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    scheme, sep, authority = origin.partition("://")
+    if not sep or scheme not in ("http", "https") or "/" in authority:
+        return False  # "null" (a sandboxed frame, a file) and anything odd
+    host = request.headers.get("Host", "")
+    if authority.lower() == host.lower():
+        return True
+    return _host_name(authority) in request.app[GATEWAY_KEY].config.allowed_hosts
 
 
 async def events(request: web.Request) -> web.StreamResponse:
+    _authorize_read(request, query=True)
+    if not _same_origin(request):
+        raise web.HTTPForbidden(
+            reason=f"WebSocket from a foreign origin {request.headers.get('Origin')!r} refused"
+        )
+    query = _query(request, models.EventsQuery)
     gateway = request.app[GATEWAY_KEY]
-    since_text = request.query.get("since", "")
-    since = int(since_text) if _decimal(since_text) else None
-    ws = web.WebSocketResponse(heartbeat=30)
+    # Pings are sent by the loop below while the stream is idle (aiohttp's own heartbeat
+    # timer can outlive a close the server starts).
+    ws = web.WebSocketResponse()
     await ws.prepare(request)
     request.app[SOCKETS_KEY].add(ws)
-    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10_000)
+    pending: collections.deque[dict[str, Any]] = collections.deque()
+    ready = asyncio.Event()
+    behind = asyncio.Event()
 
     def push(event: dict[str, Any]) -> None:
-        if queue.full():
-            queue.get_nowait()  # a client this slow loses the oldest, never blocks delivery
-        queue.put_nowait(event)
+        # Never blocks delivery and never grows past CLIENT_BUFFER: a client that far
+        # behind is closed, and resumes with since=.
+        if len(pending) >= CLIENT_BUFFER:
+            behind.set()
+        else:
+            pending.append(event)
+            ready.set()
 
-    if since is not None:
-        for event in gateway.backlog(since):
+    if query.since is not None:
+        for event in gateway.backlog(query.since):
             push(event)
     unlisten = gateway.listen(push)
-    reader = asyncio.get_running_loop().create_task(
-        _drain_client(ws), name="keeplink.api.ws-reader"
-    )
+    loop = asyncio.get_running_loop()
+    reader = loop.create_task(_drain_client(ws), name="keeplink.api.ws-reader")
+    fell_behind = loop.create_task(behind.wait(), name="keeplink.api.ws-behind")
+    sent: int = query.since or 0
     try:
-        while not ws.closed and not reader.done():
-            getter = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if getter not in done:
-                getter.cancel()
+        while not ws.closed and not reader.done() and not behind.is_set():
+            if not pending:
+                ready.clear()
+                waiter = loop.create_task(ready.wait())
+                done, _ = await asyncio.wait(
+                    {waiter, reader, fell_behind},
+                    timeout=PING_S,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                waiter.cancel()
+                if not done:
+                    await asyncio.wait_for(ws.ping(), PING_S)  # idle: is anyone there?
+                continue
+            event = pending.popleft()
+            send = loop.create_task(ws.send_str(json.dumps(event)))
+            await asyncio.wait({send, reader, fell_behind}, return_when=asyncio.FIRST_COMPLETED)
+            if not send.done():
+                # The client stopped reading: its socket is full and a close frame would
+                # wait behind the data. Drop the connection.
+                send.cancel()
+                await asyncio.gather(send, return_exceptions=True)
+                if request.transport is not None:
+                    request.transport.abort()
                 break
-            await ws.send_str(json.dumps(getter.result()))
+            send.result()
+            sent = int(event.get("seq", sent))
+        if behind.is_set() and not ws.closed:
+            reader.cancel()  # close() reads the client's answer itself
+            await asyncio.gather(reader, return_exceptions=True)
+            await ws.close(
+                code=BEHIND_CLOSE_CODE,
+                message=f"fell behind; reconnect with since={sent}".encode(),
+            )
+    except TimeoutError:
+        # An idle ping could not be written: the client stopped reading.
+        if request.transport is not None:
+            request.transport.abort()
     except (ConnectionResetError, RuntimeError):
         pass  # the client went away mid-send
     finally:
         unlisten()
         request.app[SOCKETS_KEY].discard(ws)
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
+        for task in (reader, fell_behind):
+            task.cancel()
+        await asyncio.gather(reader, fell_behind, return_exceptions=True)
         await ws.close()
     return ws
 
@@ -297,16 +500,20 @@ async def healthz(request: web.Request) -> web.Response:
         if not fleet.healthy:
             body["status"] = "degraded"
             body["reason"] = fleet.problem
-    return web.json_response(body)
+    return _answer(models.Health, body)
+
+
+_OPENAPI: Final = models.openapi()
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(OPENAPI)
+    return web.json_response(_OPENAPI)
 
 
 async def dashboard(request: web.Request) -> web.Response:
-    page = resources.files("keeplink.gateway").joinpath("dashboard.html").read_text("utf-8")
-    return web.Response(text=page, content_type="text/html")
+    response = web.Response(text=_DASHBOARD, content_type="text/html")
+    response.headers["Content-Security-Policy"] = _PAGE_CSP
+    return response
 
 
 class _Metrics:
@@ -333,6 +540,11 @@ class _Metrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 86400),
             registry=self.registry,
         )
+        self.websockets = Gauge(
+            "keeplink_api_websockets",
+            "Event stream clients connected now",
+            registry=self.registry,
+        )
         self.delivered = Counter(
             "keeplink_delivered_total", "Commands acknowledged", registry=self.registry
         )
@@ -342,7 +554,8 @@ class _Metrics:
         self.latency.observe(max(latency, 0.0))
         self.delivered.inc()
 
-    async def render(self, gateway: Gateway) -> bytes:
+    async def render(self, gateway: Gateway, *, websockets: int = 0) -> bytes:
+        self.websockets.set(websockets)
         for state in (
             "idle",
             "connecting",
@@ -372,19 +585,23 @@ class _Metrics:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = await request.app[METRICS_KEY].render(request.app[GATEWAY_KEY])
+    _authorize_read(request)
+    body = await request.app[METRICS_KEY].render(
+        request.app[GATEWAY_KEY], websockets=len(request.app[SOCKETS_KEY])
+    )
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def build_app(gateway: Gateway, *, token: str) -> web.Application:
     """The aiohttp application for a started Gateway."""
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[_errors, _edge], client_max_size=MAX_BODY)
     app[GATEWAY_KEY] = gateway
     app[TOKEN_KEY] = token
     app[METRICS_KEY] = _Metrics(gateway)
     sockets: set[Any] = set()
     app[SOCKETS_KEY] = sockets
     app.on_shutdown.append(_close_sockets)
+    app.on_response_prepare.append(_hardening)
     app.router.add_get("/", dashboard)
     app.router.add_get("/api/devices", list_devices)
     app.router.add_get("/api/devices/{device}", get_device)
@@ -397,168 +614,3 @@ def build_app(gateway: Gateway, *, token: str) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     return app
-
-
-_ERROR = {"$ref": "#/components/schemas/Error"}
-
-
-def _err(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
-
-
-OPENAPI: Final[dict[str, Any]] = {
-    "openapi": "3.0.3",
-    "info": {"title": "keeplink gateway", "version": __version__},
-    "components": {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        "schemas": {
-            "Error": {
-                "type": "object",
-                "required": ["code", "message"],
-                "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-            },
-            "Command": {
-                "type": "object",
-                "required": ["id", "device", "op", "state", "attempts"],
-                "properties": {
-                    "id": {"type": "string"},
-                    "device": {"type": "string"},
-                    "op": {"type": "string"},
-                    "args": {"type": "object"},
-                    "state": {"type": "string", "enum": [s.value for s in CommandState]},
-                    "attempts": {"type": "integer"},
-                    "max_attempts": {"type": "integer"},
-                    "last_error": {"nullable": True, "allOf": [_ERROR]},
-                    "waiting": {
-                        "nullable": True,
-                        "allOf": [{"$ref": "#/components/schemas/Waiting"}],
-                    },
-                },
-            },
-            "Waiting": {
-                "type": "object",
-                "description": (
-                    "Why a queued command is not going out now; null while it is about to "
-                    "go or is not queued"
-                ),
-                "required": ["reason", "message"],
-                "properties": {
-                    "reason": {"type": "string", "enum": [r.value for r in WaitReason]},
-                    "message": {"type": "string"},
-                    "until": {
-                        "type": "number",
-                        "nullable": True,
-                        "description": "epoch seconds when it is looked at again",
-                    },
-                    "command": {
-                        "type": "string",
-                        "nullable": True,
-                        "description": "the command it waits for (behind) or is about",
-                    },
-                },
-            },
-            "Submit": {
-                "type": "object",
-                "required": ["op"],
-                "additionalProperties": False,
-                "properties": {
-                    "op": {"type": "string", "minLength": 1},
-                    "args": {"type": "object"},
-                    "key": {"type": "string", "minLength": 1},
-                    "ttl_s": {"type": "number", "minimum": 0, "exclusiveMinimum": True},
-                    "max_attempts": {"type": "integer", "minimum": 1, "maximum": 1000},
-                    "idempotency_key": {"type": "string", "minLength": 1},
-                    "priority": {"type": "integer"},
-                },
-            },
-        },
-    },
-    "paths": {
-        "/api/devices": {
-            "get": {"summary": "All devices", "responses": {"200": {"description": "devices"}}}
-        },
-        "/api/devices/{device}": {
-            "parameters": [
-                {"name": "device", "in": "path", "required": True, "schema": {"type": "string"}}
-            ],
-            "get": {
-                "summary": "One device: presence, link state, last error, queued count",
-                "responses": {"200": {"description": "the device"}, "404": _err("unknown device")},
-            },
-        },
-        "/api/devices/{device}/commands": {
-            "parameters": [
-                {"name": "device", "in": "path", "required": True, "schema": {"type": "string"}}
-            ],
-            "post": {
-                "summary": "Submit a durable command",
-                "security": [{"bearer": []}],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/Submit"}}
-                    },
-                },
-                "responses": {
-                    "202": {"description": "stored; queued when the device is away"},
-                    "400": _err("malformed JSON"),
-                    "401": _err("missing or bad token"),
-                    "404": _err("unknown device"),
-                    "422": _err("invalid op or args"),
-                },
-            },
-        },
-        "/api/commands": {
-            "get": {
-                "summary": "Commands, oldest first (order=newest for newest first)",
-                "parameters": [
-                    {
-                        "name": "order",
-                        "in": "query",
-                        "schema": {"type": "string", "enum": ["oldest", "newest"]},
-                    },
-                    {"name": "device", "in": "query", "schema": {"type": "string"}},
-                    {"name": "state", "in": "query", "schema": {"type": "string"}},
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
-                    },
-                ],
-                "responses": {
-                    "200": {"description": "commands"},
-                    "404": _err("unknown device"),
-                    "422": _err("bad filter"),
-                },
-            }
-        },
-        "/api/commands/{command}": {
-            "parameters": [
-                {"name": "command", "in": "path", "required": True, "schema": {"type": "string"}}
-            ],
-            "get": {
-                "summary": "One command",
-                "responses": {
-                    "200": {
-                        "description": "the command",
-                        "content": {
-                            "application/json": {"schema": {"$ref": "#/components/schemas/Command"}}
-                        },
-                    },
-                    "404": _err("unknown command"),
-                },
-            },
-            "delete": {
-                "summary": "Cancel a queued or in-flight command",
-                "security": [{"bearer": []}],
-                "responses": {
-                    "200": {"description": "the cancelled command"},
-                    "401": _err("missing or bad token"),
-                    "404": _err("unknown command"),
-                    "409": _err("the command is already final"),
-                },
-            },
-        },
-        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
-    },
-}

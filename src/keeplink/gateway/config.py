@@ -43,6 +43,7 @@ MIN_LEASE_S: Final = 0.5
 """Below this a lease would be renewed more often than a database round trip is sure to
 take on a loaded machine."""
 DRIVERS: Final = ("jsonline", "modbus", "mqtt")
+_HOST_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
 _ID_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
@@ -63,6 +64,8 @@ class DeviceConfig:
     unit: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     """Driver-specific extras, passed through."""
+    max_queued: int = 10_000
+    """Queued commands the device may have; a submit over it is refused (queue_full)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,6 +80,12 @@ class GatewayConfig:
     """This gateway's name in a fleet (unique per node): default hostname-pid."""
     lease_s: float = DEFAULT_LEASE_S
     """How long a node owns a device without renewing its lease (fleets only)."""
+    read_token: str | None = None
+    """When set, reads (devices, commands, events, metrics) need it (or the write token)."""
+    ttl_s: float | None = None
+    """Time to live of a command submitted without one (None: no expiry)."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names the API answers besides IP addresses and localhost (DNS rebinding)."""
 
     @property
     def fleet(self) -> bool:
@@ -166,7 +175,7 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
         table,
         {
             "id", "driver", "host", "port", "token", "seq_bits", "max_in_flight",
-            "heartbeat_s", "backoff", "hub", "hub_slots", "unit", "options",
+            "heartbeat_s", "backoff", "hub", "hub_slots", "unit", "options", "max_queued",
         },
     )  # fmt: skip
     device_id = c.text("id", required=True)
@@ -220,6 +229,7 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
         hub_slots=c.integer("hub_slots", 1, 1, 64) or 1,
         unit=c.integer("unit", None, 0, 247),
         options=dict(options),
+        max_queued=c.integer("max_queued", 10_000, 1, 10_000_000) or 10_000,
     )
 
 
@@ -229,7 +239,12 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Gatewa
     gateway = data.get("gateway", {})
     if not isinstance(gateway, Mapping):
         top.fail("gateway", "must be a table")
-    g = _Checker(source, "gateway", gateway, {"listen", "store", "token", "node", "lease_s"})
+    g = _Checker(
+        source,
+        "gateway",
+        gateway,
+        {"listen", "store", "token", "node", "lease_s", "allowed_hosts", "read_token", "ttl_s"},
+    )
     host, port = _listen(source, gateway.get("listen", DEFAULT_LISTEN))
     store = g.text("store", DEFAULT_STORE) or DEFAULT_STORE
     if not store.startswith(("sqlite://", "postgresql://", "postgres://", "memory:")):
@@ -243,6 +258,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Gatewa
     lease_s = g.seconds("lease_s", DEFAULT_LEASE_S) or DEFAULT_LEASE_S
     if lease_s < MIN_LEASE_S:
         g.fail("lease_s", f"must be at least {MIN_LEASE_S:g} seconds, got {lease_s!r}")
+    allowed_hosts = _host_names(source, gateway.get("allowed_hosts", []))
     raw_devices = data.get("devices", [])
     if not isinstance(raw_devices, list):
         top.fail("devices", "must be an array of tables ([[devices]])")
@@ -261,7 +277,30 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Gatewa
         source=source,
         node=node,
         lease_s=lease_s,
+        allowed_hosts=allowed_hosts,
+        read_token=g.text("read_token"),
+        ttl_s=g.seconds("ttl_s", None),
     )
+
+
+def _host_names(source: str, value: object) -> tuple[str, ...]:
+    """``allowed_hosts``: names like ``gw.example.com`` (lower-cased, no port)."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: gateway.allowed_hosts: must be a list of host names")
+    names: list[str] = []
+    for i, name in enumerate(value):
+        if (
+            not isinstance(name, str)
+            or not name
+            or len(name) > 253
+            or not set(name.lower()) <= _HOST_CHARS
+        ):
+            raise ConfigError(
+                f"{source}: gateway.allowed_hosts[{i}]: must be a host name "
+                f"(letters, digits, '-', '.'), got {name!r}"
+            )
+        names.append(name.lower().rstrip("."))
+    return tuple(names)
 
 
 def load_config(path: str | Path) -> GatewayConfig:

@@ -57,6 +57,7 @@ from keeplink._core.errors import (
     InvalidRequestError,
     KeeplinkError,
     LinkClosedError,
+    QueueFullError,
 )
 from keeplink._core.outcomes import Cancelled, Outcome
 from keeplink._core.presence import Presence, Source
@@ -245,6 +246,7 @@ class Outbox:
         self._devices: dict[str, _Device] = {}
         self._waiters: dict[str, list[asyncio.Future[Command]]] = {}
         self._inflight: dict[str, _Attempt] = {}
+        self._submitting: dict[str, int] = {}  # device -> submits being stored
         """Commands being delivered by this process: from before ``sending`` is persisted
         until its outcome is, so cancel() always finds an attempt it can wait for."""
         self._cancel_requested: set[str] = set()
@@ -494,6 +496,7 @@ class Outbox:
         idempotency_key: str | None = None,
         precondition: str | None = None,
         precondition_args: Mapping[str, Any] | None = None,
+        max_queued: int | None = None,
     ) -> Command:
         """Store a command, then deliver it if the device is present; returns it as stored.
 
@@ -501,6 +504,10 @@ class Outbox:
         delivered when it comes back). A queued command with the same ``key`` for the same
         device is superseded, in the same commit. Raises InvalidRequestError for invalid
         arguments or an unknown precondition; nothing is stored then.
+
+        ``max_queued`` bounds the device's queue: a submit that finds that many commands
+        queued (counting submits of this outbox still being stored, so concurrent submits
+        never overshoot it) raises QueueFullError and stores nothing.
         """
         if precondition is not None and precondition not in self.preconditions:
             raise InvalidRequestError(
@@ -520,6 +527,36 @@ class Outbox:
             precondition=precondition,
             precondition_args=precondition_args,
         )
+        if max_queued is not None:
+            await self._reserve(device, max_queued)
+        try:
+            return await self._store_submit(command)
+        finally:
+            if max_queued is not None:
+                self._submitting[device] -= 1
+                if not self._submitting[device]:
+                    del self._submitting[device]
+
+    async def _reserve(self, device: str, max_queued: int) -> None:
+        """Hold one of the device's ``max_queued`` places, or raise QueueFullError."""
+        self._submitting[device] = self._submitting.get(device, 0) + 1
+        try:
+            queued = await self.store.count(device=device, states=[CommandState.QUEUED])
+        except BaseException:
+            self._submitting[device] -= 1
+            raise
+        # Submits being stored may already be in the count: counted twice, never missed.
+        if queued + self._submitting[device] - 1 >= max_queued:
+            self._submitting[device] -= 1
+            if not self._submitting[device]:
+                del self._submitting[device]
+            raise QueueFullError(
+                f"device {device!r} already has {queued} queued commands "
+                f"(max_queued = {max_queued}); nothing was stored"
+            )
+
+    async def _store_submit(self, command: Command) -> Command:
+        device, key, now = command.device, command.key, command.created_at
         writes: list[Write] = [Insert(command)]
         if key is not None:
             # Only older ones: two concurrent submits with one key must not supersede each

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 from keeplink._core.commands import Command, CommandState, DeviceRecord
-from keeplink._core.errors import ConfigError, InvalidRequestError
+from keeplink._core.errors import ConfigError, InvalidRequestError, StoreBusyError
 from keeplink.outbox.store import (
     COMMAND_COLUMNS,
     DEVICE_COLUMNS,
@@ -223,6 +223,20 @@ def _write(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], _T]) -
             conn.execute("ROLLBACK")
         raise
     return result
+
+
+def _typed(exc: sqlite3.Error) -> BaseException:
+    """The error a caller gets: the database locked by another writer past the busy
+    timeout is :class:`StoreBusyError` (retry later; nothing was written), with the
+    driver's error as its cause; anything else as it is."""
+    if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        busy = StoreBusyError(
+            f"the store is locked by another writer (waited {BUSY_TIMEOUT_MS / 1000:g} s): "
+            "nothing was written; retry later"
+        )
+        busy.__cause__ = exc
+        return busy
+    return exc
 
 
 def _enable_wal(conn: sqlite3.Connection) -> str:
@@ -584,6 +598,8 @@ class _Worker:
             assert job.call is not None
             try:
                 answers.append((job.future, True, job.call(conn)))
+            except sqlite3.Error as exc:
+                answers.append((job.future, False, _typed(exc)))
             except BaseException as exc:  # noqa: BLE001 - raised by the caller
                 answers.append((job.future, False, exc))
         self._post(answers)
@@ -594,7 +610,7 @@ class _Worker:
             return _commit_batch(conn, batch)
         except sqlite3.Error as exc:
             if len(batch) == 1:
-                return [(batch[0].future, False, exc)]
+                return [(batch[0].future, False, _typed(exc))]
         # A failed batch of several calls: each call again in its own transaction, so an
         # error belongs to the call that caused it (a lock timeout fails each alike).
         answers: builtins.list[_Answer] = []
@@ -602,7 +618,7 @@ class _Worker:
             try:
                 answers.extend(_commit_batch(conn, [job]))
             except sqlite3.Error as exc:
-                answers.append((job.future, False, exc))
+                answers.append((job.future, False, _typed(exc)))
         return answers
 
 

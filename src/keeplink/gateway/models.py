@@ -1,0 +1,402 @@
+"""The HTTP API's bodies, answers and query parameters, declared once.
+
+Each request is validated against these models and each answer is built through them, and
+``openapi()`` generates the OpenAPI document from the same models, so the document cannot
+drift from what the gateway accepts and answers.
+
+pydantic (v2) rather than msgspec: its strict mode refuses the lax coercions a JSON API must
+not make (``true`` as a number, ``"5"`` as an integer), its JSON parser bounds nesting depth
+and reports errors by field, and its JSON Schema output is the OpenAPI 3.1 schema dialect.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    field_validator,
+)
+from pydantic.json_schema import models_json_schema
+
+from keeplink import __version__
+from keeplink._core.commands import CommandState
+from keeplink._core.dispatch import WaitReason
+
+__all__ = [
+    "Command",
+    "CommandList",
+    "CommandsQuery",
+    "Device",
+    "DeviceList",
+    "Error",
+    "EventsQuery",
+    "Health",
+    "Submit",
+    "SubmitAccepted",
+    "describe",
+    "openapi",
+]
+
+MAX_PRIORITY: Final = 2**31 - 1
+MAX_TEXT: Final = 256
+"""Longest op, key and idempotency key accepted (characters)."""
+
+
+class _Body(BaseModel):
+    """A request: unknown fields refused, no lax coercion, no NaN or infinity."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class _Answer(BaseModel):
+    """An answer: every field declared (a field the gateway forgot to declare fails loudly)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _finite(value: Any) -> Any:
+    """Refuse NaN and infinity anywhere inside free-form JSON (``1e400`` parses to inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("numbers must be finite (no NaN, Infinity or overflow)")
+    if isinstance(value, dict):
+        for item in value.values():
+            _finite(item)
+    elif isinstance(value, list):
+        for item in value:
+            _finite(item)
+    return value
+
+
+def _ascii_int(value: Any) -> Any:
+    """A query integer: plain ASCII digits only (``"²"``, ``"1_000"``, ``" 5"`` refused)."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit() and len(value) <= 18):
+        raise ValueError(f"must be an integer written in decimal digits, got {value!r}")
+    return value
+
+
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
+QueryInt = Annotated[int, BeforeValidator(_ascii_int)]
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+class Submit(_Body):
+    """A durable command for a device."""
+
+    op: Text = Field(description="the operation, e.g. set or firmware")
+    args: dict[str, JsonValue] | None = Field(
+        default=None, description="the operation's arguments (a JSON object)"
+    )
+    key: Text | None = Field(
+        default=None, description="a newer queued command with the same key supersedes this one"
+    )
+    ttl_s: Annotated[float, Field(gt=0)] | None = Field(
+        default=None,
+        description="seconds until the command expires undelivered (default: the gateway's ttl_s)",
+    )
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 3
+    idempotency_key: Text | None = Field(
+        default=None, description="sent with every delivery; the device drops repeats"
+    )
+    priority: Annotated[int, Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)] = 0
+
+    @field_validator("args")
+    @classmethod
+    def _args_finite(cls, value: dict[str, JsonValue] | None) -> dict[str, JsonValue] | None:
+        _finite(value)
+        return value
+
+
+class CommandsQuery(_Answer):
+    """``GET /api/commands`` filters."""
+
+    device: str | None = Field(default=None, description="only this device's commands")
+    state: str | None = Field(
+        default=None,
+        description="comma-separated states: " + ", ".join(s.value for s in CommandState),
+    )
+    limit: Annotated[QueryInt, Field(ge=1, le=10_000)] = 100
+    order: Literal["oldest", "newest"] = "oldest"
+
+    @field_validator("state")
+    @classmethod
+    def _states(cls, value: str | None) -> str | None:
+        known = {s.value for s in CommandState}
+        if value is not None:
+            for each in value.split(","):
+                if each not in known:
+                    raise ValueError(f"must be one of {sorted(known)}, got {each!r}")
+        return value
+
+    def states(self) -> list[CommandState] | None:
+        return None if self.state is None else [CommandState(s) for s in self.state.split(",")]
+
+
+class EventsQuery(_Answer):
+    """``GET /api/events`` parameters."""
+
+    since: Annotated[QueryInt, Field(ge=0)] | None = Field(
+        default=None, description="replay the buffered events after this seq first"
+    )
+    access_token: str | None = Field(
+        default=None,
+        description="the read token, for browsers (a WebSocket cannot carry Authorization)",
+    )
+
+
+# ---------------------------------------------------------------------------- answers
+
+
+class Error(_Answer):
+    """Every error answer."""
+
+    code: str = Field(description="a stable keeplink error code, e.g. invalid_request")
+    message: str
+
+
+class Waiting(_Answer):
+    """Why a queued command is not going out now."""
+
+    reason: WaitReason
+    message: str
+    until: float | None = Field(default=None, description="epoch seconds of the next look")
+    command: str | None = Field(default=None, description="the command it waits behind")
+
+
+class Command(_Answer):
+    id: str
+    device: str
+    op: str
+    args: dict[str, JsonValue]
+    state: CommandState
+    key: str | None
+    idempotency_key: str | None
+    priority: int
+    attempts: int
+    max_attempts: int
+    created_at: float
+    updated_at: float
+    expires_at: float | None
+    last_error: Error | None
+    result: dict[str, JsonValue] | None
+    waiting: Waiting | None = Field(
+        description="why it waits; null while it is about to go or is not queued"
+    )
+
+
+class CommandList(_Answer):
+    commands: list[Command]
+
+
+class SubmitAccepted(_Answer):
+    command: Command
+    device_presence: str
+    note: str = Field(description="what happens next, in words")
+
+
+class LinkView(_Answer):
+    state: str
+    last_error: Error | None = None
+    attempt: int | None = None
+    connects: int | None = None
+    disconnects: int | None = None
+    retry_in_s: float | None = None
+    firmware: str | None = None
+
+
+class Parked(_Answer):
+    reason: str
+    until: float | None
+
+
+class Device(_Answer):
+    id: str
+    node: str | None = Field(description="the node delivering to it; null while unowned")
+    driver: str
+    presence: str
+    link: LinkView
+    queued: int
+    sending: int
+    parked: Parked | None
+
+
+class DeviceList(_Answer):
+    devices: list[Device]
+
+
+class Fleet(_Answer):
+    live_nodes: list[str]
+    owned: list[str]
+
+
+class Health(_Answer):
+    status: Literal["ok", "degraded"]
+    version: str
+    node: str
+    devices: int
+    links: dict[str, int]
+    fleet: Fleet | None = None
+    reason: str | None = None
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def describe(error: ValidationError, *, where: str = "") -> str:
+    """One line for the first problem: ``ttl_s: Input should be greater than 0``."""
+    first = error.errors(include_url=False)[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    place = f"{where}{loc}" if loc else (where.rstrip(".") or "body")
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"{place}: unknown field"
+    if first["type"] == "missing":
+        return f"{place}: is required"
+    got = repr(first.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    return f"{place}: {message}, got {got}"
+
+
+_ANSWERS: Final = (Error, Command, CommandList, SubmitAccepted, Device, DeviceList, Health)
+
+
+def _json(status: str, model: str, description: str) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{model}"}
+    return {status: {"description": description, "content": {"application/json": {"schema": ref}}}}
+
+
+def _errors(*pairs: tuple[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for status, description in pairs:
+        out |= _json(status, "Error", description)
+    return out
+
+
+def _query(model: type[BaseModel]) -> list[dict[str, Any]]:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return [
+        {"name": name, "in": "query", "required": False, "schema": prop}
+        for name, prop in schema["properties"].items()
+    ]
+
+
+_AUTH: Final = ("401", "missing or bad token")
+_BAD: Final = ("400", "malformed JSON or request")
+_CAP: Final = ("413", "body too large")
+
+
+def openapi() -> dict[str, Any]:
+    """The OpenAPI 3.1 document, generated from the models above."""
+    _, defs = models_json_schema(
+        [(m, "serialization") for m in _ANSWERS] + [(Submit, "validation")],
+        ref_template="#/components/schemas/{model}",
+    )
+    read: list[dict[str, list[str]]] = [{"bearer": []}, {}]
+    device = {"name": "device", "in": "path", "required": True, "schema": {"type": "string"}}
+    command = {"name": "command", "in": "path", "required": True, "schema": {"type": "string"}}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "keeplink gateway",
+            "version": __version__,
+            "description": (
+                "Writes need Authorization: Bearer <token>. Reads need the read token (or the "
+                "write token) when the gateway has a read_token. Errors are always "
+                '{"code", "message"}.'
+            ),
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": defs["$defs"],
+        },
+        "paths": {
+            "/api/devices": {
+                "get": {
+                    "summary": "All devices",
+                    "security": read,
+                    "responses": _json("200", "DeviceList", "devices") | _errors(_AUTH),
+                }
+            },
+            "/api/devices/{device}": {
+                "parameters": [device],
+                "get": {
+                    "summary": "One device: presence, link state, last error, queued count",
+                    "security": read,
+                    "responses": _json("200", "Device", "the device")
+                    | _errors(_AUTH, ("404", "unknown device")),
+                },
+            },
+            "/api/devices/{device}/commands": {
+                "parameters": [device],
+                "post": {
+                    "summary": "Submit a durable command",
+                    "security": [{"bearer": []}],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Submit"}}
+                        },
+                    },
+                    "responses": _json("202", "SubmitAccepted", "stored; queued while away")
+                    | _errors(
+                        _BAD,
+                        _AUTH,
+                        ("404", "unknown device"),
+                        _CAP,
+                        ("422", "invalid op or args"),
+                        ("429", "the device's queue is full (queue_full)"),
+                        ("503", "the store is unavailable or busy; nothing was stored"),
+                    ),
+                },
+            },
+            "/api/commands": {
+                "get": {
+                    "summary": "Commands, oldest first (order=newest for newest first)",
+                    "security": read,
+                    "parameters": _query(CommandsQuery),
+                    "responses": _json("200", "CommandList", "commands")
+                    | _errors(_AUTH, ("404", "unknown device"), ("422", "bad filter")),
+                }
+            },
+            "/api/commands/{command}": {
+                "parameters": [command],
+                "get": {
+                    "summary": "One command",
+                    "security": read,
+                    "responses": _json("200", "Command", "the command")
+                    | _errors(_AUTH, ("404", "unknown command")),
+                },
+                "delete": {
+                    "summary": "Cancel a queued or in-flight command",
+                    "security": [{"bearer": []}],
+                    "responses": _json("200", "Command", "the cancelled command")
+                    | _errors(
+                        _AUTH, ("404", "unknown command"), ("409", "the command is already final")
+                    ),
+                },
+            },
+            "/api/events": {
+                "get": {
+                    "summary": "WebSocket: every event of the fleet, as JSON text messages",
+                    "security": read,
+                    "parameters": _query(EventsQuery),
+                    "responses": {"101": {"description": "switching to WebSocket"}}
+                    | _errors(_AUTH, ("403", "foreign Origin"), ("422", "bad since")),
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "This node's health (no token needed)",
+                    "responses": _json("200", "Health", "ok or degraded, with the reason"),
+                }
+            },
+        },
+    }
