@@ -80,6 +80,7 @@ def _driver(device: DeviceConfig) -> Any:
             token=device.token,
             seq_bits=device.seq_bits,
             max_in_flight=device.max_in_flight or 64,
+            device_id=device.device_id or device.id,
         )
     raise ConfigError(f"devices[{device.id}]: driver {device.driver!r} has no own link")
 
