@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from helpers import eventually
-from keeplink import LinkState
+from keeplink import ConfigError, LinkState
 from keeplink.gateway.config import parse_config
 from keeplink.gateway.server import Server
 from keeplink.testing import DeviceSimulator
@@ -98,3 +98,114 @@ async def test_device_id_names_the_id_a_device_reports_in_another_form() -> None
             await eventually(lambda: bool(sim.applied))
             assert server.gateway.links["dev1"].state is LinkState.CONNECTED
     assert [c.args for c in sim.applied] == [{"n": 1}]
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+async def post(
+    http: aiohttp.ClientSession, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    async with http.post(path, headers=AUTH if headers is None else headers) as response:
+        return response.status, await response.json()
+
+
+async def command_state(http: aiohttp.ClientSession, command_id: str) -> str:
+    return str((await get(http, f"/api/commands/{command_id}"))["state"])
+
+
+async def test_a_refused_link_says_so_on_submit_and_reconnects_on_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with DeviceSimulator(device_id="dev1", token="right") as sim:
+        async with gateway({"id": "dev1", "port": sim.port, "token": "wrong"}) as (server, http):
+            link = server.gateway.links["dev1"]
+            await eventually(lambda: link.state is LinkState.FAILED)
+            answer = await submit(http, "dev1")
+            assert answer["command"]["state"] == "queued"
+            note = answer["note"]
+            assert note.startswith("queued: the link failed (auth_failed: "), note
+            assert "POST /api/devices/dev1/reconnect" in note
+
+            # Writes need the token; an unknown device is a 404; both in the error shape.
+            assert await post(http, "/api/devices/dev1/reconnect", headers={}) == (
+                401,
+                {
+                    "code": "auth_failed",
+                    "message": "this endpoint needs Authorization: Bearer <token>",
+                },
+            )
+            status, body = await post(http, "/api/devices/nope/reconnect")
+            assert (status, body) == (
+                404,
+                {"code": "device_not_found", "message": "no device 'nope'"},
+            )
+            assert link.state is LinkState.FAILED  # still: nobody asked with the token
+
+            sim.token = "wrong"  # the device is re-provisioned with the configured token
+            status, body = await post(http, "/api/devices/dev1/reconnect")
+            assert status == 202, body
+            assert body["reconnect"] == "started"
+            assert body["device"]["id"] == "dev1"
+            assert body["device"]["link"]["state"] in ("connecting", "handshaking", "connected")
+            command_id = answer["command"]["id"]
+            await eventually(lambda: bool(sim.applied))
+            view = await get(http, "/api/devices/dev1")
+            assert view["link"]["state"] == "connected"
+
+            status, body = await post(http, "/api/devices/dev1/reconnect")
+            assert (status, body["reconnect"]) == (202, "none")  # connected: nothing to do
+            assert await command_state(http, command_id) in ("sending", "succeeded")
+    assert [c.args for c in sim.applied] == [{"n": 1}]
+    no_tracebacks(caplog)
+
+
+async def test_reconnect_cuts_a_long_backoff_wait_short() -> None:
+    async with DeviceSimulator(device_id="dev1") as sim:
+        port = sim.port
+    # Nothing listens on the port now: the link backs off, for 30 s at least.
+    slow = {"initial_s": 30, "cap_s": 60}
+    async with gateway({"id": "dev1", "port": port, "backoff": slow}) as (server, http):
+        link = server.gateway.links["dev1"]
+        await eventually(lambda: link.state is LinkState.BACKOFF)
+        async with DeviceSimulator(device_id="dev1", port=port) as sim:
+            status, body = await post(http, "/api/devices/dev1/reconnect")
+            assert (status, body["reconnect"]) == (202, "woken"), body
+            await eventually(lambda: link.state is LinkState.CONNECTED)
+            assert link.statistics().retry_at is None
+
+
+async def test_auth_retry_s_retries_a_refused_link_slowly_instead_of_failing() -> None:
+    async with DeviceSimulator(device_id="dev1", token="right") as sim:
+        device = {"id": "dev1", "port": sim.port, "token": "wrong", "auth_retry_s": 0.5}
+        async with gateway(device) as (server, http):
+            link = server.gateway.links["dev1"]
+            await eventually(lambda: link.state is LinkState.BACKOFF)
+            view = await get(http, "/api/devices/dev1")
+            assert view["link"]["last_error"]["code"] == "auth_failed"
+            assert 0 < view["link"]["retry_in_s"] <= 0.5
+            answer = await submit(http, "dev1")
+            assert answer["note"].startswith("queued: the link was refused (auth_failed: ")
+            assert "retrying every 0.5 s" in answer["note"]
+            assert link.state is not LinkState.FAILED
+            sim.token = "wrong"
+            await eventually(lambda: bool(sim.applied))  # it came back by itself
+    assert sim.statistics().auth_failures >= 1
+
+
+def test_auth_retry_s_is_the_backoffs_terminal_retry_and_is_checked() -> None:
+    base = {"id": "dev1", "driver": "jsonline", "port": 7001}
+    (device,) = parse_config({"devices": [{**base, "auth_retry_s": 600}]}).devices
+    assert device.backoff.terminal_retry_s == 600
+    assert device.device_id == "dev1"  # the welcome must name the device's own id
+    (device,) = parse_config(
+        {"devices": [{**base, "auth_retry_s": 60, "backoff": {"initial_s": 5, "cap_s": 300}}]}
+    ).devices
+    assert (device.backoff.terminal_retry_s, device.backoff.cap_s) == (60, 300)
+    (device,) = parse_config({"devices": [base]}).devices
+    assert device.backoff.terminal_retry_s is None  # by default a refusal is terminal
+    for bad in (0, -1, "soon", True):
+        with pytest.raises(ConfigError, match=r"devices\[0\]\.auth_retry_s: must be a positive"):
+            parse_config({"devices": [{**base, "auth_retry_s": bad}]})
+    with pytest.raises(ConfigError, match=r"devices\[0\]\.device_id: only jsonline"):
+        parse_config({"devices": [{**base, "driver": "mqtt", "device_id": "x"}]})

@@ -312,7 +312,9 @@ class Link(Generic[F]):
         Works again after :meth:`stop` has finished, and after a terminal failure; both
         re-enable reconnecting. Raises LinkClosedError while a stop is still in progress.
         """
-        if self._supervisor is not None:
+        if self._supervisor is not None and not self._supervisor.done():
+            # (A supervisor that has just ended, e.g. on a terminal error, counts as gone
+            # even before its done-callback has run.)
             if self._stop_requested:
                 raise LinkClosedError(
                     f"link {self.name!r} is stopping; await stop() before starting it again"
@@ -334,7 +336,7 @@ class Link(Generic[F]):
 
         Never cancels a connect or handshake in progress.
         """
-        if self._supervisor is None or self._stop_requested:
+        if self._supervisor is None or self._supervisor.done() or self._stop_requested:
             self.start()
         else:
             self.wake("connect")

@@ -174,7 +174,10 @@ async def submit_command(request: web.Request) -> web.Response:
     )
     presence = gateway.presence_of(device_id).value
     waiting = gateway.outbox.waiting(command)
-    if presence != "online":
+    refused = gateway.refusal_note(device_id)
+    if refused is not None:
+        note = refused
+    elif presence != "online":
         note = "queued: the device is away; it will be delivered when it is back"
     elif waiting is not None:
         note = f"queued: {waiting.message}"
@@ -184,6 +187,13 @@ async def submit_command(request: web.Request) -> web.Response:
         {"command": gateway.command_json(command), "device_presence": presence, "note": note},
         status=202,
     )
+
+
+async def reconnect_device(request: web.Request) -> web.Response:
+    """Make a failed or backing-off link try again now (202 with what was done)."""
+    _authorize(request)
+    answer = await request.app[GATEWAY_KEY].reconnect(request.match_info["device"])
+    return web.json_response(answer, status=202)
 
 
 async def list_commands(request: web.Request) -> web.Response:
@@ -389,6 +399,7 @@ def build_app(gateway: Gateway, *, token: str) -> web.Application:
     app.router.add_get("/api/devices", list_devices)
     app.router.add_get("/api/devices/{device}", get_device)
     app.router.add_post("/api/devices/{device}/commands", submit_command)
+    app.router.add_post("/api/devices/{device}/reconnect", reconnect_device)
     app.router.add_get("/api/commands", list_commands)
     app.router.add_get("/api/commands/{command}", get_command)
     app.router.add_delete("/api/commands/{command}", cancel_command)
@@ -505,6 +516,44 @@ OPENAPI: Final[dict[str, Any]] = {
                     "401": _err("missing or bad token"),
                     "404": _err("unknown device"),
                     "422": _err("invalid op or args"),
+                },
+            },
+        },
+        "/api/devices/{device}/reconnect": {
+            "parameters": [
+                {"name": "device", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "post": {
+                "summary": "Make a failed or backing-off link try again now",
+                "description": (
+                    "A failed link (auth_failed, device_mismatch) starts again; a link waiting "
+                    "out a backoff skips the rest of the wait; a connected or connecting link "
+                    "is left alone. No request body."
+                ),
+                "security": [{"bearer": []}],
+                "responses": {
+                    "202": {
+                        "description": "what was done, and the device view afterwards",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["reconnect", "note", "device"],
+                                    "properties": {
+                                        "reconnect": {
+                                            "type": "string",
+                                            "enum": ["started", "woken", "none"],
+                                        },
+                                        "note": {"type": "string"},
+                                        "device": {"type": "object"},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "401": _err("missing or bad token"),
+                    "404": _err("unknown device"),
+                    "409": _err("another node of the fleet owns the device"),
                 },
             },
         },
