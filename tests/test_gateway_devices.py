@@ -3,15 +3,18 @@ an in-process gateway (links on loopback, the memory store) and HTTP against it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 
-from helpers import eventually
+from helpers import IO_BOUND_S, eventually
 from keeplink import ConfigError, LinkState
 from keeplink.gateway.config import parse_config
 from keeplink.gateway.server import Server
@@ -209,3 +212,135 @@ def test_auth_retry_s_is_the_backoffs_terminal_retry_and_is_checked() -> None:
             parse_config({"devices": [{**base, "auth_retry_s": bad}]})
     with pytest.raises(ConfigError, match=r"devices\[0\]\.device_id: only jsonline"):
         parse_config({"devices": [{**base, "driver": "mqtt", "device_id": "x"}]})
+
+
+# ---------------------------------------------------------------------------- babble
+
+
+def _nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def hostile_frames(seq: int) -> list[bytes]:
+    """What a broken or hostile device sends in answer to request ``seq``, before it finally
+    acknowledges it properly: each is one protocol error, or one late reply."""
+    return [
+        b"\x00\x01garbage \xff, not JSON at all\n",
+        b"x" * (10 * 1024 * 1024) + b"\n",  # a 10 MB line
+        b'{"t":"ack","seq":%d,"ok":true,"result":{"a":%s}}\n' % (seq, _nested(5000)),
+        # Under the interpreter's recursion limit, but deeper than any result needs: refused
+        # by a fixed limit, not by whatever stack depth the decoder happens to run at.
+        b'{"t":"ack","seq":%d,"ok":true,"result":{"a":%s}}\n' % (seq, _nested(200)),
+        b'{"t":"ack","seq":%d,"ok":true,"result":[1,2]}\n' % seq,
+        b'{"t":"ack","seq":%d,"ok":true,"result":{}}\n' % (seq + 1000),  # an unknown seq
+    ]
+
+
+PROTOCOL_ERRORS = 5
+LATE_REPLIES = 1
+
+
+class HostileDevice:
+    """A raw jsonline peer on loopback: it answers the hello with a proper welcome, then
+    answers each request with :func:`hostile_frames` and a good ack last."""
+
+    def __init__(self, device_id: str) -> None:
+        self.device_id = device_id
+        self.server: asyncio.Server | None = None
+        self.requests: list[dict[str, Any]] = []
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> HostileDevice:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *exc: object) -> None:
+        for writer in self.writers:
+            writer.transport.abort()
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            hello = json.loads(await reader.readline())
+            assert hello["t"] == "hello", hello
+            welcome = {"t": "welcome", "v": 1, "device": self.device_id, "fw": "6.6.6"}
+            writer.write(json.dumps(welcome).encode() + b"\n")
+            while line := await reader.readline():
+                frame = json.loads(line)
+                if frame["t"] != "req":
+                    continue  # pings
+                self.requests.append(frame)
+                for data in hostile_frames(frame["seq"]):
+                    writer.write(data)
+                    await writer.drain()
+                good = {"t": "ack", "seq": frame["seq"], "ok": True, "result": {"done": 1}}
+                writer.write(json.dumps(good).encode() + b"\n")
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # the gateway went away
+        finally:
+            writer.close()
+
+
+async def test_protocol_errors_reach_the_device_view_and_metrics_and_never_kill_the_link(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="keeplink")
+    async with HostileDevice("dev1") as device:
+        async with gateway({"id": "dev1", "port": device.port}) as (_, http):
+            started = time.time()
+            answer = await submit(http, "dev1")
+            command_id = answer["command"]["id"]
+
+            async def final() -> bool:
+                return await command_state(http, command_id) not in ("queued", "sending")
+
+            await eventually_async(final)
+            command = await get(http, f"/api/commands/{command_id}")
+            view = await get(http, "/api/devices/dev1")
+            async with http.get("/metrics") as response:
+                metrics = await response.text()
+    # Nothing lost: the good ack after the babble delivered the command, once.
+    assert command["state"] == "succeeded", command
+    assert command["result"] == {"done": 1}
+    assert len(device.requests) == 1
+    link = view["link"]
+    assert (link["state"], link["connects"], link["disconnects"]) == ("connected", 1, 0)
+    assert link["last_error"] is None  # the link itself never failed
+    errors = link["protocol_errors"]
+    assert errors["count"] == PROTOCOL_ERRORS
+    last = errors["last"]
+    assert last["code"] == "protocol_error"
+    assert "field 'result' must be dict, got list" in last["message"]
+    assert started - 1 <= last["at"] <= time.time() + 1  # epoch seconds
+    late = link["late_replies"]
+    assert late["count"] == LATE_REPLIES
+    assert late["last"]["seq"] == device.requests[0]["seq"] + 1000
+    assert started - 1 <= late["last"]["at"] <= time.time() + 1
+    for sample in (
+        f'keeplink_device_protocol_errors_total{{device="dev1"}} {PROTOCOL_ERRORS}.0',
+        f'keeplink_device_late_replies_total{{device="dev1"}} {LATE_REPLIES}.0',
+        'keeplink_device_reconnects_total{device="dev1"} 0.0',
+        'keeplink_device_requests_total{device="dev1",outcome="acknowledged"} 1.0',
+    ):
+        assert sample in metrics, metrics
+    reasons = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert any("longer than 65536 bytes" in m for m in reasons), reasons
+    assert any("nested too deeply" in m for m in reasons), reasons  # 5,000 deep
+    assert any("nested deeper than 64 levels" in m for m in reasons), reasons  # 200 deep
+    no_tracebacks(caplog)
+
+
+async def eventually_async(predicate: Any) -> None:
+    """Poll an async predicate (the live API) until it holds; fail after IO_BOUND_S."""
+    async with asyncio.timeout(IO_BOUND_S):
+        while not await predicate():  # noqa: ASYNC110 - polls the live API
+            await asyncio.sleep(0.02)

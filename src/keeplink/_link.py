@@ -113,6 +113,14 @@ class LinkStatistics:
     """Replies for no request in flight (after its deadline, or unknown): logged, dropped."""
     outcomes: Mapping[str, int] = field(default_factory=dict)
     """Resolved requests by outcome: acknowledged, rejected, timed_out, cancelled, unavailable."""
+    last_protocol_error: ErrorInfo | None = None
+    """The last malformed input dropped (code ``protocol_error``): what was wrong with it and
+    how it began. Unlike ``last_error`` it never ended a session."""
+    last_protocol_error_at: float | None = None
+    """When it arrived, on the link's clock."""
+    last_late_reply_seq: int | None = None
+    """The sequence number of the last reply that matched no request in flight."""
+    last_late_reply_at: float | None = None
 
 
 class _Session(Generic[F]):
@@ -281,6 +289,8 @@ class Link(Generic[F]):
         self._frames_out = 0
         self._heartbeats_sent = 0
         self._protocol_errors = 0
+        self._last_protocol_error: tuple[ErrorInfo, float] | None = None
+        self._last_late_reply: tuple[int, float] | None = None
         self._internal_errors = 0
 
     # ------------------------------------------------------------------ public surface
@@ -414,6 +424,8 @@ class Link(Generic[F]):
     def statistics(self) -> LinkStatistics:
         session = self._session
         last = self._last_error
+        malformed, malformed_at = self._last_protocol_error or (None, None)
+        late_seq, late_at = self._last_late_reply or (None, None)
         return LinkStatistics(
             name=self.name,
             state=self._state,
@@ -435,6 +447,10 @@ class Link(Generic[F]):
             requests_in_flight=len(self._correlator),
             late_replies=self._late_replies,
             outcomes=dict(self._outcomes),
+            last_protocol_error=malformed,
+            last_protocol_error_at=malformed_at,
+            last_late_reply_seq=late_seq,
+            last_late_reply_at=late_at,
         )
 
     async def send(self, frame: F, *, timeout: float | None = None) -> None:
@@ -635,6 +651,7 @@ class Link(Generic[F]):
         pending = self._correlator.resolve(reply.seq)
         if pending is None:
             self._late_replies += 1
+            self._last_late_reply = (reply.seq, session.last_rx)
             _log.debug(
                 "link %r: reply for seq %d matches no request in flight (late or unknown); dropped",
                 self.name,
@@ -969,6 +986,13 @@ class Link(Generic[F]):
 
     def _on_malformed(self, item: Malformed) -> None:
         self._protocol_errors += 1
+        self._last_protocol_error = (
+            ErrorInfo(
+                code=ErrorCode.PROTOCOL_ERROR.value,
+                message=f"dropped malformed input: {item.reason} (it began {item.sample!r})",
+            ),
+            self.clock.now(),
+        )
         if not self._protocol_errors_logged:
             self._protocol_errors_logged = True
             _log.warning(

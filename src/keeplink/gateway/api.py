@@ -29,6 +29,7 @@ from keeplink._core.errors import (
     InvalidRequestError,
     KeeplinkError,
 )
+from keeplink.gateway.metrics import DeviceCounters
 from keeplink.gateway.runtime import Gateway
 
 __all__ = ["build_app"]
@@ -346,6 +347,7 @@ class _Metrics:
         self.delivered = Counter(
             "keeplink_delivered_total", "Commands acknowledged", registry=self.registry
         )
+        self.registry.register(DeviceCounters(gateway))
         gateway.on_delivered = self._observe
 
     def _observe(self, latency: float) -> None:

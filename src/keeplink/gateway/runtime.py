@@ -30,7 +30,7 @@ from keeplink._core.errors import (
 from keeplink._core.presence import Presence
 from keeplink._core.states import LinkState
 from keeplink._events import LinkEvent, LinkStateChanged
-from keeplink._link import Link
+from keeplink._link import Link, LinkStatistics
 from keeplink._slots import SlotPool
 from keeplink.drivers.jsonline import JsonLineDriver
 from keeplink.gateway.config import DeviceConfig, GatewayConfig
@@ -93,6 +93,42 @@ def _driver(device: DeviceConfig) -> Any:
             device_id=device.device_id or device.id,
         )
     raise ConfigError(f"devices[{device.id}]: driver {device.driver!r} has no own link")
+
+
+def _epoch(link: Link[Any], at: float) -> float:
+    """A time on the link's clock as epoch seconds, the API's time."""
+    return time.time() - max(0.0, link.clock.now() - at)
+
+
+def _protocol_errors_json(link: Link[Any] | None, stats: LinkStatistics | None) -> dict[str, Any]:
+    """Malformed input the device sent (each dropped, the link unharmed): how many, and the
+    last one's ``{code, message, at}``."""
+    last = None
+    if link is not None and stats is not None and stats.last_protocol_error is not None:
+        assert stats.last_protocol_error_at is not None
+        last = {
+            "code": stats.last_protocol_error.code,
+            "message": stats.last_protocol_error.message,
+            "at": _epoch(link, stats.last_protocol_error_at),
+        }
+    return {"count": stats.protocol_errors if stats else 0, "last": last}
+
+
+def _late_replies_json(link: Link[Any] | None, stats: LinkStatistics | None) -> dict[str, Any]:
+    """Replies that matched no request in flight (after its deadline, or a seq never sent):
+    how many, and the last one's ``{seq, message, at}``."""
+    last = None
+    if link is not None and stats is not None and stats.last_late_reply_seq is not None:
+        assert stats.last_late_reply_at is not None
+        last = {
+            "seq": stats.last_late_reply_seq,
+            "message": (
+                f"a reply for seq {stats.last_late_reply_seq} matched no request in flight "
+                "(it came after its deadline, or names a seq that was never sent); dropped"
+            ),
+            "at": _epoch(link, stats.last_late_reply_at),
+        }
+    return {"count": stats.late_replies if stats else 0, "last": last}
 
 
 def _needs(extra: str, module: str) -> None:
@@ -515,6 +551,8 @@ class Gateway:
                 "retry_in_s": retry_in,
                 "last_error": {"code": last.code, "message": last.message} if last else None,
                 "firmware": stats.session.firmware if stats and stats.session else None,
+                "protocol_errors": _protocol_errors_json(link, stats),
+                "late_replies": _late_replies_json(link, stats),
             },
             "queued": queued,
             "sending": sending,
