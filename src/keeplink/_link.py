@@ -152,6 +152,10 @@ class _Waiter:
 
     future: asyncio.Future[Outcome]
     timeout_s: float
+    protocol_errors: int = 0
+    """The link's counts when the request was made: what arrived since that matched
+    nothing is told with its timeout."""
+    late_replies: int = 0
 
 
 _OUTCOME_NAMES: Final[dict[type, str]] = {
@@ -289,7 +293,7 @@ class Link(Generic[F]):
         self._frames_out = 0
         self._heartbeats_sent = 0
         self._protocol_errors = 0
-        self._last_protocol_error: tuple[ErrorInfo, float] | None = None
+        self._last_malformed: tuple[Malformed, float] | None = None
         self._last_late_reply: tuple[int, float] | None = None
         self._internal_errors = 0
 
@@ -424,7 +428,14 @@ class Link(Generic[F]):
     def statistics(self) -> LinkStatistics:
         session = self._session
         last = self._last_error
-        malformed, malformed_at = self._last_protocol_error or (None, None)
+        malformed: ErrorInfo | None = None
+        malformed_at: float | None = None
+        if self._last_malformed is not None:
+            item, malformed_at = self._last_malformed
+            malformed = ErrorInfo(
+                code=ErrorCode.PROTOCOL_ERROR.value,
+                message=f"dropped malformed input: {item.reason} (it began {item.sample!r})",
+            )
         late_seq, late_at = self._last_late_reply or (None, None)
         return LinkStatistics(
             name=self.name,
@@ -546,7 +557,8 @@ class Link(Generic[F]):
         if session is None:
             return Unavailable(cause=self._unavailable())
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        seq = self._correlator.allocate_nowait(_Waiter(future, timeout), deadline=expires)
+        waiter = _Waiter(future, timeout, self._protocol_errors, self._late_replies)
+        seq = self._correlator.allocate_nowait(waiter, deadline=expires)
         try:
             frame = self.driver.build_request(seq, op, args, key)
         except BaseException:
@@ -633,8 +645,28 @@ class Link(Generic[F]):
         for pending in self._correlator.expire(self.clock.now()):
             waiter = pending.token
             if not waiter.future.done():
-                waiter.future.set_result(TimedOut(after_s=waiter.timeout_s, seq=pending.seq))
+                waiter.future.set_result(
+                    TimedOut(
+                        after_s=waiter.timeout_s, seq=pending.seq, meanwhile=self._meanwhile(waiter)
+                    )
+                )
         self._arm_expiry()
+
+    def _meanwhile(self, waiter: _Waiter) -> str | None:
+        """What the peer sent since ``waiter``'s request was made that matched nothing."""
+        parts = []
+        malformed = self._protocol_errors - waiter.protocol_errors
+        if malformed and self._last_malformed is not None:
+            plural = "s" if malformed > 1 else ""
+            reason = self._last_malformed[0].reason
+            parts.append(f"{malformed} malformed frame{plural} (last: {reason})")
+        late = self._late_replies - waiter.late_replies
+        if late and self._last_late_reply is not None:
+            plural = "replies" if late > 1 else "reply"
+            parts.append(
+                f"{late} {plural} for no request in flight (last: seq {self._last_late_reply[0]})"
+            )
+        return "meanwhile the device sent " + " and ".join(parts) if parts else None
 
     def _on_reply(self, session: _Session[F], reply: Reply) -> None:
         if reply.side:
@@ -986,13 +1018,7 @@ class Link(Generic[F]):
 
     def _on_malformed(self, item: Malformed) -> None:
         self._protocol_errors += 1
-        self._last_protocol_error = (
-            ErrorInfo(
-                code=ErrorCode.PROTOCOL_ERROR.value,
-                message=f"dropped malformed input: {item.reason} (it began {item.sample!r})",
-            ),
-            self.clock.now(),
-        )
+        self._last_malformed = (item, self.clock.now())
         if not self._protocol_errors_logged:
             self._protocol_errors_logged = True
             _log.warning(
