@@ -238,6 +238,7 @@ def test_openapi_document_names_every_route(api: Api) -> None:
         ("/api/devices", "get"),
         ("/api/devices/{device}", "get"),
         ("/api/devices/{device}/commands", "post"),
+        ("/api/devices/{device}/reconnect", "post"),
         ("/api/commands", "get"),
         ("/api/commands/{command}", "get"),
         ("/api/commands/{command}", "delete"),

@@ -289,6 +289,8 @@ async def test_exit_codes(world: World) -> None:
         (["send", "nope", "set"], TOKEN, 5, r"keeplink: \[device_not_found\] no device 'nope'$"),
         (["cancel", "0" * 32], TOKEN, 5, r"keeplink: \[command_not_found\] "),
         (["commands", "--device", "nope"], TOKEN, 5, r"keeplink: \[device_not_found\] "),
+        (["reconnect", "nope"], TOKEN, 5, r"keeplink: \[device_not_found\] no device 'nope'$"),
+        (["reconnect", "attic"], None, 4, r"keeplink: \[auth_failed\] .*no token given"),
         # 1: the gateway refuses the command itself (422).
         (
             ["send", "hall", ""],
@@ -320,6 +322,22 @@ async def test_exit_codes(world: World) -> None:
         assert code == expected, (args, out, err)
         assert out == "", args  # errors never go to stdout
         assert re.search(pattern, err.strip().splitlines()[-1]), (args, err)
+
+
+async def test_reconnect_makes_a_backing_off_link_try_again_now(world: World) -> None:
+    # attic is never reachable: its link waits out a backoff, or is trying right now.
+    code, out, err = await world.cli("reconnect", "attic")
+    assert code == 0, err
+    assert re.match(
+        r"attic: (woken: the link skips the rest of its backoff wait"
+        r"|none: nothing to do: the link is (connecting|lost))$",
+        out.strip(),
+    ), out
+    code, out, err = await world.cli("reconnect", "hall", "--json")
+    assert code == 0, err
+    answer = json.loads(out)  # exactly one JSON document: the API's answer
+    assert answer["reconnect"] == "none"  # hall is connected: nothing to do
+    assert answer["device"]["link"]["state"] == "connected"
 
 
 async def test_environment_supplies_url_and_token(world: World) -> None:

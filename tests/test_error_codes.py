@@ -19,6 +19,7 @@ from keeplink import (
     AbortedError,
     AuthError,
     ConfigError,
+    DeviceMismatchError,
     DeviceNotFoundError,
     ErrorCode,
     InvalidRequestError,
@@ -90,6 +91,21 @@ async def wrong_token() -> KeeplinkError:
         async with Link(driver, name="t") as link:
             with pytest.raises(AuthError) as info:
                 await connected(link)
+    return info.value
+
+
+@produces(ErrorCode.DEVICE_MISMATCH)
+async def another_device_answers_at_the_address() -> KeeplinkError:
+    async with DeviceSimulator(device_id="garage") as sim:
+        driver = JsonLineDriver(host=sim.host, port=sim.port, device_id="hall")
+        async with Link(driver, name="hall") as link:
+            with pytest.raises(DeviceMismatchError) as info:
+                await connected(link)
+            assert link.state is S.FAILED  # terminal, like a refused token
+            outcome = await link.request("set", {"x": 1}, timeout=5)
+        assert isinstance(outcome, Unavailable) and outcome.error is info.value
+        assert sim.statistics().requests == 0  # nothing reached the wrong device
+    assert isinstance(info.value, AuthError)
     return info.value
 
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from keeplink import InvalidRequestError, Malformed
 from keeplink._core.jsonline import (
+    MAX_DEPTH,
     MAX_LINE,
     Ack,
     ErrorFrame,
@@ -102,6 +103,32 @@ def test_a_line_of_exactly_the_limit_is_accepted() -> None:
     assert len(line) == MAX_LINE
     (frame,) = JsonLineDecoder().feed(line + b"\n")
     assert isinstance(frame, StatePush)
+
+
+def _state_nested(levels: int) -> bytes:
+    """A state push whose frame nests ``levels`` deep (the frame object is level 1)."""
+    inner = "[" * (levels - 2) + "]" * (levels - 2)
+    return f'{{"t":"state","values":{{"v":{inner}}}}}'.encode()
+
+
+def test_nesting_is_limited_to_max_depth_whatever_the_stack() -> None:
+    at_limit, over = _state_nested(MAX_DEPTH), _state_nested(MAX_DEPTH + 1)
+    out = JsonLineDecoder().feed(at_limit + b"\n" + over + b"\n" + _state_nested(5000) + b"\n")
+    assert isinstance(out[0], StatePush)
+    assert out[1:] == [
+        Malformed(f"nested deeper than {MAX_DEPTH} levels", over[:80]),
+        Malformed("invalid JSON: nested too deeply", _state_nested(5000)[:80]),
+    ]
+    # Brackets inside strings are text, not nesting.
+    text = "[{" * 1000
+    assert JsonLineDecoder().feed(
+        json.dumps({"t": "state", "values": {"s": text}}).encode() + b"\n"
+    ) == [StatePush(values={"s": text})]
+    deep: list[object] = []
+    for _ in range(MAX_DEPTH):
+        deep = [deep]
+    with pytest.raises(InvalidRequestError, match=f"nested deeper than {MAX_DEPTH} levels"):
+        encode_frame(Req(seq=1, op="set", args={"v": deep}))
 
 
 def test_blank_lines_and_crlf_are_tolerated() -> None:

@@ -16,10 +16,12 @@ from hypothesis import strategies as st
 from helpers import Recorder, eventually, until_state
 from keeplink import (
     AuthError,
+    ErrorCode,
     FrameReceived,
     Link,
     LinkState,
     ProtocolErrorSeen,
+    TimedOut,
     VirtualClock,
 )
 from keeplink._core.jsonline import StatePush
@@ -116,6 +118,33 @@ async def test_malformed_input_is_counted_logged_once_and_never_kills_the_link(
     ]
     assert len(warnings) == 1
     assert "[protocol_error]" in warnings[0].getMessage()
+
+
+async def test_a_timeout_says_what_the_device_sent_instead_of_the_reply(
+    raw_peer: RawPeer, virtual_clock: VirtualClock
+) -> None:
+    port = await raw_peer.start()
+    link = Link(JsonLineDriver(host="127.0.0.1", port=port), name="raw", clock=virtual_clock)
+    async with link:
+        await asyncio.wait_for(link.wait_connected(), 10)
+        quiet = asyncio.create_task(link.request("get", {}, timeout=5))
+        await eventually(lambda: link.statistics().requests_sent == 1)
+        await virtual_clock.advance(5)
+        assert (await quiet).error.message == "no reply within 5s"  # nothing came: just that
+        pending = asyncio.create_task(link.request("set", {"x": 1}, timeout=5))
+        await eventually(lambda: link.statistics().requests_sent == 2)
+        # Its answer, malformed (a list for a result), and a reply for a seq never sent.
+        await raw_peer.send(b'{"t":"ack","seq":1,"ok":true,"result":[1,2]}\n')
+        await raw_peer.send(b'{"t":"ack","seq":4000,"ok":true,"result":{}}\n')
+        await eventually(lambda: link.statistics().late_replies == 1)
+        await virtual_clock.advance(5)
+        outcome = await pending
+    assert isinstance(outcome, TimedOut)
+    assert outcome.error.code is ErrorCode.TIMEOUT
+    assert outcome.error.message == (
+        "no reply within 5s; meanwhile the device sent 1 malformed frame (last: field "
+        "'result' must be dict, got list) and 1 reply for no request in flight (last: seq 4000)"
+    )
 
 
 @settings(

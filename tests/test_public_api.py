@@ -25,6 +25,7 @@ EXPECTED = {
     "Acknowledged", "Cancelled", "Outcome", "Rejected", "TimedOut", "Unavailable",
     "enum_or_none", "Correlator", "SequenceExhaustedError", "Slot", "SlotPool",
     "SlotPoolStatistics", "CommandNotFoundError", "ConflictError", "PreconditionFailedError",
+    "DeviceMismatchError",
 }  # fmt: skip
 
 

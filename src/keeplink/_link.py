@@ -113,6 +113,14 @@ class LinkStatistics:
     """Replies for no request in flight (after its deadline, or unknown): logged, dropped."""
     outcomes: Mapping[str, int] = field(default_factory=dict)
     """Resolved requests by outcome: acknowledged, rejected, timed_out, cancelled, unavailable."""
+    last_protocol_error: ErrorInfo | None = None
+    """The last malformed input dropped (code ``protocol_error``): what was wrong with it and
+    how it began. Unlike ``last_error`` it never ended a session."""
+    last_protocol_error_at: float | None = None
+    """When it arrived, on the link's clock."""
+    last_late_reply_seq: int | None = None
+    """The sequence number of the last reply that matched no request in flight."""
+    last_late_reply_at: float | None = None
 
 
 class _Session(Generic[F]):
@@ -144,6 +152,10 @@ class _Waiter:
 
     future: asyncio.Future[Outcome]
     timeout_s: float
+    protocol_errors: int = 0
+    """The link's counts when the request was made: what arrived since that matched
+    nothing is told with its timeout."""
+    late_replies: int = 0
 
 
 _OUTCOME_NAMES: Final[dict[type, str]] = {
@@ -281,6 +293,8 @@ class Link(Generic[F]):
         self._frames_out = 0
         self._heartbeats_sent = 0
         self._protocol_errors = 0
+        self._last_malformed: tuple[Malformed, float] | None = None
+        self._last_late_reply: tuple[int, float] | None = None
         self._internal_errors = 0
 
     # ------------------------------------------------------------------ public surface
@@ -312,7 +326,9 @@ class Link(Generic[F]):
         Works again after :meth:`stop` has finished, and after a terminal failure; both
         re-enable reconnecting. Raises LinkClosedError while a stop is still in progress.
         """
-        if self._supervisor is not None:
+        if self._supervisor is not None and not self._supervisor.done():
+            # (A supervisor that has just ended, e.g. on a terminal error, counts as gone
+            # even before its done-callback has run.)
             if self._stop_requested:
                 raise LinkClosedError(
                     f"link {self.name!r} is stopping; await stop() before starting it again"
@@ -334,7 +350,7 @@ class Link(Generic[F]):
 
         Never cancels a connect or handshake in progress.
         """
-        if self._supervisor is None or self._stop_requested:
+        if self._supervisor is None or self._supervisor.done() or self._stop_requested:
             self.start()
         else:
             self.wake("connect")
@@ -412,6 +428,15 @@ class Link(Generic[F]):
     def statistics(self) -> LinkStatistics:
         session = self._session
         last = self._last_error
+        malformed: ErrorInfo | None = None
+        malformed_at: float | None = None
+        if self._last_malformed is not None:
+            item, malformed_at = self._last_malformed
+            malformed = ErrorInfo(
+                code=ErrorCode.PROTOCOL_ERROR.value,
+                message=f"dropped malformed input: {item.reason} (it began {item.sample!r})",
+            )
+        late_seq, late_at = self._last_late_reply or (None, None)
         return LinkStatistics(
             name=self.name,
             state=self._state,
@@ -433,6 +458,10 @@ class Link(Generic[F]):
             requests_in_flight=len(self._correlator),
             late_replies=self._late_replies,
             outcomes=dict(self._outcomes),
+            last_protocol_error=malformed,
+            last_protocol_error_at=malformed_at,
+            last_late_reply_seq=late_seq,
+            last_late_reply_at=late_at,
         )
 
     async def send(self, frame: F, *, timeout: float | None = None) -> None:
@@ -528,7 +557,8 @@ class Link(Generic[F]):
         if session is None:
             return Unavailable(cause=self._unavailable())
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        seq = self._correlator.allocate_nowait(_Waiter(future, timeout), deadline=expires)
+        waiter = _Waiter(future, timeout, self._protocol_errors, self._late_replies)
+        seq = self._correlator.allocate_nowait(waiter, deadline=expires)
         try:
             frame = self.driver.build_request(seq, op, args, key)
         except BaseException:
@@ -615,8 +645,28 @@ class Link(Generic[F]):
         for pending in self._correlator.expire(self.clock.now()):
             waiter = pending.token
             if not waiter.future.done():
-                waiter.future.set_result(TimedOut(after_s=waiter.timeout_s, seq=pending.seq))
+                waiter.future.set_result(
+                    TimedOut(
+                        after_s=waiter.timeout_s, seq=pending.seq, meanwhile=self._meanwhile(waiter)
+                    )
+                )
         self._arm_expiry()
+
+    def _meanwhile(self, waiter: _Waiter) -> str | None:
+        """What the peer sent since ``waiter``'s request was made that matched nothing."""
+        parts = []
+        malformed = self._protocol_errors - waiter.protocol_errors
+        if malformed and self._last_malformed is not None:
+            plural = "s" if malformed > 1 else ""
+            reason = self._last_malformed[0].reason
+            parts.append(f"{malformed} malformed frame{plural} (last: {reason})")
+        late = self._late_replies - waiter.late_replies
+        if late and self._last_late_reply is not None:
+            plural = "replies" if late > 1 else "reply"
+            parts.append(
+                f"{late} {plural} for no request in flight (last: seq {self._last_late_reply[0]})"
+            )
+        return "meanwhile the device sent " + " and ".join(parts) if parts else None
 
     def _on_reply(self, session: _Session[F], reply: Reply) -> None:
         if reply.side:
@@ -633,6 +683,7 @@ class Link(Generic[F]):
         pending = self._correlator.resolve(reply.seq)
         if pending is None:
             self._late_replies += 1
+            self._last_late_reply = (reply.seq, session.last_rx)
             _log.debug(
                 "link %r: reply for seq %d matches no request in flight (late or unknown); dropped",
                 self.name,
@@ -967,6 +1018,7 @@ class Link(Generic[F]):
 
     def _on_malformed(self, item: Malformed) -> None:
         self._protocol_errors += 1
+        self._last_malformed = (item, self.clock.now())
         if not self._protocol_errors_logged:
             self._protocol_errors_logged = True
             _log.warning(

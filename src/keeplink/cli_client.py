@@ -1,4 +1,4 @@
-"""The gateway from a shell: ``keeplink devices | send | commands | cancel``.
+"""The gateway from a shell: ``keeplink devices | send | commands | cancel | reconnect``.
 
 These commands mirror the HTTP API of a running ``keeplink serve``. Options every one of
 them takes (after the command name):
@@ -21,6 +21,7 @@ Commands::
                   [--priority P] [--idempotency-key I] [--wait] [--wait-timeout S]
     keeplink commands [--device D] [--state S[,S...]] [--limit N]
     keeplink cancel ID
+    keeplink reconnect DEVICE
 
 ``send`` arguments are ``k=v`` pairs; ``v`` is JSON if it parses as JSON (``21.5``,
 ``true``, ``"x"``, ``{"a":1}``), else the plain string. ``send`` prints the command id and
@@ -28,13 +29,15 @@ its state (and says so when the device is away and the command waits for it); wi
 ``--wait`` it follows the gateway's event stream until the command is final (a progress bar
 for a firmware transfer on a terminal, plain lines otherwise). ``send DEVICE firmware
 path=IMAGE`` fills in ``sha256`` and ``size`` from the file when they are not given (the
-gateway reads the image from the same path).
+gateway reads the image from the same path). ``reconnect`` makes a failed link (a refused
+token, a device that named another id) try again now, or a link waiting out a backoff skip
+the rest of the wait, once the device or its config is fixed.
 
 Exit codes, for scripts:
 
 ==  ==========================================================================================
 0   ok (``send``: the command is stored; ``send --wait``: it succeeded; ``cancel``: it is
-    cancelled)
+    cancelled; ``reconnect``: the link tries again now, or is already up)
 1   the command ended other than succeeded (failed, rejected, expired, cancelled,
     superseded; for ``cancel``: it finished before it could be cancelled), or the gateway
     answered another error
@@ -98,7 +101,7 @@ EXIT_NOT_FOUND: Final = 5
 EXIT_WAIT_TIMEOUT: Final = 6
 EXIT_INTERRUPTED: Final = 130
 
-CLIENT_COMMANDS: Final = frozenset({"devices", "send", "commands", "cancel"})
+CLIENT_COMMANDS: Final = frozenset({"devices", "send", "commands", "cancel", "reconnect"})
 COMMAND_STATES: Final = (
     "queued",
     "sending",
@@ -229,7 +232,7 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def add_client_commands(subparsers: Any) -> None:
-    """Register ``devices``, ``send``, ``commands`` and ``cancel`` on an argparse
+    """Register ``devices``, ``send``, ``commands``, ``cancel`` and ``reconnect`` on an argparse
     ``add_subparsers()`` object. Run the parsed result with :func:`run_client_command`
     when ``args.command in CLIENT_COMMANDS``."""
     common = _common_options()
@@ -288,6 +291,18 @@ def add_client_commands(subparsers: Any) -> None:
         "cancel", parents=[common], help="cancel a queued or in-flight command", epilog=epilog
     )
     cancel.add_argument("id", metavar="ID")
+
+    reconnect = subparsers.add_parser(
+        "reconnect",
+        parents=[common],
+        help="make a failed or backing-off link try again now",
+        description=(
+            "After fixing a device's token or identity (auth_failed, device_mismatch): make "
+            "its failed link try again now, or a link waiting out a backoff skip the wait."
+        ),
+        epilog=epilog,
+    )
+    reconnect.add_argument("device", metavar="DEVICE")
 
 
 # ---------------------------------------------------------------------------- output
@@ -553,6 +568,15 @@ async def _cancel(client: GatewayClient, args: argparse.Namespace) -> int:
     return EXIT_OK if state == "cancelled" else EXIT_FAILED
 
 
+async def _reconnect(client: GatewayClient, args: argparse.Namespace) -> int:
+    answer = await client.reconnect(args.device)
+    if args.json:
+        _print_json(answer)
+    else:
+        print(f"{args.device}: {answer.get('reconnect')}: {answer.get('note')}", flush=True)
+    return EXIT_OK
+
+
 def _report_final(command: dict[str, Any], *, as_json: bool) -> int:
     state = command.get("state")
     if as_json:
@@ -597,7 +621,10 @@ async def _send(client: GatewayClient, args: argparse.Namespace) -> int:
     presence = answer.get("device_presence")
     if not args.json:
         print(f"{command_id} {state}", flush=True)
-        if state == "queued" and presence != "online":
+        note = answer.get("note")
+        if state == "queued" and isinstance(note, str) and note.startswith("queued: the link "):
+            print(note, flush=True)  # the link was refused: the gateway says why and what to do
+        elif state == "queued" and presence != "online":
             print(
                 f"queued: {args.device} is away; it will be delivered when it is back",
                 flush=True,
@@ -633,6 +660,7 @@ _HANDLERS: Final = {
     "send": _send,
     "commands": _commands,
     "cancel": _cancel,
+    "reconnect": _reconnect,
 }
 
 

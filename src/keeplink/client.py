@@ -1,7 +1,7 @@
 """A client for the gateway's HTTP and WebSocket API, on aiohttp.
 
-It is what the ``keeplink devices | send | commands | cancel`` commands use, and it works as
-a small library for scripts::
+It is what the ``keeplink devices | send | commands | cancel | reconnect`` commands use,
+and it works as a small library for scripts::
 
     async with GatewayClient("http://127.0.0.1:8470", token="s3cret") as gw:
         answer = await gw.submit("hall", "set", {"target": 21.5})
@@ -228,6 +228,13 @@ class GatewayClient:
         body.update({name: value for name, value in optional.items() if value is not None})
         result: dict[str, Any] = await self.request(
             "POST", f"/api/devices/{_seg(device_id)}/commands", body=body
+        )
+        return result
+
+    async def reconnect(self, device_id: str) -> dict[str, Any]:
+        """``POST /api/devices/{id}/reconnect``: ``{"reconnect", "note", "device"}``."""
+        result: dict[str, Any] = await self.request(
+            "POST", f"/api/devices/{_seg(device_id)}/reconnect"
         )
         return result
 

@@ -22,6 +22,7 @@ from keeplink._core.errors import (
     CommandNotFoundError,
     ConfigError,
     ConflictError,
+    DeviceMismatchError,
     DeviceNotFoundError,
     DeviceUnavailableError,
     ErrorCode,
@@ -136,6 +137,7 @@ _CLASS_BY_CODE: Final[dict[ErrorCode, type[KeeplinkError]]] = {
     ErrorCode.PRECONDITION_FAILED: PreconditionFailedError,
     ErrorCode.CONFLICT: ConflictError,
     ErrorCode.COMMAND_NOT_FOUND: CommandNotFoundError,
+    ErrorCode.DEVICE_MISMATCH: DeviceMismatchError,
 }
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "CommandNotFoundError",
     "ConfigError",
     "ConflictError",
+    "DeviceMismatchError",
     "DeviceNotFoundError",
     "DeviceUnavailableError",
     "ErrorClass",
@@ -94,6 +95,11 @@ class ErrorCode(enum.StrEnum):
     write lock) past its busy timeout; nothing was written. Retry later."""
     QUEUE_FULL = "queue_full"
     """The device already has its ``max_queued`` commands queued; nothing was stored."""
+    DEVICE_MISMATCH = "device_mismatch"
+    """The peer named itself as another device than the one configured at that address (a
+    reused address, a swapped device, an impostor): the session was refused and nothing was
+    sent. Like ``auth_failed``, retrying will not help until the device or the config is
+    fixed."""
     UNKNOWN = "unknown"
     """A code from a peer that this version does not know (kept verbatim in ``wire_code``)."""
 
@@ -117,6 +123,7 @@ _CLASS_OF_CODE: Final[dict[ErrorCode, ErrorClass]] = {
     ErrorCode.DEVICE_NOT_FOUND: ErrorClass.ABSENT,
     ErrorCode.DISCOVERY_FAILED: ErrorClass.ABSENT,
     ErrorCode.AUTH_FAILED: ErrorClass.TERMINAL,
+    ErrorCode.DEVICE_MISMATCH: ErrorClass.TERMINAL,
     ErrorCode.CONFIG_ERROR: ErrorClass.TERMINAL,
 }
 
@@ -171,6 +178,17 @@ class AuthError(KeeplinkError):
     """The peer refused our credentials (terminal for the reconnect policy by default)."""
 
     default_code = ErrorCode.AUTH_FAILED
+
+
+class DeviceMismatchError(AuthError):
+    """The peer is not the device we meant to reach: its handshake named another device id.
+
+    An :class:`AuthError` (the peer failed to prove it is the configured device), so the
+    reconnect policy treats it like refused credentials: terminal by default, or a slow
+    retry when one is configured. The session is closed before any request is sent.
+    """
+
+    default_code = ErrorCode.DEVICE_MISMATCH
 
 
 class ConfigError(KeeplinkError):

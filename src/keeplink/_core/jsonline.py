@@ -1,25 +1,27 @@
 """The jsonline reference protocol, sans-IO: typed frames, a decoder and an encoder.
 
-Newline-delimited JSON objects, UTF-8, one object a line, at most 64 KiB a line.
+Newline-delimited JSON objects, UTF-8, one object a line, at most 64 KiB a line, nested
+at most 64 levels deep.
 Bytes go in, frames come out; frames go in, bytes come out. Nothing here
 touches a socket or a clock.
 
 A line that is not a valid frame (bad UTF-8, bad JSON, not an object, unknown type, a field
-of the wrong type, too long) becomes a :class:`Malformed` item in the decoder's output, in
-its place among the frames: it is the caller's to count and log. It never raises and never
-disturbs the frames around it.
+of the wrong type, too long, nested too deeply) becomes a :class:`Malformed` item in the
+decoder's output, in its place among the frames: it is the caller's to count and log. It
+never raises and never disturbs the frames around it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 
 from keeplink._core.errors import InvalidRequestError
 
 __all__ = [
+    "MAX_DEPTH",
     "MAX_LINE",
     "PROTOCOL_VERSION",
     "Ack",
@@ -39,6 +41,12 @@ __all__ = [
 
 MAX_LINE: Final = 64 * 1024
 """Longest line in bytes, newline excluded."""
+MAX_DEPTH: Final = 64
+"""Deepest nesting of objects and arrays in a frame, the frame itself at level 1. Far more
+than any device's result needs, and far below the interpreter's recursion limit wherever a
+frame is decoded, stored or served: without it, how deep a frame may be would depend on how
+deep the stack happens to be (a result 900 levels deep decodes, then breaks whatever walks
+it next)."""
 PROTOCOL_VERSION: Final = 1
 _MAX_SEQ: Final = 2**32 - 1
 _SAMPLE: Final = 80  # bytes of a bad line kept for the log: enough to recognise, never a dump
@@ -206,6 +214,31 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether ``value`` nests objects/arrays more than ``limit`` levels (without recursion)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children: Iterable[object]
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def _may_nest_deeper(text: bytes | str, limit: int) -> bool:
+    """A fast bound: a text with at most ``limit`` opening brackets cannot nest deeper."""
+    if isinstance(text, str):
+        return text.count("[") + text.count("{") > limit
+    return text.count(b"[") + text.count(b"{") > limit
+
+
 def _decode_line(line: bytes) -> Frame | Malformed:
     try:
         text = line.decode("utf-8")
@@ -219,6 +252,8 @@ def _decode_line(line: bytes) -> Frame | Malformed:
         return Malformed("invalid JSON: nested too deeply", line[:_SAMPLE])
     if not isinstance(obj, dict):
         return Malformed(f"not a JSON object but {type(obj).__name__}", line[:_SAMPLE])
+    if _may_nest_deeper(line, MAX_DEPTH) and _deeper_than(obj, MAX_DEPTH):
+        return Malformed(f"nested deeper than {MAX_DEPTH} levels", line[:_SAMPLE])
     try:
         return _parse(obj)
     except _BadFrame as exc:
@@ -335,7 +370,8 @@ def encode_frame(frame: Frame, *, max_line: int = MAX_LINE) -> bytes:
     """Serialize one frame to one line (newline included).
 
     Raises :class:`InvalidRequestError` if the frame holds values JSON cannot carry, a
-    sequence number outside 32 bits, or would exceed ``max_line`` bytes.
+    sequence number outside 32 bits, nests deeper than :data:`MAX_DEPTH`, or would exceed
+    ``max_line`` bytes.
     """
     if isinstance(frame, Req) and frame.wire is not None:
         return frame.wire
@@ -351,6 +387,8 @@ def _encode_obj(obj: dict[str, Any], max_line: int) -> bytes:
         raise InvalidRequestError(f"frame cannot be encoded as JSON: {exc}") from exc
     except RecursionError as exc:
         raise InvalidRequestError("frame cannot be encoded as JSON: nested too deeply") from exc
+    if _may_nest_deeper(text, MAX_DEPTH) and _deeper_than(obj, MAX_DEPTH):
+        raise InvalidRequestError(f"frame is nested deeper than {MAX_DEPTH} levels")
     data = text.encode("utf-8")
     if len(data) > max_line:
         raise InvalidRequestError(

@@ -88,9 +88,15 @@ class TimedOut:
     seq: int | None = None
     sent: bool = True
     """False if the deadline passed before the request could be written."""
+    meanwhile: str | None = None
+    """What the device sent while the request waited that matched nothing (malformed frames,
+    replies for no request in flight), when it sent any: often the reason there was no
+    reply, so the error's message carries it."""
 
     @property
     def error(self) -> RequestTimeout:
+        if self.sent and self.meanwhile:
+            return RequestTimeout(f"no reply within {self.after_s:g}s; {self.meanwhile}")
         if self.sent:
             return RequestTimeout(f"no reply within {self.after_s:g}s")
         return RequestTimeout(f"no free window to send within {self.after_s:g}s")

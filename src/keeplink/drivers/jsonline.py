@@ -5,6 +5,11 @@
         await link.wait_connected()
         outcome = await link.request("set", {"target": 21.5}, timeout=5)
 
+Identity: pass ``device_id`` and the session is refused with :class:`DeviceMismatchError`
+(code ``device_mismatch``, terminal like an auth failure) when the device's welcome names
+another device, before any request is sent: a reused address or a swapped device never
+gets another device's commands.
+
 TLS: pass an :class:`ssl.SSLContext` (for client certificates, load them into the context
 with ``load_cert_chain``). Heartbeats are ``{"t":"ping"}``, fire and forget; a device may
 answer ``pong`` or nothing, so its silence only counts once it has answered one.
@@ -18,7 +23,12 @@ from typing import Any, Final
 
 from keeplink._channel import StreamChannel, open_stream_channel
 from keeplink._core.classify import error_from_code
-from keeplink._core.errors import ConfigError, InvalidRequestError, ProtocolError
+from keeplink._core.errors import (
+    ConfigError,
+    DeviceMismatchError,
+    InvalidRequestError,
+    ProtocolError,
+)
 from keeplink._core.jsonline import (
     MAX_LINE,
     Ack,
@@ -39,6 +49,7 @@ from keeplink._driver import FrameChannel, HeartbeatReply, Reply, SessionInfo
 __all__ = ["JsonLineCodec", "JsonLineDriver"]
 
 SEQ_WIDTHS: Final = (8, 16, 32)
+_SHOWN_ID: Final = 64  # characters of a peer's claimed id put in a message: enough to spot it
 
 
 class JsonLineCodec:
@@ -60,7 +71,10 @@ class JsonLineCodec:
 class JsonLineDriver:
     """Speaks jsonline to one device. Keyword-only configuration, checked at construction.
 
-    Raises :class:`ConfigError` for a bad port, sequence width or in-flight limit.
+    ``device_id``: the id the device must name in its welcome (``None``: not checked).
+
+    Raises :class:`ConfigError` for a bad port, sequence width, in-flight limit or an empty
+    ``device_id``.
     """
 
     name = "jsonline"
@@ -77,6 +91,7 @@ class JsonLineDriver:
         seq_bits: int = 32,
         max_in_flight: int = 64,
         heartbeat: bool = True,
+        device_id: str | None = None,
     ) -> None:
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             raise ConfigError(f"jsonline: port must be 1..65535, got {port!r}")
@@ -86,8 +101,11 @@ class JsonLineDriver:
             raise ConfigError(
                 f"jsonline: max_in_flight must be 1..{2**seq_bits}, got {max_in_flight!r}"
             )
+        if device_id is not None and (not isinstance(device_id, str) or not device_id):
+            raise ConfigError(f"jsonline: device_id must be a non-empty string, got {device_id!r}")
         self.host = host
         self.port = port
+        self.device_id = device_id
         self.token = token
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
@@ -112,11 +130,19 @@ class JsonLineDriver:
 
     async def handshake(self, channel: FrameChannel[Frame]) -> SessionInfo:
         """Send ``hello``; wait for ``welcome``. An ``error`` frame becomes its typed error
-        (``auth_failed`` → AuthError). Other frames before the welcome are ignored."""
+        (``auth_failed`` → AuthError). Other frames before the welcome are ignored. A welcome
+        that names another device than ``device_id`` raises DeviceMismatchError."""
         await channel.send(Hello(token=self.token))
         while True:
             frame = await channel.receive()
             if isinstance(frame, Welcome):
+                if self.device_id is not None and frame.device != self.device_id:
+                    claimed = frame.device[:_SHOWN_ID]
+                    more = "…" if len(frame.device) > _SHOWN_ID else ""
+                    raise DeviceMismatchError(
+                        f"the device at {self.host}:{self.port} says it is {claimed!r}{more}, "
+                        f"not {self.device_id!r}; session refused, nothing sent"
+                    )
                 return SessionInfo(device_id=frame.device, firmware=frame.fw, extra={"v": frame.v})
             if isinstance(frame, ErrorFrame):
                 raise error_from_code(frame.code, frame.msg or f"peer refused: {frame.code}")

@@ -42,6 +42,7 @@ from keeplink._core.errors import (
     KeeplinkError,
 )
 from keeplink.gateway import models
+from keeplink.gateway.metrics import DeviceCounters
 from keeplink.gateway.runtime import Gateway
 
 __all__ = ["build_app"]
@@ -328,7 +329,10 @@ async def submit_command(request: web.Request) -> web.Response:
     )
     presence = gateway.presence_of(device_id).value
     waiting = gateway.outbox.waiting(command)
-    if presence != "online":
+    refused = gateway.refusal_note(device_id)
+    if refused is not None:
+        note = refused
+    elif presence != "online":
         note = "queued: the device is away; it will be delivered when it is back"
     elif waiting is not None:
         note = f"queued: {waiting.message}"
@@ -340,6 +344,13 @@ async def submit_command(request: web.Request) -> web.Response:
         "note": note,
     }
     return _answer(models.SubmitAccepted, accepted, status=202)
+
+
+async def reconnect_device(request: web.Request) -> web.Response:
+    """Make a failed or backing-off link try again now (202 with what was done)."""
+    _authorize(request)
+    answer = await request.app[GATEWAY_KEY].reconnect(request.match_info["device"])
+    return _answer(models.Reconnected, answer, status=202)
 
 
 async def list_commands(request: web.Request) -> web.Response:
@@ -548,6 +559,7 @@ class _Metrics:
         self.delivered = Counter(
             "keeplink_delivered_total", "Commands acknowledged", registry=self.registry
         )
+        self.registry.register(DeviceCounters(gateway))
         gateway.on_delivered = self._observe
 
     def _observe(self, latency: float) -> None:
@@ -606,6 +618,7 @@ def build_app(gateway: Gateway, *, token: str) -> web.Application:
     app.router.add_get("/api/devices", list_devices)
     app.router.add_get("/api/devices/{device}", get_device)
     app.router.add_post("/api/devices/{device}/commands", submit_command)
+    app.router.add_post("/api/devices/{device}/reconnect", reconnect_device)
     app.router.add_get("/api/commands", list_commands)
     app.router.add_get("/api/commands/{command}", get_command)
     app.router.add_delete("/api/commands/{command}", cancel_command)

@@ -14,6 +14,15 @@
     seq_bits = 8
     heartbeat_s = 30
     backoff = { initial_s = 5, cap_s = 300 }
+    device_id = "hall-thermostat"      # the id its welcome must name (default: id)
+    auth_retry_s = 600                 # after auth_failed/device_mismatch (default: stay failed)
+
+A jsonline device must name itself ``device_id`` in its handshake, or the session is refused
+with ``device_mismatch`` and nothing is sent; set ``device_id`` for a device that reports
+its id in another form (a MAC address, a serial number). ``auth_retry_s`` turns a refusal
+(``auth_failed``, ``device_mismatch``, a config error the peer reports) from terminal
+(state ``failed``, until ``POST /api/devices/{id}/reconnect`` or a restart) into a slow
+retry every that many seconds.
 
 Every error is a ConfigError: ``keeplink.toml: devices[1].port: must be an integer in
 1..65535, got "70000"`` — and nothing starts.
@@ -58,6 +67,9 @@ class DeviceConfig:
     max_in_flight: int | None = None
     heartbeat_s: float | None = 30.0
     backoff: Backoff = field(default_factory=Backoff)
+    """The reconnect schedule; ``auth_retry_s`` is its ``terminal_retry_s``."""
+    device_id: str | None = None
+    """The id the device names in its handshake (jsonline); ``None``: the same as ``id``."""
     hub: str | None = None
     """Devices with the same hub share one slot pool of ``hub_slots`` connections."""
     hub_slots: int = 1
@@ -176,6 +188,7 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
         {
             "id", "driver", "host", "port", "token", "seq_bits", "max_in_flight",
             "heartbeat_s", "backoff", "hub", "hub_slots", "unit", "options", "max_queued",
+            "device_id", "auth_retry_s",
         },
     )  # fmt: skip
     device_id = c.text("id", required=True)
@@ -191,7 +204,8 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
     seq_bits = c.integer("seq_bits", 32 if driver == "jsonline" else 16, 8, 32)
     if seq_bits not in (8, 16, 32):
         c.fail("seq_bits", f"must be 8, 16 or 32, got {seq_bits!r}")
-    backoff = Backoff()
+    auth_retry_s = c.seconds("auth_retry_s", None)
+    backoff = Backoff(terminal_retry_s=auth_retry_s)
     if "backoff" in table:
         raw = table["backoff"]
         if not isinstance(raw, Mapping):
@@ -202,6 +216,7 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
                 initial_s=b.seconds("initial_s", 1.0) or 1.0,
                 cap_s=b.seconds("cap_s", 60.0) or 60.0,
                 factor=b.seconds("factor", 2.0) or 2.0,
+                terminal_retry_s=auth_retry_s,
             )
         except ConfigError as exc:
             raise ConfigError(f"{source}: {where}.backoff: {exc.message}") from exc
@@ -212,6 +227,11 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
         c.fail("unit", "is required for a modbus device (the unit id behind the gateway)")
     if driver != "modbus" and "unit" in table:
         c.fail("unit", f"only modbus devices have a unit, this one is {driver}")
+    if driver != "jsonline" and "device_id" in table:
+        c.fail("device_id", f"only jsonline devices name themselves in a handshake, not {driver}")
+    named = c.text("device_id", device_id) if driver == "jsonline" else None
+    if named is not None and len(named) > 256:
+        c.fail("device_id", "must be at most 256 characters")
     assert driver is not None
     assert port is not None
     assert seq_bits is not None
@@ -225,6 +245,7 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
         max_in_flight=c.integer("max_in_flight", None, 1, 1 << 16),
         heartbeat_s=c.seconds("heartbeat_s", 30.0, allow_none=True),
         backoff=backoff,
+        device_id=named,
         hub=c.text("hub"),
         hub_slots=c.integer("hub_slots", 1, 1, 64) or 1,
         unit=c.integer("unit", None, 0, 247),

@@ -38,6 +38,7 @@ __all__ = [
     "Error",
     "EventsQuery",
     "Health",
+    "Reconnected",
     "Submit",
     "SubmitAccepted",
     "describe",
@@ -202,6 +203,32 @@ class SubmitAccepted(_Answer):
     note: str = Field(description="what happens next, in words")
 
 
+class ProtocolErrorSeen(_Answer):
+    code: str
+    message: str = Field(description="the reason, with the start of the offending line")
+    at: float = Field(description="epoch seconds")
+
+
+class ProtocolErrors(_Answer):
+    """Malformed input the device sent (each dropped; the link unharmed)."""
+
+    count: int
+    last: ProtocolErrorSeen | None
+
+
+class LateReplySeen(_Answer):
+    seq: int
+    message: str
+    at: float = Field(description="epoch seconds")
+
+
+class LateReplies(_Answer):
+    """Replies that matched no request in flight (after its deadline, or never sent)."""
+
+    count: int
+    last: LateReplySeen | None
+
+
 class LinkView(_Answer):
     state: str
     last_error: Error | None = None
@@ -210,6 +237,8 @@ class LinkView(_Answer):
     disconnects: int | None = None
     retry_in_s: float | None = None
     firmware: str | None = None
+    protocol_errors: ProtocolErrors | None = None
+    late_replies: LateReplies | None = None
 
 
 class Parked(_Answer):
@@ -226,6 +255,14 @@ class Device(_Answer):
     queued: int
     sending: int
     parked: Parked | None
+
+
+class Reconnected(_Answer):
+    reconnect: Literal["started", "woken", "none"] = Field(
+        description="started: a failed link tries again; woken: a backoff wait cut short"
+    )
+    note: str
+    device: Device
 
 
 class DeviceList(_Answer):
@@ -265,7 +302,16 @@ def describe(error: ValidationError, *, where: str = "") -> str:
     return f"{place}: {message}, got {got}"
 
 
-_ANSWERS: Final = (Error, Command, CommandList, SubmitAccepted, Device, DeviceList, Health)
+_ANSWERS: Final = (
+    Error,
+    Command,
+    CommandList,
+    SubmitAccepted,
+    Device,
+    DeviceList,
+    Reconnected,
+    Health,
+)
 
 
 def _json(status: str, model: str, description: str) -> dict[str, Any]:
@@ -354,6 +400,19 @@ def openapi() -> dict[str, Any]:
                         ("422", "invalid op or args"),
                         ("429", "the device's queue is full (queue_full)"),
                         ("503", "the store is unavailable or busy; nothing was stored"),
+                    ),
+                },
+            },
+            "/api/devices/{device}/reconnect": {
+                "parameters": [device],
+                "post": {
+                    "summary": "Make a failed or backing-off link try again now",
+                    "security": [{"bearer": []}],
+                    "responses": _json("202", "Reconnected", "what was done")
+                    | _errors(
+                        _AUTH,
+                        ("404", "unknown device"),
+                        ("409", "another node of the fleet owns the device"),
                     ),
                 },
             },

@@ -19,10 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from keeplink._core.commands import Command, CommandState, DeviceRecord
-from keeplink._core.errors import ConfigError, DeviceNotFoundError, KeeplinkError
+from keeplink._core.errors import (
+    ConfigError,
+    ConflictError,
+    DeviceNotFoundError,
+    ErrorClass,
+    KeeplinkError,
+    error_class_of,
+)
 from keeplink._core.presence import Presence
+from keeplink._core.states import LinkState
 from keeplink._events import LinkEvent, LinkStateChanged
-from keeplink._link import Link
+from keeplink._link import Link, LinkStatistics
 from keeplink._slots import SlotPool
 from keeplink.drivers.jsonline import JsonLineDriver
 from keeplink.gateway.config import DeviceConfig, GatewayConfig
@@ -50,6 +58,8 @@ _log = logging.getLogger("keeplink.gateway")
 
 EVENT_BACKLOG = 1000
 """Events kept for a WebSocket client that connects late (``?since=SEQ``)."""
+NOTE_MESSAGE_CHARS = 200
+"""Of a peer's error message quoted in a note: enough to act on, never a wall of text."""
 
 
 def open_store(url: str, *, base: Path | None = None) -> CommandStore:
@@ -80,8 +90,45 @@ def _driver(device: DeviceConfig) -> Any:
             token=device.token,
             seq_bits=device.seq_bits,
             max_in_flight=device.max_in_flight or 64,
+            device_id=device.device_id or device.id,
         )
     raise ConfigError(f"devices[{device.id}]: driver {device.driver!r} has no own link")
+
+
+def _epoch(link: Link[Any], at: float) -> float:
+    """A time on the link's clock as epoch seconds, the API's time."""
+    return time.time() - max(0.0, link.clock.now() - at)
+
+
+def _protocol_errors_json(link: Link[Any] | None, stats: LinkStatistics | None) -> dict[str, Any]:
+    """Malformed input the device sent (each dropped, the link unharmed): how many, and the
+    last one's ``{code, message, at}``."""
+    last = None
+    if link is not None and stats is not None and stats.last_protocol_error is not None:
+        assert stats.last_protocol_error_at is not None
+        last = {
+            "code": stats.last_protocol_error.code,
+            "message": stats.last_protocol_error.message,
+            "at": _epoch(link, stats.last_protocol_error_at),
+        }
+    return {"count": stats.protocol_errors if stats else 0, "last": last}
+
+
+def _late_replies_json(link: Link[Any] | None, stats: LinkStatistics | None) -> dict[str, Any]:
+    """Replies that matched no request in flight (after its deadline, or a seq never sent):
+    how many, and the last one's ``{seq, message, at}``."""
+    last = None
+    if link is not None and stats is not None and stats.last_late_reply_seq is not None:
+        assert stats.last_late_reply_at is not None
+        last = {
+            "seq": stats.last_late_reply_seq,
+            "message": (
+                f"a reply for seq {stats.last_late_reply_seq} matched no request in flight "
+                "(it came after its deadline, or names a seq that was never sent); dropped"
+            ),
+            "at": _epoch(link, stats.last_late_reply_at),
+        }
+    return {"count": stats.late_replies if stats else 0, "last": last}
 
 
 def _needs(extra: str, module: str) -> None:
@@ -504,6 +551,8 @@ class Gateway:
                 "retry_in_s": retry_in,
                 "last_error": {"code": last.code, "message": last.message} if last else None,
                 "firmware": stats.session.firmware if stats and stats.session else None,
+                "protocol_errors": _protocol_errors_json(link, stats),
+                "late_replies": _late_replies_json(link, stats),
             },
             "queued": queued,
             "sending": sending,
@@ -577,6 +626,65 @@ class Gateway:
             await self.device_view(device_id, owners=owners, statuses=statuses)
             for device_id in self.devices
         ]
+
+    def refusal_note(self, device_id: str) -> str | None:
+        """Why the device's commands cannot go out until something changes, when its link
+        was refused (``auth_failed``, ``device_mismatch``, a config error): the note a
+        submit answers with. ``None`` when the link was not refused, or another node owns
+        the device. Refusal notes start with ``queued: the link``."""
+        if self.fleet is not None and not self.fleet.owns(device_id):
+            return None
+        link = self.links.get(device_id)
+        error = link.last_error if link is not None else None
+        if link is None or error is None or error_class_of(error.code) is not ErrorClass.TERMINAL:
+            return None
+        message = error.message
+        if len(message) > NOTE_MESSAGE_CHARS:
+            message = message[:NOTE_MESSAGE_CHARS] + "…"
+        why = f"{error.wire_code}: {message}"
+        action = f"POST /api/devices/{device_id}/reconnect"
+        if link.state is LinkState.FAILED:
+            return f"queued: the link failed ({why}); {action} or fix the device config"
+        retry_s = link.backoff.terminal_retry_s
+        if link.state is LinkState.BACKOFF and retry_s is not None:
+            return (
+                f"queued: the link was refused ({why}); retrying every {retry_s:g} s, "
+                f"or {action} to retry now"
+            )
+        return None
+
+    async def reconnect(self, device_id: str) -> dict[str, Any]:
+        """Make the device's link try again now: a failed link starts again (for a device
+        whose credentials or identity were fixed), a link waiting out a backoff skips the
+        rest of the wait. A link that is connected or connecting is left alone; nothing
+        ever cancels a handshake in progress.
+
+        Returns ``{"reconnect": "started" | "woken" | "none", "note", "device"}`` (the
+        device view afterwards). Raises DeviceNotFoundError, and ConflictError in a fleet
+        when another node owns the device (its link runs there).
+        """
+        self.device(device_id)
+        if self.fleet is not None and not self.fleet.owns(device_id):
+            owner = await self.owner_of(device_id)
+            where = f"node {owner!r}" if owner is not None else "no node yet"
+            raise ConflictError(
+                f"device {device_id!r} is delivered to by {where}, not this one "
+                f"({self.config.node!r}); send the reconnect there"
+            )
+        link = self.links[device_id]
+        error = link.last_error
+        state = link.state
+        if state is LinkState.FAILED:
+            link.connect()
+            action = "started"
+            why = f" ({error.wire_code}: {error.message[:NOTE_MESSAGE_CHARS]})" if error else ""
+            note = f"the failed link{why} tries again now"
+        elif state is LinkState.BACKOFF and link.wake("reconnect request"):
+            action, note = "woken", "the link skips the rest of its backoff wait"
+        else:
+            action, note = "none", f"nothing to do: the link is {state.value}"
+        _log.info("gateway: reconnect of %r requested: %s", device_id, action)
+        return {"reconnect": action, "note": note, "device": await self.device_view(device_id)}
 
     def presence_of(self, device_id: str) -> Presence:
         return self.presence.presence(device_id)
