@@ -28,9 +28,11 @@ from keeplink import (
     LinkBrokenError,
     LinkState,
     ProtocolError,
+    QueueFullError,
     Rejected,
     RejectedError,
     SlotsExhaustedError,
+    StoreBusyError,
     TimedOut,
     Unavailable,
     VirtualClock,
@@ -375,6 +377,41 @@ async def database_not_there() -> KeeplinkError:
         await store.open()
     await store.close()
     assert isinstance(info.value.__cause__, OSError)  # refused, kept as the cause
+    return info.value
+
+
+@produces(ErrorCode.QUEUE_FULL)
+async def a_submit_over_max_queued() -> KeeplinkError:
+    outbox, _, _ = await _outbox_with_a_command(max_queued=1)
+    with pytest.raises(QueueFullError) as info:
+        await outbox.submit("absent-device", "set", {"x": 2}, max_queued=1)
+    assert await outbox.store.count(device="absent-device") == 1  # nothing stored
+    await outbox.close()
+    return info.value
+
+
+@produces(ErrorCode.STORE_BUSY)
+async def another_process_holds_the_sqlite_write_lock() -> KeeplinkError:
+    import sqlite3
+    import tempfile
+
+    from keeplink.outbox import SqliteStore
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "busy.db"
+        store = SqliteStore(path)
+        await store.open()
+        outbox = Outbox(store)
+        await outbox.start()
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # held until the store's busy timeout passes
+        try:
+            with pytest.raises(StoreBusyError) as info:
+                await outbox.submit("absent-device", "set", {"x": 1})
+            await outbox.close()
+        finally:
+            blocker.close()
+    assert isinstance(info.value.__cause__, sqlite3.OperationalError)
     return info.value
 
 

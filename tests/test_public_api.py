@@ -25,7 +25,7 @@ EXPECTED = {
     "Acknowledged", "Cancelled", "Outcome", "Rejected", "TimedOut", "Unavailable",
     "enum_or_none", "Correlator", "SequenceExhaustedError", "Slot", "SlotPool",
     "SlotPoolStatistics", "CommandNotFoundError", "ConflictError", "PreconditionFailedError",
-    "DeviceMismatchError",
+    "DeviceMismatchError", "QueueFullError", "StoreBusyError",
 }  # fmt: skip
 
 
