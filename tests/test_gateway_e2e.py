@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-TOKEN = "e2e-token"
+TOKEN = "e2e-token-0123456789"
 START_BOUND_S = 30.0
 """A safety bound for a subprocess to start or stop (slow CI machines), never a timing rule."""
 DELIVERY_BOUND_S = 30.0
