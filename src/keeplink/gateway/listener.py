@@ -317,7 +317,7 @@ class Listener:
         quiet = self._refused.allow(now)
         if quiet is not None:
             _log.warning(
-                "gateway: refused a client: %d connections open, gateway.max_clients%s",
+                "gateway: refused a client: gateway.max_clients (%d) connections are open%s",
                 self.max_clients,
                 _since(quiet, self._refused.interval_s),
             )
