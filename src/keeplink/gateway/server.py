@@ -59,12 +59,19 @@ class Server:
         except BaseException:
             sock.close()
             raise
-        self.port = int(sock.getsockname()[1])
-        app = build_app(self.gateway, token=self.token)
-        Listener.install(app)
-        runner = web.AppRunner(app, access_log=None, keepalive_timeout=self.config.idle_timeout_s)
-        await runner.setup()
-        assert runner.server is not None  # set up above
+        try:
+            self.port = int(sock.getsockname()[1])
+            app = build_app(self.gateway, token=self.token)
+            Listener.install(app)
+            runner = web.AppRunner(
+                app, access_log=None, keepalive_timeout=self.config.idle_timeout_s
+            )
+            await runner.setup()
+            assert runner.server is not None  # set up above
+        except BaseException:
+            sock.close()
+            await self.gateway.stop()
+            raise
         self._runner = runner
         self.listener = Listener(
             sock,
