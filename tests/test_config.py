@@ -166,6 +166,15 @@ BAD_CONFIGS: dict[str, tuple[str, str, str]] = {
         "devices[0].options",
         r"needs exactly one \{device\} field",
     ),
+    "hub-options-differ": (
+        GW
+        + MQTT
+        + 'options = { client_id = "a" }\n'
+        + MQTT.replace("plug", "lamp")
+        + 'options = { client_id = "b" }\n',
+        "devices[1].options",
+        r"shares one link to 127\.0\.0\.1:1883 with devices\[0\]",
+    ),
     "not-toml": ("[gateway\n", "not valid TOML", "line 1"),
 }
 
@@ -252,6 +261,24 @@ def test_new_keys_are_read_as_given() -> None:
     assert [d.max_queued for d in config.devices] == [1, 10_000, 10_000]
     assert config.devices[1].options == {"client_id": "gw", "keepalive_s": 10}
     assert config.devices[2].options == {"probe_interval_s": 2.0}
+
+
+def test_devices_sharing_a_link_may_repeat_its_options_or_leave_them_out() -> None:
+    meter = {"driver": "modbus", "port": 502, "options": {"probe_interval_s": 2}}
+    config = parse_config(
+        {
+            "devices": [
+                {"id": "a", "unit": 1, **meter},
+                {"id": "b", "unit": 2, **meter},
+                {"id": "c", "unit": 3, "driver": "modbus", "port": 502},
+                {"id": "d", "unit": 4, "driver": "modbus", "port": 503,
+                 "options": {"probe_interval_s": 5}},
+            ]
+        }
+    )  # fmt: skip
+    assert [d.options for d in config.devices] == [
+        {"probe_interval_s": 2.0}, {"probe_interval_s": 2.0}, {}, {"probe_interval_s": 5.0}
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:0", "127.5.6.7:0", "[::1]:0", "localhost:0"])

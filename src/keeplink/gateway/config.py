@@ -306,6 +306,22 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
     )
 
 
+def _shared_options(source: str, devices: tuple[DeviceConfig, ...]) -> None:
+    """Modbus and MQTT devices on one host and port share one link, made with the first
+    one's options: another device's own options would be silently ignored."""
+    first: dict[tuple[str, str, int], int] = {}
+    for i, device in enumerate(devices):
+        if device.driver == "jsonline":
+            continue
+        j = first.setdefault((device.driver, device.host, device.port), i)
+        if device.options and device.options != devices[j].options:
+            raise ConfigError(
+                f"{source}: devices[{i}].options: this {device.driver} device shares one link "
+                f"to {device.host}:{device.port} with devices[{j}], whose options it uses; "
+                f"give both the same options, or options on devices[{j}] only"
+            )
+
+
 def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> GatewayConfig:
     """Validate a parsed TOML document. Raises ConfigError naming the key and the problem."""
     top = _Checker(source, "", data, {"gateway", "devices"})
@@ -356,6 +372,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Gatewa
         if device.id in seen:
             raise ConfigError(f"{source}: devices[{i}].id: duplicate id {device.id!r}")
         seen.add(device.id)
+    _shared_options(source, devices)
     return GatewayConfig(
         listen_host=host,
         listen_port=port,
