@@ -8,6 +8,7 @@ import asyncio
 import errno
 import json
 import logging
+import resource
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +18,12 @@ import aiohttp
 import pytest
 
 from keeplink.gateway.config import parse_config
-from keeplink.gateway.listener import RateLimit, accept_error_handler, client_ceiling
+from keeplink.gateway.listener import (
+    DEFAULT_MAX_CLIENTS,
+    RateLimit,
+    accept_error_handler,
+    client_ceiling,
+)
 from keeplink.gateway.server import Server
 from test_gateway_e2e import TOKEN as E2E_TOKEN
 from test_gateway_e2e import Procs, free_port, procs, write_config  # noqa: F401
@@ -251,6 +257,28 @@ async def test_asyncio_accept_errors_become_one_line_per_interval(
     ]
     assert caplog.records[0].exc_info is None
     assert passed == [other]  # everything else goes to the handler that was there
+
+
+async def test_max_clients_is_lowered_to_what_the_descriptor_limit_leaves(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > 1 << 19:
+        pytest.skip("the descriptor limit is too high for gateway.max_clients to exceed")
+    with caplog.at_level(logging.WARNING, logger="keeplink.gateway"):
+        server = await _server(max_clients=1 << 20)
+    try:
+        assert server.max_clients == client_ceiling(soft, devices=0) < 1 << 20
+        assert server.listener is not None and server.listener.max_clients == server.max_clients
+        [warning] = [r.getMessage() for r in caplog.records]
+        assert "does not fit the descriptor limit" in warning
+    finally:
+        await server.stop()
+    default = await _server()
+    try:
+        assert default.max_clients == min(DEFAULT_MAX_CLIENTS, client_ceiling(soft, devices=0))
+    finally:
+        await default.stop()
 
 
 def test_the_client_ceiling_leaves_descriptors_for_the_devices() -> None:
