@@ -45,7 +45,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-TOKEN = "dash-test-token"
+TOKEN = "dash-test-token-0123"
 WAIT_MS = 10_000
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -25,7 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-TOKEN = "e2e-token"
+TOKEN = "e2e-token-0123456789"
 START_BOUND_S = 30.0
 """A safety bound for a subprocess to start or stop (slow CI machines), never a timing rule."""
 DELIVERY_BOUND_S = 30.0
@@ -89,6 +90,12 @@ class Proc:
         self.out_path = log_dir / f"{name}.out"
         self.err_path = log_dir / f"{name}.err"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.max_files: int | None = None
+        """RLIMIT_NOFILE (soft and hard) of the process, None: inherited."""
+
+    def _limit(self) -> None:  # runs in the child, before exec
+        if self.max_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_files, self.max_files))
 
     def start(self) -> None:
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
@@ -98,6 +105,7 @@ class Proc:
                 stderr=err,
                 stdin=subprocess.DEVNULL,
                 env=_env(),
+                preexec_fn=self._limit if self.max_files is not None else None,
             )
 
     @property

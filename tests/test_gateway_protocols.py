@@ -22,7 +22,7 @@ from test_modbus import Gateway as ModbusServer
 from test_modbus import gateway as modbus_server  # noqa: F401  (the fixture)
 from test_mqtt import FakeDevice, broker  # noqa: F401  (the fixture)
 
-TOKEN = "t0k"
+TOKEN = "protocols-token-0123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 

@@ -32,7 +32,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-DEMO_TOKEN = "demo-token"
+DEMO_TOKEN = "keeplink-demo-token"
 GATEWAY_EXTRA = "pip install 'keeplink[gateway]'"
 
 

@@ -3,7 +3,12 @@
     [gateway]
     listen = "127.0.0.1:8470"          # loopback unless told otherwise
     store = "sqlite:///keeplink.db"
-    token = "change-me"                # bearer token for writes
+    token = "a-long-random-write-token"  # bearer token for writes (16 characters or more)
+    read_token = "another-long-token"  # bearer token for reads; required off loopback
+    ttl_s = 3600                       # commands submitted without a ttl expire after this
+    max_clients = 200                  # HTTP + WebSocket connections at once
+    header_timeout_s = 10              # a client has this long to send its request headers
+    idle_timeout_s = 20                # an idle keep-alive connection is closed after this
 
     [[devices]]
     id = "hall-thermostat"
@@ -23,6 +28,7 @@ its id in another form (a MAC address, a serial number). ``auth_retry_s`` turns 
 (``auth_failed``, ``device_mismatch``, a config error the peer reports) from terminal
 (state ``failed``, until ``POST /api/devices/{id}/reconnect`` or a restart) into a slow
 retry every that many seconds.
+    max_queued = 10000                 # commands waiting for this device at most
 
 Every error is a ConfigError: ``keeplink.toml: devices[1].port: must be an integer in
 1..65535, got "70000"`` — and nothing starts.
@@ -38,7 +44,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from keeplink._core.backoff import Backoff
 from keeplink._core.errors import ConfigError
@@ -52,6 +58,28 @@ MIN_LEASE_S: Final = 0.5
 """Below this a lease would be renewed more often than a database round trip is sure to
 take on a loaded machine."""
 DRIVERS: Final = ("jsonline", "modbus", "mqtt")
+MIN_TOKEN_CHARS: Final = 16
+"""A bearer token shorter than this is a placeholder or guessable; the generated one has 24."""
+DEFAULT_MAX_QUEUED: Final = 10_000
+MAX_MAX_QUEUED: Final = 2**31 - 1
+DEFAULT_HEADER_TIMEOUT_S: Final = 10.0
+"""A client that has not sent its request headers by then is a slow-loris, not a slow link."""
+DEFAULT_IDLE_TIMEOUT_S: Final = 20.0
+"""Long enough for a dashboard that polls every few seconds to keep its connection."""
+MAX_CLIENTS_LIMIT: Final = 1 << 20
+_SECONDS: Final = "seconds"
+_TEXT: Final = "text"
+_WHOLE_SECONDS: Final = "whole seconds"
+DRIVER_OPTIONS: Final[Mapping[str, Mapping[str, str]]] = {
+    "jsonline": {},
+    "modbus": {"probe_interval_s": _SECONDS},
+    "mqtt": {
+        "client_id": _TEXT, "username": _TEXT, "password": _TEXT, "keepalive_s": _WHOLE_SECONDS,
+        "command_topic": _TEXT, "response_topic": _TEXT, "availability_topic": _TEXT,
+        "payload_online": _TEXT, "payload_offline": _TEXT,
+    },
+}  # fmt: skip
+"""The ``options`` each driver takes, and their kind: what the gateway hands the driver."""
 _HOST_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
 _ID_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
@@ -75,9 +103,9 @@ class DeviceConfig:
     hub_slots: int = 1
     unit: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
-    """Driver-specific extras, passed through."""
-    max_queued: int = 10_000
-    """Queued commands the device may have; a submit over it is refused (queue_full)."""
+    """Driver-specific extras (see DRIVER_OPTIONS), checked against what the driver takes."""
+    max_queued: int = DEFAULT_MAX_QUEUED
+    """Commands that may wait for this device at once."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,9 +121,15 @@ class GatewayConfig:
     lease_s: float = DEFAULT_LEASE_S
     """How long a node owns a device without renewing its lease (fleets only)."""
     read_token: str | None = None
-    """When set, reads (devices, commands, events, metrics) need it (or the write token)."""
+    """Bearer token for reads; None: reads are open (only allowed on loopback)."""
     ttl_s: float | None = None
-    """Time to live of a command submitted without one (None: no expiry)."""
+    """Time to live of a command submitted without one; None: such commands never expire."""
+    max_clients: int | None = None
+    """HTTP + WebSocket connections at once; None: derived from the descriptor limit."""
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    """A connection that has not sent complete request headers within this is closed."""
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    """A keep-alive connection with no request for this long is closed."""
     allowed_hosts: tuple[str, ...] = ()
     """Host names the API answers besides IP addresses and localhost (DNS rebinding)."""
 
@@ -121,7 +155,7 @@ class _Checker:
         if unknown:
             self.fail(unknown[0], f"unknown key; expected one of {', '.join(sorted(allowed))}")
 
-    def fail(self, key: str, problem: str) -> None:
+    def fail(self, key: str, problem: str) -> NoReturn:
         prefix = f"{self.where}.{key}" if self.where else key
         raise ConfigError(f"{self.source}: {prefix}: {problem}")
 
@@ -134,6 +168,16 @@ class _Checker:
         if not isinstance(value, str) or not value:
             self.fail(key, f"must be a non-empty string, got {value!r}")
         return str(value)
+
+    def token(self, key: str) -> str | None:
+        value = self.text(key)
+        if value is not None and len(value) < MIN_TOKEN_CHARS:
+            self.fail(
+                key,
+                f"must be at least {MIN_TOKEN_CHARS} characters, got {len(value)} "
+                "(a short token is easy to guess)",
+            )
+        return value
 
     def integer(self, key: str, default: int | None, lo: int, hi: int) -> int | None:
         if key not in self.table:
@@ -172,9 +216,36 @@ def _listen(source: str, value: object) -> tuple[str, int]:
             raise ConfigError(
                 f"{source}: gateway.listen: {host!r} is not an IP address (or localhost)"
             ) from None
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{source}: gateway.listen: port must be 0..65535, got {port_text!r}")
     return host, int(port_text)
+
+
+def _is_loopback(host: str) -> bool:
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
+
+
+def _options(c: _Checker, driver: str, raw: object) -> dict[str, Any]:
+    """The device's ``options``, checked against what its driver takes."""
+    if not isinstance(raw, Mapping):
+        c.fail("options", "must be a table")
+    allowed = DRIVER_OPTIONS[driver]
+    for key in raw:
+        if key not in allowed:
+            takes = f"one of {', '.join(sorted(allowed))}" if allowed else "no options"
+            c.fail(f"options.{key}", f"unknown option; the {driver} driver takes {takes}")
+    o = _Checker(c.source, f"{c.where}.options", raw, set(allowed))
+    options: dict[str, Any] = {}
+    for key, kind in allowed.items():
+        if key not in raw:
+            continue
+        if kind == _SECONDS:
+            options[key] = o.seconds(key, None)
+        elif kind == _WHOLE_SECONDS:
+            options[key] = o.integer(key, None, 1, 65535)
+        else:
+            options[key] = o.text(key)
+    return options
 
 
 def _device(source: str, index: int, table: object) -> DeviceConfig:
@@ -220,9 +291,14 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
             )
         except ConfigError as exc:
             raise ConfigError(f"{source}: {where}.backoff: {exc.message}") from exc
-    options = table.get("options", {})
-    if not isinstance(options, Mapping):
-        c.fail("options", "must be a table")
+    assert driver is not None
+    options = _options(c, driver, table.get("options", {}))
+    max_in_flight = c.integer("max_in_flight", None, 1, 1 << 16)
+    if max_in_flight is not None and seq_bits is not None and max_in_flight > 1 << seq_bits:
+        c.fail(
+            "max_in_flight",
+            f"must be at most {1 << seq_bits} with seq_bits = {seq_bits}, got {max_in_flight}",
+        )
     if driver == "modbus" and "unit" not in table:
         c.fail("unit", "is required for a modbus device (the unit id behind the gateway)")
     if driver != "modbus" and "unit" in table:
@@ -232,7 +308,6 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
     named = c.text("device_id", device_id) if driver == "jsonline" else None
     if named is not None and len(named) > 256:
         c.fail("device_id", "must be at most 256 characters")
-    assert driver is not None
     assert port is not None
     assert seq_bits is not None
     return DeviceConfig(
@@ -242,16 +317,33 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
         port=port,
         token=c.text("token"),
         seq_bits=seq_bits,
-        max_in_flight=c.integer("max_in_flight", None, 1, 1 << 16),
+        max_in_flight=max_in_flight,
         heartbeat_s=c.seconds("heartbeat_s", 30.0, allow_none=True),
         backoff=backoff,
         device_id=named,
         hub=c.text("hub"),
         hub_slots=c.integer("hub_slots", 1, 1, 64) or 1,
         unit=c.integer("unit", None, 0, 247),
-        options=dict(options),
-        max_queued=c.integer("max_queued", 10_000, 1, 10_000_000) or 10_000,
+        options=options,
+        max_queued=c.integer("max_queued", DEFAULT_MAX_QUEUED, 1, MAX_MAX_QUEUED)
+        or DEFAULT_MAX_QUEUED,
     )
+
+
+def _shared_options(source: str, devices: tuple[DeviceConfig, ...]) -> None:
+    """Modbus and MQTT devices on one host and port share one link, made with the first
+    one's options: another device's own options would be silently ignored."""
+    first: dict[tuple[str, str, int], int] = {}
+    for i, device in enumerate(devices):
+        if device.driver == "jsonline":
+            continue
+        j = first.setdefault((device.driver, device.host, device.port), i)
+        if device.options and device.options != devices[j].options:
+            raise ConfigError(
+                f"{source}: devices[{i}].options: this {device.driver} device shares one link "
+                f"to {device.host}:{device.port} with devices[{j}], whose options it uses; "
+                f"give both the same options, or options on devices[{j}] only"
+            )
 
 
 def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> GatewayConfig:
@@ -264,8 +356,11 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Gatewa
         source,
         "gateway",
         gateway,
-        {"listen", "store", "token", "node", "lease_s", "allowed_hosts", "read_token", "ttl_s"},
-    )
+        {
+            "listen", "store", "token", "node", "lease_s", "read_token", "ttl_s",
+            "max_clients", "header_timeout_s", "idle_timeout_s", "allowed_hosts",
+        },
+    )  # fmt: skip
     host, port = _listen(source, gateway.get("listen", DEFAULT_LISTEN))
     store = g.text("store", DEFAULT_STORE) or DEFAULT_STORE
     if not store.startswith(("sqlite://", "postgresql://", "postgres://", "memory:")):
@@ -274,7 +369,20 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Gatewa
             f"must be a sqlite:///path or postgresql://user@host/db URL (or memory:), "
             f"got {store!r}",
         )
-    token = g.text("token")
+    token = g.token("token")
+    read_token = g.token("read_token")
+    if read_token is None and not _is_loopback(host):
+        g.fail(
+            "read_token",
+            f"is required when gateway.listen is not a loopback address ({host}): "
+            "without it anyone on the network can read devices, commands and events",
+        )
+    if read_token is not None and read_token == token:
+        g.fail("read_token", "must differ from gateway.token (a reader could write)")
+    ttl_s = g.seconds("ttl_s", None)
+    max_clients = g.integer("max_clients", None, 1, MAX_CLIENTS_LIMIT)
+    header_timeout_s = g.seconds("header_timeout_s", DEFAULT_HEADER_TIMEOUT_S)
+    idle_timeout_s = g.seconds("idle_timeout_s", DEFAULT_IDLE_TIMEOUT_S)
     node = g.text("node") or f"{socket.gethostname()}-{os.getpid()}"
     lease_s = g.seconds("lease_s", DEFAULT_LEASE_S) or DEFAULT_LEASE_S
     if lease_s < MIN_LEASE_S:
@@ -289,6 +397,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Gatewa
         if device.id in seen:
             raise ConfigError(f"{source}: devices[{i}].id: duplicate id {device.id!r}")
         seen.add(device.id)
+    _shared_options(source, devices)
     return GatewayConfig(
         listen_host=host,
         listen_port=port,
@@ -298,9 +407,12 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Gatewa
         source=source,
         node=node,
         lease_s=lease_s,
+        read_token=read_token,
+        ttl_s=ttl_s,
+        max_clients=max_clients,
+        header_timeout_s=header_timeout_s or DEFAULT_HEADER_TIMEOUT_S,
+        idle_timeout_s=idle_timeout_s or DEFAULT_IDLE_TIMEOUT_S,
         allowed_hosts=allowed_hosts,
-        read_token=g.text("read_token"),
-        ttl_s=g.seconds("ttl_s", None),
     )
 
 

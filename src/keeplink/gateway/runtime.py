@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,16 @@ def _late_replies_json(link: Link[Any] | None, stats: LinkStatistics | None) -> 
     return {"count": stats.late_replies if stats else 0, "last": last}
 
 
+@contextlib.contextmanager
+def _naming(config: GatewayConfig, device: DeviceConfig, key: str) -> Iterator[None]:
+    """A driver's ConfigError, told with the config file and the device's key."""
+    try:
+        yield
+    except ConfigError as exc:
+        where = f"devices[{config.devices.index(device)}].{key}"
+        raise ConfigError(f"{config.source}: {where}: {exc.message}") from exc
+
+
 def _needs(extra: str, module: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise ConfigError(f"the {extra} driver needs: pip install 'keeplink[{extra}]'")
@@ -180,7 +190,10 @@ class Gateway:
     def __init__(self, config: GatewayConfig, *, base_dir: Path | None = None) -> None:
         self.config = config
         self.base_dir = base_dir
-        self.store = open_store(config.store, base=base_dir)
+        try:
+            self.store = open_store(config.store, base=base_dir)
+        except ConfigError as exc:
+            raise ConfigError(f"{config.source}: gateway.store: {exc.message}") from exc
         self.presence = PresenceTracker(debounce_online_s=1.0, debounce_offline_s=3.0)
         self.fleet: Fleet | None = None
         """In a fleet (a PostgreSQL store): this node's leases; None on a single node."""
@@ -217,7 +230,10 @@ class Gateway:
         MQTT availability, not from the shared link.
         """
         plans = self._plan()  # fail on a bad driver before touching anything
-        await self.outbox.start(recover=not self.config.fleet)
+        try:
+            await self.outbox.start(recover=not self.config.fleet)
+        except ConfigError as exc:  # the store's file or URL: name the key it came from
+            raise ConfigError(f"{self.config.source}: gateway.store: {exc.message}") from exc
         self._unsubscribers.append(self.outbox.subscribe(self._on_outbox))
         self._unsubscribers.append(self.presence.subscribe(self._on_presence))
         units = []
@@ -285,12 +301,15 @@ class Gateway:
         return pool
 
     def _plan(self) -> list[tuple[Link[Any], list[DeviceConfig], bool]]:
+        """Every link to start; a driver's ConfigError names the file and the device's key."""
         plans: list[tuple[Link[Any], list[DeviceConfig], bool]] = []
         hubs: dict[tuple[str, str, int], list[DeviceConfig]] = {}
         for device in self.config.devices:
             if device.driver == "jsonline":
+                with _naming(self.config, device, "driver"):
+                    driver = _driver(device)
                 link: Link[Any] = Link(
-                    _driver(device),
+                    driver,
                     name=device.id,
                     heartbeat_s=device.heartbeat_s,
                     backoff=device.backoff,
@@ -302,7 +321,8 @@ class Gateway:
         for (driver, host, port), devices in hubs.items():
             first = devices[0]
             if driver == "modbus":
-                _needs("modbus", "pymodbus")
+                with _naming(self.config, first, "driver"):
+                    _needs("modbus", "pymodbus")
                 from keeplink.drivers.modbus import ProbeTarget, UnitProbe, modbus_link
 
                 link = modbus_link(
@@ -322,19 +342,22 @@ class Gateway:
                     )
                 )
             else:
-                _needs("mqtt", "aiomqtt")
+                with _naming(self.config, first, "driver"):
+                    _needs("mqtt", "aiomqtt")
                 from keeplink.drivers.mqtt import MqttDriver
 
                 options = dict(first.options)
-                link = Link(
-                    MqttDriver(
+                with _naming(self.config, first, "options"):
+                    mqtt = MqttDriver(
                         host,
                         port,
                         client_id=str(options.pop("client_id", f"keeplink-{uuid.uuid4().hex[:8]}")),
                         devices=[d.id for d in devices],
                         presence=self.presence,
                         **options,
-                    ),
+                    )
+                link = Link(
+                    mqtt,
                     name=f"mqtt:{host}:{port}",
                     heartbeat_s=None,
                     backoff=first.backoff,
