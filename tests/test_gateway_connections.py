@@ -35,8 +35,8 @@ IO_BOUND_S = 10.0
 """A safety bound for real socket I/O on a loaded machine, never a timing rule."""
 EARLY_S = 0.1
 """Timers fire on the loop: allow this much before the nominal instant (clock granularity)."""
-PARTIAL = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n"  # no blank line: headers unfinished
-REQUEST = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n"
+PARTIAL = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # no blank line: headers unfinished
+REQUEST = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
 async def _server(**gateway: Any) -> Server:

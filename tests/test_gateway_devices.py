@@ -20,7 +20,7 @@ from keeplink.gateway.config import parse_config
 from keeplink.gateway.server import Server
 from keeplink.testing import DeviceSimulator
 
-TOKEN = "gw-token"
+TOKEN = "gateway-devices-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FAST = {"initial_s": 0.05, "cap_s": 0.2}
 
