@@ -238,6 +238,63 @@ async def test_numbers_that_are_not_finite_are_refused(rig: Rig, body: bytes) ->
     assert _error_of(answer)["code"] == "invalid_request"
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /api/devices HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Nul: a\x00b\r\n\r\n",
+        b"GET /api/devices HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GARBAGE\r\n\r\n",
+        b"G\xffT / HTTP/1.1\r\n\r\n",
+        b"POST /api/devices/away/commands HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Length: 5\r\nContent-Length: 6\r\n\r\n",
+    ],
+    ids=[
+        "nul-in-header",
+        "oversized-header",
+        "oversized-path",
+        "garbage",
+        "bad-byte",
+        "two-lengths",
+    ],
+)
+async def test_what_the_http_parser_refuses_is_a_json_400_and_logged_quietly(
+    rig: Rig, loud: pytest.LogCaptureFixture, request_bytes: bytes
+) -> None:
+    status, answer = await rig.raw(request_bytes)
+    assert status == 400, answer
+    error = _error_of(answer)
+    assert error["code"] == "invalid_request"
+    assert error["message"].startswith("the request could not be parsed: ")
+    _nothing_loud(loud)
+    # The next client is served as usual.
+    assert (await rig.http.get(f"{rig.url}/api/devices")).status == 200
+
+
+async def test_expect_headers(rig: Rig, loud: pytest.LogCaptureFixture) -> None:
+    """A non-ASCII Expect was a 500 (found by the raw-HTTP fuzzer); 100-continue still works."""
+    odd = (
+        b"GET /api/devices HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: \x80\r\n"
+        b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    status, answer = await rig.raw(odd)
+    assert status == 417, answer
+    assert _error_of(answer)["code"] == "invalid_request"
+    body = b'{"op": "set"}'
+    request = _post("/api/devices/away/commands", body, extra=b"Expect: 100-continue\r\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+    try:
+        writer.write(request[: -len(body)])
+        async with asyncio.timeout(BOUND_S):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100 Continue")
+            writer.write(body)
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 202"), head
+    finally:
+        writer.close()
+    _nothing_loud(loud)
+
+
 # ---------------------------------------------------------------------------- cross-site
 
 

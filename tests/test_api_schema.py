@@ -12,7 +12,9 @@ never see a 5xx and always see the ``{"code", "message"}`` shape on an error:
 from __future__ import annotations
 
 import json
+import socket
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +32,7 @@ from test_gateway_e2e import START_BOUND_S, TOKEN, Procs, free_port, write_confi
 # Bounds: the whole file stays well under 40 s on a 2-core machine.
 SCHEMA_EXAMPLES = 400
 FUZZ_EXAMPLES = 300
+RAW_EXAMPLES = 300
 HTTP_TIMEOUT_S = 15.0
 
 
@@ -371,3 +374,103 @@ def test_a_limit_that_is_not_an_ascii_number_is_a_422(api: Api, limit: str) -> N
     answer = api.call("GET", "/api/commands", params={"limit": limit})
     assert answer.status_code == 422, answer.text
     assert answer.json()["code"] == "invalid_request"
+
+
+# A raw-HTTP fuzzer: what no HTTP client library would send.
+
+VERBS = st.sampled_from([b"GET", b"POST", b"DELETE", b"PUT", b"HEAD", b"OPTIONS", b"PATCH"])
+ROUTES = st.sampled_from(
+    [
+        b"/api/devices",
+        b"/api/devices/hall",
+        b"/api/devices/attic/commands",
+        b"/api/devices/hall/reconnect",
+        b"/api/commands?limit=5",
+        b"/api/commands?state=queued&order=newest",
+        b"/api/events",
+        b"/metrics",
+        b"/healthz",
+        b"/",
+    ]
+)
+PRINTABLE = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
+HEADER_NAMES = st.sampled_from(
+    [b"Authorization", b"Content-Type", b"Host", b"Origin", b"Expect", b"Accept", b"X-A"]
+)
+GOOD_HEADERS = st.lists(
+    st.one_of(
+        st.tuples(HEADER_NAMES, PRINTABLE.map(str.encode)),
+        st.just((b"Authorization", ("Bearer " + TOKEN).encode())),
+        st.just((b"Content-Type", b"application/json")),
+    ),
+    max_size=4,
+)
+RAW_BYTES = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+BAD_HEADERS = st.lists(
+    st.one_of(
+        st.tuples(HEADER_NAMES, RAW_BYTES),
+        st.tuples(RAW_BYTES.filter(lambda b: b":" not in b and b), RAW_BYTES),
+        st.just((b"X-Long", b"v" * 9000)),
+    ),
+    min_size=1,
+    max_size=4,
+)
+# Half the requests are well formed (they reach the app with odd values), half are not.
+REQUESTS = st.one_of(
+    st.tuples(VERBS, ROUTES, GOOD_HEADERS),
+    st.tuples(
+        st.one_of(VERBS, st.binary(min_size=1, max_size=12).filter(lambda b: b" " not in b)),
+        st.one_of(
+            ROUTES,
+            st.binary(max_size=40).map(lambda b: b"/" + urllib.parse.quote_from_bytes(b).encode()),
+            st.binary(max_size=40).map(lambda b: b"/" + b.translate(None, b" \r\n")),
+        ),
+        BAD_HEADERS,
+    ),
+)
+RAW_BODIES = st.one_of(BODIES, st.just(b""))
+
+
+def _raw_exchange(url: str, request: bytes) -> bytes:
+    host, _, port = url.removeprefix("http://").rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=HTTP_TIMEOUT_S) as sock:
+        sock.sendall(request)  # framed by its Content-Length; the server closes after it
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_raw_http_fuzz_never_5xx_and_errors_are_json(api: Api) -> None:
+    answered: dict[int, int] = {}
+
+    @settings(
+        max_examples=RAW_EXAMPLES,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+        database=None,
+    )
+    @given(request=REQUESTS, body=RAW_BODIES)
+    def run(request: tuple[bytes, bytes, list[tuple[bytes, bytes]]], body: bytes) -> None:
+        method, path, headers = request
+        lines = [method + b" " + path + b" HTTP/1.1"]
+        if not any(name.lower() == b"host" for name, _ in headers):
+            lines.append(b"Host: 127.0.0.1")
+        lines += [name + b": " + value for name, value in headers]
+        lines += [b"Content-Length: %d" % len(body), b"Connection: close"]
+        raw = b"\r\n".join(lines) + b"\r\n\r\n" + body
+        answer = _raw_exchange(api.url, raw)
+        if not answer:
+            return  # closed without a word: only for what is not HTTP at all (counted below)
+        head, _, content = answer.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        answered[status] = answered.get(status, 0) + 1
+        assert status < 500, (raw[:300], answer[:500])
+        if status >= 400 and method != b"HEAD":
+            error = json.loads(content)
+            assert set(error) == {"code", "message"}, (raw[:300], error)
+
+    run()
+    print("raw fuzz answers by status:", dict(sorted(answered.items())))
+    assert sum(answered.values()) >= RAW_EXAMPLES * 0.9, answered  # almost all were answered
+    assert any(400 <= status < 500 for status in answered), answered

@@ -604,6 +604,17 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` is answered; any other expectation is a JSON 417 (aiohttp's
+    own handler would echo the header into a plain-text answer, and fail on a non-ASCII one)."""
+    expect = request.headers.get("Expect", "")
+    if expect.isascii() and expect.strip().lower() == "100-continue":
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
+    return _error(417, ErrorCode.INVALID_REQUEST.value, "only Expect: 100-continue is understood")
+
+
 def build_app(gateway: Gateway, *, token: str) -> web.Application:
     """The aiohttp application for a started Gateway."""
     app = web.Application(middlewares=[_errors, _edge], client_max_size=MAX_BODY)
@@ -614,16 +625,16 @@ def build_app(gateway: Gateway, *, token: str) -> web.Application:
     app[SOCKETS_KEY] = sockets
     app.on_shutdown.append(_close_sockets)
     app.on_response_prepare.append(_hardening)
-    app.router.add_get("/", dashboard)
-    app.router.add_get("/api/devices", list_devices)
-    app.router.add_get("/api/devices/{device}", get_device)
-    app.router.add_post("/api/devices/{device}/commands", submit_command)
-    app.router.add_post("/api/devices/{device}/reconnect", reconnect_device)
-    app.router.add_get("/api/commands", list_commands)
-    app.router.add_get("/api/commands/{command}", get_command)
-    app.router.add_delete("/api/commands/{command}", cancel_command)
-    app.router.add_get("/api/events", events)
-    app.router.add_get("/api/openapi.json", openapi)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/", dashboard, expect_handler=_expect)
+    app.router.add_get("/api/devices", list_devices, expect_handler=_expect)
+    app.router.add_get("/api/devices/{device}", get_device, expect_handler=_expect)
+    app.router.add_post("/api/devices/{device}/commands", submit_command, expect_handler=_expect)
+    app.router.add_post("/api/devices/{device}/reconnect", reconnect_device, expect_handler=_expect)
+    app.router.add_get("/api/commands", list_commands, expect_handler=_expect)
+    app.router.add_get("/api/commands/{command}", get_command, expect_handler=_expect)
+    app.router.add_delete("/api/commands/{command}", cancel_command, expect_handler=_expect)
+    app.router.add_get("/api/events", events, expect_handler=_expect)
+    app.router.add_get("/api/openapi.json", openapi, expect_handler=_expect)
+    app.router.add_get("/metrics", metrics, expect_handler=_expect)
+    app.router.add_get("/healthz", healthz, expect_handler=_expect)
     return app

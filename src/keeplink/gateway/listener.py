@@ -24,8 +24,9 @@ import errno
 import json
 import logging
 import math
+import re
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
 from aiohttp import web
@@ -134,6 +135,128 @@ def _refusal(max_clients: int) -> bytes:
     return head.encode() + body
 
 
+_PLAIN_ERROR: Final = re.compile(rb"HTTP/1\.[01] (4[0-9][0-9]) [^\r\n]*\r\n")
+
+
+def _json_error(status: int, text: str) -> bytes:
+    """The API's error shape for a request the HTTP parser refused."""
+    detail = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    detail = detail.rstrip(":")
+    body = json.dumps(
+        {
+            "code": ErrorCode.INVALID_REQUEST.value,
+            "message": f"the request could not be parsed: {detail or 'bad request'}"[:300],
+        }
+    ).encode()
+    reason = "Bad Request" if status == 400 else "Client Error"
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nX-Content-Type-Options: nosniff\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class _Answers(asyncio.Transport):
+    """The transport aiohttp's protocol writes to: the client's, except that the plain-text
+    4xx answers aiohttp's HTTP parser makes for a request it refused (a line too long, a
+    NUL in a header, garbage) leave as the API's JSON error shape. The app itself answers
+    every error in JSON, so a ``text/plain`` 4xx can only be the parser's."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        super().__init__()
+        self._transport = transport
+        self._replaced = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._replaced:
+            return  # the rest of the parser's plain-text answer
+        raw = bytes(data)
+        match = _PLAIN_ERROR.match(raw)
+        if match is not None:
+            head, _, body = raw.partition(b"\r\n\r\n")
+            if b"\r\ncontent-type: text/plain" in head.lower():
+                self._replaced = True
+                text = body.decode("utf-8", "replace")
+                self._transport.write(_json_error(int(match.group(1)), text))
+                return
+        self._transport.write(data)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        self.write(b"".join(list_of_data))
+
+    def write_eof(self) -> None:
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+
+class QuietParserLog(logging.Filter):
+    """For the logger handed to aiohttp's protocol: what it logs is a client's malformed
+    request (it never sees the app's errors, which the API answers itself), so each record
+    goes out at DEBUG without its traceback, at most one a second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._limit = RateLimit(1.0)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        quiet = self._limit.allow(record.created)
+        if quiet is None:
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info = record.exc_text = None
+        record.stack_info = None
+        if quiet:
+            record.msg = f"{record.msg} ({quiet} more in the last second)"
+        return True
+
+
+def parser_logger() -> logging.Logger:
+    """The logger for aiohttp's protocol (``keeplink.gateway.http``), quiet as above."""
+    logger = logging.getLogger("keeplink.gateway.http")
+    if not any(isinstance(f, QuietParserLog) for f in logger.filters):
+        logger.addFilter(QuietParserLog())
+    return logger
+
+
 class _Connection(asyncio.Protocol):
     """One client connection: aiohttp's protocol inside, the header timer around it."""
 
@@ -178,7 +301,7 @@ class _Connection(asyncio.Protocol):
         self._transport = transport
         self._listener._connections.add(self)
         self._arm()
-        self._inner.connection_made(transport)
+        self._inner.connection_made(_Answers(transport))
 
     def data_received(self, data: bytes) -> None:
         self._arm()  # the first bytes of a next request: its headers are now on the clock

@@ -25,6 +25,7 @@ from keeplink.gateway.listener import (
     RateLimit,
     accept_error_handler,
     client_ceiling,
+    parser_logger,
 )
 from keeplink.gateway.runtime import Gateway
 
@@ -64,7 +65,10 @@ class Server:
             app = build_app(self.gateway, token=self.token)
             Listener.install(app)
             runner = web.AppRunner(
-                app, access_log=None, keepalive_timeout=self.config.idle_timeout_s
+                app,
+                access_log=None,
+                keepalive_timeout=self.config.idle_timeout_s,
+                logger=parser_logger(),
             )
             await runner.setup()
             assert runner.server is not None  # set up above
