@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ RENEW_RATIO: Final = 3
 """Leases are renewed three times a lease period: two lost round trips are survived, a
 third means the database (or this node) is in trouble and the lease may lapse."""
 POLL_S: Final = 1.0
+WANT_RATIO: Final = 20
+"""For a lease after a node left the live set, while leases this node should take from
+it are not yet free, it tries every ``lease_s / WANT_RATIO`` seconds."""
 """While no notification connection is up, owned devices are looked at this often."""
 TAKE_CONCURRENCY: Final = 16
 """Units taken over at once: enough to overlap their round trips, few enough to leave the
@@ -112,6 +116,8 @@ class Fleet:
         self.healthy = False
         self.problem: str | None = "not started"
         self._confirmed_at: float | None = None
+        self._departed_at = -math.inf
+        """When a node last left the live set (its units are for the taking soon)."""
         self._task: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._listener: Any = None
@@ -245,18 +251,26 @@ class Fleet:
         """The balancer: hand units over and take them, as the live nodes change."""
         interval = self.lease_s / RENEW_RATIO
         while True:
+            # Cleared before the round, not after it: a change the renewer reports while
+            # the round runs (a node gone) starts the next round at once.
+            self._wake.clear()
+            wanting = False
             try:
                 if self._confirmed():
-                    await self._balance()
+                    wanting = await self._balance()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the keeper must not die; see _failed
                 self._failed(exc)
             wait = interval
+            if wanting and time.monotonic() - self._departed_at < self.lease_s:
+                # A node left and leases this node should now hold are still its: a dead
+                # node's run out a moment after its heartbeat does. Look again soon rather
+                # than a whole interval later.
+                wait = min(interval, self.lease_s / WANT_RATIO)
             if self._listener is None or self._listener.is_closed():
                 self._poll()  # no notifications: look at every owned device instead
-                wait = min(interval, POLL_S)
-            self._wake.clear()
+                wait = min(wait, POLL_S)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
@@ -306,6 +320,8 @@ class Fleet:
         live = await self.store.heartbeat(self.node, lease_s=self.lease_s)
         held = {d: e for unit in self.units for d, e in unit.epochs.items()}
         kept = await self.store.renew(self.node, held, lease_s=self.lease_s) if held else set()
+        if set(self.live) - set(live):
+            self._departed_at = time.monotonic()
         if live != self.live or self._confirmed_at is None:
             self._wake.set()  # nodes came or went (or this is the first round): rebalance
         self.live = live
@@ -323,7 +339,8 @@ class Fleet:
         self.healthy = True
         self.problem = None
 
-    async def _balance(self) -> None:
+    async def _balance(self) -> bool:
+        """One round; whether some unit this node should own is not all its yet."""
         wanted: list[Unit] = []
         for unit in self.units:
             mine = owner_of(unit.key, self.live) == self.node
@@ -350,6 +367,7 @@ class Fleet:
             raise failed  # every take has ended; the round reports it and tries again
         self.owners = await self.store.owners()
         await self._keep_listener()
+        return any(len(unit.epochs) < len(unit.devices) for unit in wanted)
 
     async def _take(self, unit: Unit) -> None:
         if len(unit.epochs) < len(unit.devices):
