@@ -295,6 +295,85 @@ async def test_expect_headers(rig: Rig, loud: pytest.LogCaptureFixture) -> None:
     _nothing_loud(loud)
 
 
+async def test_an_odd_expect_on_a_path_no_route_has_is_a_json_417(rig: Rig) -> None:
+    """Found by the raw-HTTP fuzzer: aiohttp's own Expect handling answered it with a 500."""
+    odd = (
+        b"GET /%00 HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: \x80\r\n"
+        b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    status, answer = await rig.raw(odd)
+    assert status == 417, answer
+    assert _error_of(answer)["code"] == "invalid_request"
+    missing = await rig.http.get(f"{rig.url}/nothing/here")
+    assert missing.status == 404
+    wrong = await rig.http.put(f"{rig.url}/api/devices")
+    assert wrong.status == 405
+    assert set(wrong.headers["Allow"].split(",")) == {"GET", "HEAD"}
+
+
+async def test_a_body_that_cannot_be_decoded_is_a_400(
+    rig: Rig, loud: pytest.LogCaptureFixture
+) -> None:
+    request = _post("/api/devices/away/commands", b"notgzip", extra=b"Content-Encoding: gzip\r\n")
+    status, answer = await rig.raw(request)
+    assert status == 400, answer
+    error = _error_of(answer)
+    assert error["code"] == "invalid_request"
+    assert "the body could not be read" in error["message"]
+    _nothing_loud(loud)
+
+
+async def test_a_body_cut_short_is_not_logged_loudly(
+    rig: Rig, loud: pytest.LogCaptureFixture
+) -> None:
+    for _ in range(5):
+        _, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+        writer.write(_post("/api/devices/away/commands", b"x" * 100)[:-95])  # 5 of 100 bytes
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+    await asyncio.sleep(0.2)
+    assert (await rig.http.get(f"{rig.url}/healthz")).status == 200
+    _nothing_loud(loud)
+
+
+async def test_a_body_that_trickles_is_cut_at_the_header_timeout() -> None:
+    server, hall = await _rig(header_timeout_s=0.5)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(_post("/api/devices/hall/commands", b"x" * 100)[:-90])
+        await writer.drain()
+        async with asyncio.timeout(BOUND_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+            rest = await reader.read()  # and then the connection is closed
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert b"did not arrive within 0.5 s" in rest
+    finally:
+        await server.stop()
+        await hall.stop()
+
+
+def test_parser_refusals_print_nothing_at_the_default_level() -> None:
+    """The parser's log lines, demoted to DEBUG, stay out of a log that runs at INFO (they
+    were printed anyway: the level had been checked before the demotion)."""
+    from keeplink.gateway.listener import parser_logger
+
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        parser_logger().exception("Error handling request from 127.0.0.1")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    assert seen == []
+
+
 # ---------------------------------------------------------------------------- cross-site
 
 

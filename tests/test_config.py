@@ -51,6 +51,26 @@ BAD_CONFIGS: dict[str, tuple[str, str, str]] = {
         "gateway.listen",
         "cannot listen on 192.0.2.7:0",
     ),
+    "store-nul": (
+        '[gateway]\nlisten = "127.0.0.1:0"\nstore = "sqlite:////tmp/\\u0000x.db"\n',
+        "gateway.store",
+        "NUL",
+    ),
+    "device-host-nul": (
+        GW + DEV + 'host = "\\u0000"\n',
+        "devices[0].host",
+        "NUL",
+    ),
+    "device-host-label-too-long": (
+        GW + DEV + f'host = "{"a" * 300}"\n',
+        "devices[0].host",
+        "IP address or a host name",
+    ),
+    "device-host-bad-chars": (
+        GW + DEV + 'host = "dev ice/1"\n',
+        "devices[0].host",
+        "IP address or a host name",
+    ),
     "token-short": (GW + 'token = "change-me"\n', "gateway.token", "at least 16 characters"),
     "token-empty": (GW + 'token = ""\n', "gateway.token", "non-empty string"),
     "token-number": (GW + "token = 1234567890123456\n", "gateway.token", "string"),

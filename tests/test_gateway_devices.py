@@ -232,11 +232,15 @@ def hostile_frames(seq: int) -> list[bytes]:
         # by a fixed limit, not by whatever stack depth the decoder happens to run at.
         b'{"t":"ack","seq":%d,"ok":true,"result":{"a":%s}}\n' % (seq, _nested(200)),
         b'{"t":"ack","seq":%d,"ok":true,"result":[1,2]}\n' % seq,
+        # Valid JSON, not text: no store can keep it (it once left the command stuck in
+        # sending, its settle refused, retried forever, with every later command behind it).
+        b'{"t":"ack","seq":%d,"ok":false,"code":"\\ud800","msg":"x"}\n' % seq,
+        b'{"t":"ack","seq":%d,"ok":false,"code":"busy","msg":"\\udfff"}\n' % seq,
         b'{"t":"ack","seq":%d,"ok":true,"result":{}}\n' % (seq + 1000),  # an unknown seq
     ]
 
 
-PROTOCOL_ERRORS = 5
+PROTOCOL_ERRORS = 7
 LATE_REPLIES = 1
 
 
@@ -319,7 +323,7 @@ async def test_protocol_errors_reach_the_device_view_and_metrics_and_never_kill_
     assert errors["count"] == PROTOCOL_ERRORS
     last = errors["last"]
     assert last["code"] == "protocol_error"
-    assert "field 'result' must be dict, got list" in last["message"]
+    assert "unpaired UTF-16 surrogate" in last["message"]
     assert started - 1 <= last["at"] <= time.time() + 1  # epoch seconds
     late = link["late_replies"]
     assert late["count"] == LATE_REPLIES

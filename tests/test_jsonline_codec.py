@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keeplink import InvalidRequestError, Malformed
+from keeplink import InvalidRequestError, Malformed, RejectedError
+from keeplink._core.errors import ErrorInfo
 from keeplink._core.jsonline import (
     MAX_DEPTH,
     MAX_LINE,
@@ -207,3 +208,26 @@ def test_frames_that_cannot_go_on_the_wire_are_invalid_requests(frame: Req) -> N
     with pytest.raises(InvalidRequestError) as info:
         encode_frame(frame)
     assert info.value.code == "invalid_request"
+
+
+def test_a_frame_with_an_unpaired_surrogate_is_malformed_and_a_pair_is_text() -> None:
+    """ "\\ud800" alone is valid JSON but not text: it once reached the store, which refused
+    the settled command, leaving it sending for good."""
+    decoder = JsonLineDecoder()
+    lone, paired = decoder.feed(
+        b'{"t":"ack","seq":1,"ok":false,"code":"\\ud800","msg":"x"}\n'
+        b'{"t":"ack","seq":2,"ok":true,"result":{"e":"\\ud83d\\ude00"}}\n'
+    )
+    assert isinstance(lone, Malformed)
+    assert "unpaired UTF-16 surrogate" in lone.reason
+    assert isinstance(paired, Ack)
+    assert paired.result == {"e": "\U0001f600"}
+
+
+def test_an_error_keeps_text_a_store_takes() -> None:
+    info = ErrorInfo.of(RejectedError("a\ud800b\x00c" + "m" * 5000, wire_code="busy\ud800"))
+    info.message.encode("utf-8")  # valid text now
+    assert info.code == "busy\ufffd\ufffd\ufffd"
+    assert "\x00" not in info.message
+    assert info.message.startswith("a") and len(info.message) == 1000
+    assert info.message.endswith("…")

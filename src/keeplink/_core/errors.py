@@ -310,4 +310,28 @@ class ErrorInfo:
 
     @classmethod
     def of(cls, exc: KeeplinkError) -> ErrorInfo:
-        return cls(code=exc.wire_code, message=exc.message)
+        """The error as a row or a view keeps it: text a store takes (no NUL, no lone
+        surrogate: a peer's words may carry either), the message at most MAX_MESSAGE
+        characters."""
+        return cls(code=printable(exc.wire_code, 64), message=printable(exc.message, MAX_MESSAGE))
+
+
+MAX_MESSAGE: Final = 1000
+"""Longest error message kept (a peer may send 60 KB of it)."""
+
+
+def printable(text: str, limit: int) -> str:
+    """``text`` without NUL or unpaired surrogates (each becomes U+FFFD), cut to ``limit``
+    characters (ending in "…" when cut)."""
+    if "\x00" in text or not _encodable(text):
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        text = text.replace("\x00", "\ufffd")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

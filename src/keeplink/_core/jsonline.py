@@ -14,6 +14,7 @@ never raises and never disturbs the frames around it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
@@ -232,6 +233,27 @@ def _deeper_than(value: object, limit: int) -> bool:
     return False
 
 
+_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value: object) -> bool:
+    """Whether a string in ``value`` (a key or a value, at any depth) is not valid text."""
+    stack: list[object] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def _may_nest_deeper(text: bytes | str, limit: int) -> bool:
     """A fast bound: a text with at most ``limit`` opening brackets cannot nest deeper."""
     if isinstance(text, str):
@@ -254,6 +276,9 @@ def _decode_line(line: bytes) -> Frame | Malformed:
         return Malformed(f"not a JSON object but {type(obj).__name__}", line[:_SAMPLE])
     if _may_nest_deeper(line, MAX_DEPTH) and _deeper_than(obj, MAX_DEPTH):
         return Malformed(f"nested deeper than {MAX_DEPTH} levels", line[:_SAMPLE])
+    if _SURROGATE_ESCAPE.search(text) and _lone_surrogate(obj):
+        # "\ud800" alone is valid JSON but not text: no store or log can keep it.
+        return Malformed("a string holds an unpaired UTF-16 surrogate", line[:_SAMPLE])
     try:
         return _parse(obj)
     except _BadFrame as exc:

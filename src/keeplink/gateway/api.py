@@ -125,6 +125,11 @@ async def _errors(
         else:
             _quiet(request, status, exc.message)
         return _error(status, exc.wire_code, exc.message)
+    except _ClientGone as exc:
+        _quiet(request, exc.status, exc.message)
+        response = _error(exc.status, ErrorCode.INVALID_REQUEST.value, exc.message)
+        response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -160,7 +165,7 @@ def _host_name(header: str) -> str | None:
     name, colon, port = header.rpartition(":")
     if not colon:
         name = header
-    elif not re.fullmatch(r"[0-9]{1,5}", port):
+    elif not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
         return None
     return name.rstrip(".") or None
 
@@ -273,15 +278,37 @@ def _query(request: web.Request, model: type[_M]) -> _M:
         raise InvalidRequestError(models.describe(exc)) from None
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:300]
+
+
+class _ClientGone(Exception):
+    """A body that never came whole: answered (if anyone still listens) and closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 async def _body(request: web.Request, model: type[_M]) -> _M:
     """The whole body (however many reads and chunks it takes, up to MAX_BODY: 413 over
     it), validated as ``model``: malformed JSON is 400, a wrong shape 422."""
-    raw = await request.read()
+    limit_s = request.app[GATEWAY_KEY].config.header_timeout_s
+    try:
+        async with asyncio.timeout(limit_s):  # a body trickled or cut short holds no slot
+            raw = await request.read()
+    except TimeoutError:
+        raise _ClientGone(408, f"the body did not arrive within {limit_s:g} s") from None
+    except web.RequestPayloadError as exc:  # a bad gzip/deflate body, a broken chunk
+        raise web.HTTPBadRequest(reason=_one_line(f"the body could not be read: {exc}")) from None
+    except ConnectionError:
+        raise _ClientGone(400, "the client went away before its body arrived") from None
     try:
         # Strict JSON: NaN and Infinity are not JSON; nesting is bounded by the parser.
         document = pydantic_core.from_json(raw, allow_inf_nan=False)
     except ValueError as exc:
-        raise web.HTTPBadRequest(reason=f"malformed JSON: {exc}") from None
+        raise web.HTTPBadRequest(reason=_one_line(f"malformed JSON: {exc}")) from None
     if not isinstance(document, dict):
         raise InvalidRequestError("the body must be a JSON object")
     try:
@@ -604,6 +631,26 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def _no_route(request: web.Request) -> web.StreamResponse:
+    """404 for a path no route has; 405 (with Allow) for a method a route does not take."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        response = _error(
+            405,
+            ErrorCode.INVALID_REQUEST.value,
+            f"method {request.method} not allowed on {request.path}",
+        )
+        response.headers["Allow"] = ",".join(sorted(allowed))
+        return response
+    return _error(
+        404, ErrorCode.INVALID_REQUEST.value, f"no such endpoint: {request.method} {request.path}"
+    )
+
+
 async def _expect(request: web.Request) -> web.StreamResponse | None:
     """``Expect: 100-continue`` is answered; any other expectation is a JSON 417 (aiohttp's
     own handler would echo the header into a plain-text answer, and fail on a non-ASCII one)."""
@@ -637,4 +684,6 @@ def build_app(gateway: Gateway, *, token: str) -> web.Application:
     app.router.add_get("/api/openapi.json", openapi, expect_handler=_expect)
     app.router.add_get("/metrics", metrics, expect_handler=_expect)
     app.router.add_get("/healthz", healthz, expect_handler=_expect)
+    # Last: every other path, so that no request meets aiohttp's own Expect handling.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", _no_route, expect_handler=_expect)
     return app

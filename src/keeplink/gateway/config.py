@@ -39,6 +39,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -80,6 +81,7 @@ DRIVER_OPTIONS: Final[Mapping[str, Mapping[str, str]]] = {
     },
 }  # fmt: skip
 """The ``options`` each driver takes, and their kind: what the gateway hands the driver."""
+_LABEL: Final = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _HOST_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
 _ID_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
@@ -167,7 +169,20 @@ class _Checker:
         value = self.table[key]
         if not isinstance(value, str) or not value:
             self.fail(key, f"must be a non-empty string, got {value!r}")
+        if "\x00" in value:
+            self.fail(key, "must not contain a NUL character")
         return str(value)
+
+    def host(self, key: str, default: str) -> str:
+        """An IP address or a DNS name (labels of letters, digits and '-', 63 at most)."""
+        value = self.text(key, default) or default
+        try:
+            ipaddress.ip_address(value.strip("[]"))
+        except ValueError:
+            labels = value.rstrip(".").split(".")
+            if len(value) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+                self.fail(key, f"must be an IP address or a host name, got {value[:80]!r}")
+        return value.strip("[]")
 
     def token(self, key: str) -> str | None:
         value = self.text(key)
@@ -313,7 +328,7 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
     return DeviceConfig(
         id=device_id,
         driver=driver,
-        host=c.text("host", "127.0.0.1") or "127.0.0.1",
+        host=c.host("host", "127.0.0.1"),
         port=port,
         token=c.text("token"),
         seq_bits=seq_bits,

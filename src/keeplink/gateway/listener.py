@@ -238,6 +238,8 @@ class QuietParserLog(logging.Filter):
         self._limit = RateLimit(1.0)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False  # the logger's level was checked at the record's first level
         quiet = self._limit.allow(record.created)
         if quiet is None:
             return False

@@ -11,7 +11,7 @@ import secrets
 import signal
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -28,6 +28,10 @@ from keeplink.gateway.listener import (
     parser_logger,
 )
 from keeplink.gateway.runtime import Gateway
+
+SHUTDOWN_S: Final = 5.0
+"""At stop, requests still running get this long to finish before they are cancelled (a
+cancel waiting on a device must not keep the links up for a minute)."""
 
 __all__ = ["Server", "read_config", "serve"]
 
@@ -69,6 +73,7 @@ class Server:
                 access_log=None,
                 keepalive_timeout=self.config.idle_timeout_s,
                 logger=parser_logger(),
+                shutdown_timeout=SHUTDOWN_S,
             )
             await runner.setup()
             assert runner.server is not None  # set up above
