@@ -71,7 +71,8 @@ async def settled_owners(
 ) -> tuple[dict[str, str], float]:
     """Wait until every device is owned by exactly one of the ``live`` nodes (each of which
     has its share), then check every node's device view names those owners; the owners and
-    how long it took."""
+    when (``time.monotonic()``) the claims first showed it: the check of the views, slow
+    with hundreds of devices, is not part of that time."""
     begin = time.monotonic()
     while True:
         claims = await asyncio.gather(*(claimed(session, u) for u in urls))
@@ -85,10 +86,25 @@ async def settled_owners(
             break
         assert time.monotonic() - begin < bound_s, claims
         await asyncio.sleep(0.05)
-    took = time.monotonic() - begin
+    settled_at = time.monotonic()
     for answer in await owners(session, urls):  # every node's view says the same
         assert answer == owner, (answer, owner)
-    return owner, took
+    return owner, settled_at
+
+
+async def all_connected(session: aiohttp.ClientSession, urls: list[str], bound_s: float) -> float:
+    """When (``time.monotonic()``) the nodes' links to all the devices were connected, as
+    their ``/healthz`` link counts say."""
+    begin = time.monotonic()
+    while True:
+        counts = []
+        for url in urls:
+            async with session.get(f"{url}/healthz", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                counts.append((await r.json())["links"].get("connected", 0))
+        if sum(counts) == len(DEVICES):
+            return time.monotonic()
+        assert time.monotonic() - begin < bound_s, counts
+        await asyncio.sleep(0.05)
 
 
 async def submit_all(
@@ -295,8 +311,12 @@ async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
         phase2_task = asyncio.create_task(
             submit_all(session, [urls[n] for n in alive], rng, 2, accepted)
         )
-        owner, _ = await settled_owners(session, [urls[n] for n in alive], alive, 4 * LEASE_S)
-        takeover_s = time.monotonic() - killed_at
+        survivors = [urls[n] for n in alive]
+        owner, owned_at = await settled_owners(session, survivors, alive, 4 * LEASE_S)
+        # Owned and connected again: the links the survivors started for the dead node's
+        # devices reached them (timed from the kill, the view check above not included).
+        connected_at = max(owned_at, await all_connected(session, survivors, 4 * LEASE_S))
+        takeover_s = connected_at - killed_at
         if not REPORT_TAKEOVER:  # the goal: two lease periods (+ this test's polling slack)
             assert takeover_s <= 2 * LEASE_S + 1.0, takeover_s
         phase2 = await phase2_task
@@ -351,8 +371,8 @@ async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
         leaving, staying = alive
         stopped_at = time.monotonic()
         assert await nodes[leaving].stop() == 0, nodes[leaving].stderr
-        owner, _ = await settled_owners(session, [urls[staying]], [staying], 2 * LEASE_S)
-        handoff_s = time.monotonic() - stopped_at
+        owner, owned_at = await settled_owners(session, [urls[staying]], [staying], 2 * LEASE_S)
+        handoff_s = owned_at - stopped_at
         phase5 = await submit_all(session, [urls[staying]], rng, 5, accepted)
         await all_final(session, urls[staying], phase5, bound_s=FINAL_BOUND_S)
         alive = [staying]
