@@ -294,7 +294,10 @@ FLOOD_FILES = 256
 """The gateway's descriptor limit in the flood test: far fewer than the flood's clients."""
 FLOOD_CLIENTS = 600
 """Clients trying to hold a connection at once: more than twice the descriptor limit."""
-FLOOD_ATTEMPTS = 6000
+FLOOD_ATTEMPTS = 40_000
+"""Connects the flood may make in all: enough to outlast a device restart and its deliveries
+(the test asserts the flood is still on at the end), at most FLOOD_RETRY_S apart per client."""
+FLOOD_RETRY_S = 0.2
 FLOOD_BOUND_S = 60.0
 
 
@@ -338,7 +341,7 @@ async def test_a_client_flood_under_a_low_descriptor_limit_leaves_the_device_lin
                 pass
             held.discard(writer)
             writer.close()
-            await asyncio.sleep(0.05)  # a refused attacker tries again, a little later
+            await asyncio.sleep(FLOOD_RETRY_S)  # a refused attacker tries again, a little later
 
     # One client that is already connected keeps its keep-alive connection: it submits.
     connector = aiohttp.TCPConnector(limit=1)

@@ -42,6 +42,7 @@ from keeplink._core.errors import (
     KeeplinkError,
 )
 from keeplink.gateway import models
+from keeplink.gateway.listener import RateLimit
 from keeplink.gateway.metrics import DeviceCounters
 from keeplink.gateway.runtime import Gateway
 
@@ -88,26 +89,17 @@ def _answer(model: type[BaseModel], value: Any, *, status: int = 200) -> web.Res
     return web.json_response(body, status=status)
 
 
-class _Quiet:
+_CLIENT_ERRORS: Final = RateLimit(1.0)
+
+
+def _quiet(request: web.Request, status: int, message: str) -> None:
     """Client errors at DEBUG, at most one line a second (a flood never fills the log)."""
-
-    def __init__(self) -> None:
-        self._last = 0.0
-        self._dropped = 0
-
-    def __call__(self, request: web.Request, status: int, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last < 1.0:
-            self._dropped += 1
-            return
-        dropped, self._dropped, self._last = self._dropped, 0, now
-        more = f" (+{dropped} more)" if dropped else ""
+    quiet = _CLIENT_ERRORS.allow(time.monotonic())
+    if quiet is not None:
+        more = f" (+{quiet} more)" if quiet else ""
         _log.debug(
             "client error %d on %s %s: %s%s", status, request.method, request.path, message, more
         )
-
-
-_quiet = _Quiet()
 
 
 @web.middleware

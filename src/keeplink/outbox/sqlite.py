@@ -229,7 +229,7 @@ def _typed(exc: sqlite3.Error) -> BaseException:
     """The error a caller gets: the database locked by another writer past the busy
     timeout is :class:`StoreBusyError` (retry later; nothing was written), with the
     driver's error as its cause; anything else as it is."""
-    if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+    if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
         busy = StoreBusyError(
             f"the store is locked by another writer (waited {BUSY_TIMEOUT_MS / 1000:g} s): "
             "nothing was written; retry later"
