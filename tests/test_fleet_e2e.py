@@ -1,6 +1,7 @@
 """Three ``keeplink serve`` nodes on one PostgreSQL database, in front of twelve simulated
-devices: every device owned by exactly one node, commands submitted through any node
-delivered once and in order, a node killed with SIGKILL and one paused with SIGSTOP.
+devices (in a process of their own, ``fleet_sims.py``): every device owned by exactly one
+node, commands submitted through any node delivered once and in order, a node killed with
+SIGKILL and one paused with SIGSTOP.
 
 Leases are short (LEASE_S) so the takeovers happen within the test's bounds. Throughout,
 a sampler asks every node which devices it owns and counts a device two nodes claim while
@@ -12,6 +13,7 @@ variables below.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -32,7 +34,6 @@ if _ROOT not in sys.path:  # `pytest` (unlike `python -m pytest`) does not put t
 
 from bench.fleet_pg import fleet_config  # noqa: E402
 
-from keeplink.testing import DeviceSimulator  # noqa: E402
 from keeplink.testing.postgres import PostgresServer  # noqa: E402
 from test_gateway_e2e import TOKEN, Events, GatewayProc, Procs, procs  # noqa: E402,F401
 
@@ -170,6 +171,50 @@ async def all_final(
         await asyncio.sleep(0.1)
 
 
+class SimFleet:
+    """The simulated devices, in a process of their own (``tests/fleet_sims.py``)."""
+
+    def __init__(self, devices: list[str]) -> None:
+        self.devices = devices
+        self.ports: dict[str, int] = {}
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> SimFleet:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(Path(__file__).with_name("fleet_sims.py")),
+            *self.devices,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=64 * 1024 * 1024,  # one line of every device's applied keys
+        )
+        self.ports = (await self._line(60))["ports"]
+        return self
+
+    async def _line(self, bound_s: float) -> dict[str, Any]:
+        assert self._proc is not None and self._proc.stdout is not None
+        line = await asyncio.wait_for(self._proc.stdout.readline(), bound_s)
+        assert line, f"the simulators exited ({self._proc.returncode})"
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    async def stats(self) -> dict[str, dict[str, Any]]:
+        """Each device's ``sessions_active``, ``duplicates`` and ``applied`` keys."""
+        assert self._proc is not None and self._proc.stdin is not None
+        self._proc.stdin.write(b"stats\n")
+        await self._proc.stdin.drain()
+        return await self._line(30)
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        self._proc.stdin.close()
+        try:
+            await asyncio.wait_for(self._proc.wait(), 10)
+        except TimeoutError:
+            self._proc.kill()
+            await self._proc.wait()
+
+
 class Sampler:
     """Every SAMPLE_S: each reachable node's owned devices, between two reads of the
     lease epochs; a device claimed by two nodes while its epoch held is a double owner."""
@@ -252,8 +297,8 @@ async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
     schema = f"fleet{uuid.uuid4().hex[:12]}"
     dsn = f"{postgres_server.dsn()}?schema={schema}"
     async with AsyncExitStack() as stack:
-        sims = {d: await stack.enter_async_context(DeviceSimulator(device_id=d)) for d in DEVICES}
-        ports = {d: sim.port for d, sim in sims.items()}
+        sims = await stack.enter_async_context(SimFleet(DEVICES))
+        ports = sims.ports
         nodes: dict[str, GatewayProc] = {}
         urls: dict[str, str] = {}
         for name in NODES:
@@ -339,7 +384,7 @@ async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
         )  # nothing accepted lost
         owner, _ = await settled_owners(session, [urls[n] for n in alive], alive, 4 * LEASE_S)
         await asyncio.sleep(LEASE_S)  # the paused node noticed, and the fleet is quiet
-        sessions = {d: sim.statistics().sessions_active for d, sim in sims.items()}
+        sessions = {d: seen["sessions_active"] for d, seen in (await sims.stats()).items()}
         assert sessions == dict.fromkeys(DEVICES, 1), sessions  # exactly one owner connected
 
         # 4. PostgreSQL restarts while commands are submitted: the nodes ride it out.
@@ -378,7 +423,12 @@ async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
         alive = [staying]
         assert sampler.double == [], sampler.double  # never two owners at one epoch
         assert sampler.samples >= 20
-        dropped = sum(sim.statistics().duplicates for sim in sims.values())
+        for name in alive:
+            assert await nodes[name].stop() == 0, nodes[name].stderr
+        for name in alive:
+            assert "Traceback" not in nodes[name].stderr, nodes[name].stderr
+        final = await sims.stats()  # with every node stopped: nothing more arrives
+        dropped = sum(seen["duplicates"] for seen in final.values())
         print(
             f"\nfleet: {len(DEVICES)} devices, {sum(map(len, accepted.values()))} commands "
             f"accepted; takeover after SIGKILL {takeover_s:.2f}s "
@@ -388,16 +438,11 @@ async def test_three_nodes_share_the_devices_through_a_kill_and_a_pause(
             "by idempotency key"
         )
 
-        for name in alive:
-            assert await nodes[name].stop() == 0, nodes[name].stderr
-        for name in alive:
-            assert "Traceback" not in nodes[name].stderr, nodes[name].stderr
-
     # Nothing lost (every accepted command succeeded above), nothing applied twice, and
     # each device's commands applied in the order they were accepted.
-    for device, sim in sims.items():
-        keys = Counter(c.key for c in sim.applied)
+    for device, seen in final.items():
+        keys = Counter(seen["applied"])
         assert max(keys.values()) == 1, (device, keys.most_common(3))
         known = set(accepted[device])  # (a command sent to the killed node may be unknown)
-        applied = [c.key for c in sim.applied if c.key in known]
+        applied = [key for key in seen["applied"] if key in known]
         assert applied == accepted[device], device  # each once, in the order accepted
