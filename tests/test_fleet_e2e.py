@@ -167,7 +167,15 @@ async def all_final(
         )
         if set(states) == {"succeeded"}:
             return
-        assert time.monotonic() < deadline, states
+        unsettled = [  # what a failure shows: the commands still not done, and why
+            {k: commands[i].get(k) for k in ("id", "device", "state", "waiting", "last_error")}
+            if i in commands
+            else {"id": i, "state": "missing"}
+            for group in ids.values()
+            for i in group
+            if i not in commands or commands[i]["state"] != "succeeded"
+        ]
+        assert time.monotonic() < deadline, (states, unsettled[:5])
         await asyncio.sleep(0.1)
 
 

@@ -87,6 +87,9 @@ class Unit:
     """Stop the link and detach the devices (``True``: let an attempt in flight settle)."""
     running: bool = False
     epochs: dict[str, int] = field(default_factory=dict)
+    changing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while the unit starts or stops: a start waits for a stop under way (its link
+    closing, its devices detaching) to end, so the two never interleave."""
 
 
 class Fleet:
@@ -146,7 +149,7 @@ class Fleet:
             unit.epochs.clear()
             unit.running = False
             task = asyncio.get_running_loop().create_task(
-                unit.stop(False), name=f"keeplink.fleet[{unit.key}].stop"
+                self._stop(unit, False), name=f"keeplink.fleet[{unit.key}].stop"
             )
             self._stopping.add(task)
             task.add_done_callback(self._stopping.discard)
@@ -313,7 +316,7 @@ class Fleet:
                 )
                 unit.running = False
                 unit.epochs.clear()
-                await unit.stop(False)
+                await self._stop(unit, False)
 
     async def _renew(self) -> None:
         asked = time.monotonic()
@@ -335,7 +338,7 @@ class Fleet:
                 unit.epochs.clear()
                 if unit.running:
                     unit.running = False
-                    await unit.stop(False)
+                    await self._stop(unit, False)
         self.healthy = True
         self.problem = None
 
@@ -370,19 +373,25 @@ class Fleet:
         return any(len(unit.epochs) < len(unit.devices) for unit in wanted)
 
     async def _take(self, unit: Unit) -> None:
-        if len(unit.epochs) < len(unit.devices):
-            return  # another node still holds some: its lease runs out, or it hands over
-        _log.info("fleet: %s takes %s (epochs %s)", self.node, unit.key, unit.epochs)
-        for device in unit.devices:
-            await self.outbox.adopt(device)
-        unit.running = True
-        await unit.start()
+        async with unit.changing:  # after a stop under way has ended
+            if unit.running or len(unit.epochs) < len(unit.devices):
+                return  # another node still holds some: its lease runs out, or it hands over
+            _log.info("fleet: %s takes %s (epochs %s)", self.node, unit.key, unit.epochs)
+            for device in unit.devices:
+                await self.outbox.adopt(device)
+            unit.running = True
+            await unit.start()
+
+    @staticmethod
+    async def _stop(unit: Unit, settle: bool) -> None:
+        async with unit.changing:
+            await unit.stop(settle)
 
     async def _hand_over(self, unit: Unit) -> None:
         _log.info("fleet: %s hands %s over", self.node, unit.key)
         if unit.running:
             unit.running = False
-            await unit.stop(True)
+            await self._stop(unit, True)
         epochs, unit.epochs = dict(unit.epochs), {}
         with contextlib.suppress(KeeplinkError, OSError):
             await self.store.release(self.node, epochs)
