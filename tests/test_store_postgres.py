@@ -67,6 +67,48 @@ async def test_concurrent_calls_share_transactions_and_keep_their_own_results(
     assert await store.count(states=[S.SENDING]) == 20
 
 
+async def test_concurrent_submits_commit_as_one_statement_and_notify_their_owners(
+    store: PostgresStore,
+) -> None:
+    """Submits alone, side by side: one statement each batch (no transaction around it),
+    every one in order with its own seq, a submit whose id exists refused alone, and each
+    device's owner notified once the batch is committed."""
+    existing = await store.insert(cmd("d0"))
+    woken: list[str] = []
+    listener = await store.listen(woken.append)
+    commits = 0
+    real = store._commit
+
+    async def counting(batch: Any) -> None:
+        nonlocal commits
+        commits += 1
+        await real(batch)
+
+    store._commit = counting  # type: ignore[method-assign]
+
+    async def run(command: Any) -> Any:
+        try:
+            return await store.insert(command)
+        except Exception as exc:
+            return type(exc).__name__
+
+    try:
+        fresh = [cmd(f"d{n % 3}") for n in range(31)]
+        results = await asyncio.gather(*(run(c) for c in [*fresh[:15], existing, *fresh[15:]]))
+        assert commits <= 4  # group-committed
+        assert results[15] == "InvalidRequestError"  # the existing id: refused, and only it
+        stored = [r for n, r in enumerate(results) if n != 15]
+        assert [c.id for c in stored] == [c.id for c in fresh]
+        assert [c.seq for c in stored] == sorted(c.seq for c in stored)  # in submit order
+        assert [await store.get(c.id) for c in stored] == stored
+        assert await store.count() == 32
+        async with asyncio.timeout(5):
+            while set(woken) != {"d0", "d1", "d2"}:
+                await asyncio.sleep(0.01)
+    finally:
+        await listener.close()
+
+
 async def test_concurrent_openers_migrate_once(postgres_server: PostgresServer) -> None:
     schema = f"t{uuid.uuid4().hex}"
     stores = [PostgresStore(postgres_server.dsn(), schema=schema) for _ in range(4)]
