@@ -513,6 +513,37 @@ async def test_device_records_upsert_and_round_trip(store: CommandStore) -> None
     assert await store.get_device("LAMP") is None
 
 
+async def test_many_devices_read_at_once_answer_as_one_at_a_time(store: CommandStore) -> None:
+    """``depths`` and ``get_devices`` (one read for a whole device list) say what
+    ``count`` and ``get_device`` say device by device."""
+    devices = ["lamp", "fan", "ünï 灯", "never-seen"]
+    for n in range(7):
+        stored = await store.insert(new_command(device=devices[n % 3], op="set", args={}, now=T0))
+        if n % 2:
+            sending = transition(stored, S.SENDING, now=T0 + 1, attempts=1)
+            assert await store.update(sending, expect=S.QUEUED)
+            if n == 5:
+                assert await store.update(
+                    transition(sending, S.SUCCEEDED, now=T0 + 2), expect=S.SENDING
+                )
+    await store.put_device(DeviceRecord(device="fan", cycle=4))
+    await store.put_device(DeviceRecord(device="ünï 灯", failed_cycles=2))
+    one_by_one = {
+        d: (
+            await store.count(device=d, states=[S.QUEUED]),
+            await store.count(device=d, states=[S.SENDING]),
+        )
+        for d in devices
+    }
+    assert one_by_one == {"lamp": (2, 1), "fan": (1, 1), "ünï 灯": (1, 0), "never-seen": (0, 0)}
+    assert await store.depths(devices) == one_by_one
+    assert await store.depths([]) == {}
+    records = {d: r for d in devices if (r := await store.get_device(d)) is not None}
+    assert set(records) == {"fan", "ünï 灯"}
+    assert await store.get_devices(devices) == records
+    assert await store.get_devices([]) == {}
+
+
 def test_device_record_fields_are_all_covered() -> None:
     """If DeviceRecord grows a field, the stores must learn about it (and this list)."""
     assert [f.name for f in dataclasses.fields(DeviceRecord)] == [

@@ -544,7 +544,11 @@ class Gateway:
         *,
         owners: Mapping[str, str] | None = None,
         statuses: Mapping[str, tuple[str, str]] | None = None,
+        depths: Mapping[str, tuple[int, int]] | None = None,
+        records: Mapping[str, DeviceRecord] | None = None,
     ) -> dict[str, Any]:
+        """The device as the API shows it. ``owners``, ``statuses``, ``depths`` and
+        ``records`` are what a list of every device read once for all of them."""
         config = self.device(device_id)
         link = self.links.get(device_id)
         stats = link.statistics() if link is not None else None
@@ -552,11 +556,14 @@ class Gateway:
         if elsewhere:
             # Another node (or none yet) delivers to it: the shared store has its record,
             # and that node's events what its link and presence are.
-            record = await self.store.get_device(device_id) or DeviceRecord(device=device_id)
+            if records is None:
+                records = await self.store.get_devices([device_id])
+            record = records.get(device_id) or DeviceRecord(device=device_id)
         else:
             record = await self.outbox.device_record(device_id)
-        queued = await self.store.count(device=device_id, states=[CommandState.QUEUED])
-        sending = await self.store.count(device=device_id, states=[CommandState.SENDING])
+        if depths is None:
+            depths = await self.store.depths([device_id])
+        queued, sending = depths[device_id]
         last = stats.last_error if stats is not None else None
         retry_in = None
         if stats is not None and stats.retry_at is not None and link is not None:
@@ -640,13 +647,20 @@ class Gateway:
             return self.fleet.owners
 
     async def devices_view(self) -> list[dict[str, Any]]:
-        owners = statuses = None
+        """Every device's view, from a few reads for all of them (not a few each)."""
+        owners = statuses = records = None
         if self.fleet is not None:
             owners = await self.owners()
             with contextlib.suppress(KeeplinkError):
                 statuses = await self.fleet.store.statuses()
+            records = await self.store.get_devices(
+                [d for d in self.devices if not self.fleet.owns(d)]
+            )
+        depths = await self.store.depths(list(self.devices))
         return [
-            await self.device_view(device_id, owners=owners, statuses=statuses)
+            await self.device_view(
+                device_id, owners=owners, statuses=statuses, depths=depths, records=records
+            )
             for device_id in self.devices
         ]
 

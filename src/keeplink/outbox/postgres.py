@@ -889,6 +889,25 @@ class PostgresStore(CommandStore):
             raise _unavailable(exc) from exc
         return changed
 
+    async def depths(self, devices: Collection[str]) -> dict[str, tuple[int, int]]:
+        names = [check_str("device", device) for device in devices]
+        rows = await self._fetch(
+            "SELECT device, count(*) FILTER (WHERE state = 'queued'), "
+            "count(*) FILTER (WHERE state = 'sending') FROM commands "
+            "WHERE device = ANY($1::text[]) AND state IN ('queued', 'sending') GROUP BY device",
+            names,
+        )
+        found = {row[0]: (int(row[1]), int(row[2])) for row in rows}
+        return {device: found.get(device, (0, 0)) for device in names}
+
+    async def get_devices(self, devices: Collection[str]) -> dict[str, DeviceRecord]:
+        names = [check_str("device", device) for device in devices]
+        rows = await self._fetch(
+            f"SELECT {', '.join(DEVICE_COLUMNS)} FROM devices WHERE device = ANY($1::text[])",
+            names,
+        )
+        return {row[0]: device_from_row(tuple(row)) for row in rows}
+
     async def get_device(self, device: str) -> DeviceRecord | None:
         rows = await self._fetch(
             f"SELECT {', '.join(DEVICE_COLUMNS)} FROM devices WHERE device = $1",

@@ -233,6 +233,24 @@ class CommandStore(Protocol):
         """The device's record, or ``None``."""
         ...
 
+    async def depths(self, devices: Collection[str]) -> dict[str, tuple[int, int]]:
+        """For each of ``devices``: how many of its commands are ``queued`` and how many
+        ``sending``. A store over a network answers in one round trip; this default asks
+        :meth:`count` twice a device."""
+        return {
+            device: (
+                await self.count(device=device, states=[CommandState.QUEUED]),
+                await self.count(device=device, states=[CommandState.SENDING]),
+            )
+            for device in devices
+        }
+
+    async def get_devices(self, devices: Collection[str]) -> dict[str, DeviceRecord]:
+        """The records of those of ``devices`` that have one. A store over a network
+        answers in one round trip; this default asks :meth:`get_device` for each."""
+        records = {device: await self.get_device(device) for device in devices}
+        return {device: record for device, record in records.items() if record is not None}
+
     async def __aenter__(self) -> Self:
         """``async with store:`` opens it, and closes it at the end."""
         await self.open()
