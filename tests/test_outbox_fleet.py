@@ -58,14 +58,16 @@ async def test_a_takeover_fences_the_old_owner_and_nothing_is_lost_or_applied_tw
         link_a, link_b = link(sim, "dev@a"), link(sim, "dev@b")
         store_a: PostgresStore = a.store  # type: ignore[assignment]
         try:
-            epochs_a.update(await store_a.acquire("a", ["dev"], lease_s=0.6))
+            epochs_a.update(await store_a.acquire("a", ["dev"], lease_s=60))
             assert epochs_a == {"dev": 1}
             await a.attach("dev", link_a)
             link_a.start()
             ids = [(await a.submit("dev", "set", {"n": n})).id for n in range(60)]
             # a delivers for a while, then stops renewing (a pause, a partition) ...
             await eventually(lambda: len(sim.applied) >= 10)
-            await asyncio.sleep(0.7)  # ... its lease expires ...
+            # ... its lease runs out (released here: a short lease could run out before a
+            # loaded machine got ten deliveries through) ...
+            await store_a.release("a", epochs_a)
             store_b: PostgresStore = b.store  # type: ignore[assignment]
             epochs_b.update(await store_b.acquire("b", ["dev"], lease_s=60))
             assert epochs_b == {"dev": 2}  # ... and b takes the device over.

@@ -148,12 +148,17 @@ class Fleet:
             _log.warning("fleet: %s lost device %r to another node", self.node, device)
             unit.epochs.clear()
             unit.running = False
-            task = asyncio.get_running_loop().create_task(
-                self._stop(unit, False), name=f"keeplink.fleet[{unit.key}].stop"
-            )
-            self._stopping.add(task)
-            task.add_done_callback(self._stopping.discard)
+            self._stop_now(unit)
         self._wake.set()
+
+    def _stop_now(self, unit: Unit) -> None:
+        """Stop a lost unit (not running any more) in a task of its own: the renewer never
+        waits for a link to close, nor for a take of the unit under way to end first."""
+        task = asyncio.get_running_loop().create_task(
+            self._stop(unit, False), name=f"keeplink.fleet[{unit.key}].stop"
+        )
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     def owns(self, device: str) -> bool:
         """This node delivers to ``device`` now: it runs its unit, and has confirmed the
@@ -283,14 +288,14 @@ class Fleet:
         lease renewed late is a lease lost."""
         interval = self.lease_s / RENEW_RATIO
         while True:
-            await self._expire_if_unconfirmed()  # first: after a pause, before anything else
+            self._expire_if_unconfirmed()  # first: after a pause, before anything else
             try:
                 await self._renew()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the keeper must not die; see _failed
                 self._failed(exc)
-            await self._expire_if_unconfirmed()
+            self._expire_if_unconfirmed()
             await asyncio.sleep(interval)
 
     def _failed(self, exc: BaseException) -> None:
@@ -302,7 +307,7 @@ class Fleet:
         self.healthy = False
         self.problem = f"the store is unreachable: {exc}"
 
-    async def _expire_if_unconfirmed(self) -> None:
+    def _expire_if_unconfirmed(self) -> None:
         """Not confirmed for a whole lease: stop everything (another node may own it)."""
         if self._confirmed_at is None or self._confirmed():
             return
@@ -316,7 +321,7 @@ class Fleet:
                 )
                 unit.running = False
                 unit.epochs.clear()
-                await self._stop(unit, False)
+                self._stop_now(unit)
 
     async def _renew(self) -> None:
         asked = time.monotonic()
@@ -338,7 +343,7 @@ class Fleet:
                 unit.epochs.clear()
                 if unit.running:
                     unit.running = False
-                    await self._stop(unit, False)
+                    self._stop_now(unit)
         self.healthy = True
         self.problem = None
 
