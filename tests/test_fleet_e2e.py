@@ -78,14 +78,20 @@ async def settled_owners(
     while True:
         claims = await asyncio.gather(*(claimed(session, u) for u in urls))
         owner: dict[str, str] = {}
-        doubled = False
+        doubled: list[str] = []
         for node, owned in claims:
             for device in owned:
-                doubled = doubled or device in owner
+                if device in owner:
+                    doubled.append(device)
                 owner[device] = node
         if not doubled and set(owner) == set(DEVICES) and set(owner.values()) == set(live):
             break
-        assert time.monotonic() - begin < bound_s, claims
+        unowned = sorted(set(DEVICES) - set(owner))
+        assert time.monotonic() - begin < bound_s, {
+            "owned": {node: len(owned) for node, owned in claims},
+            "unowned": (len(unowned), unowned[:10]),
+            "doubled": doubled[:10],
+        }
         await asyncio.sleep(0.05)
     settled_at = time.monotonic()
     for answer in await owners(session, urls):  # every node's view says the same

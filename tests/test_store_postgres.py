@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from helpers import eventually
 from keeplink import ErrorCode, StoreUnavailableError
 from keeplink._core.commands import CommandState, DeviceRecord, new_command, transition
 from keeplink.outbox.postgres import SCHEMA_VERSION, PostgresStore
@@ -102,9 +103,7 @@ async def test_concurrent_submits_commit_as_one_statement_and_notify_their_owner
         assert [c.seq for c in stored] == sorted(c.seq for c in stored)  # in submit order
         assert [await store.get(c.id) for c in stored] == stored
         assert await store.count() == 32
-        async with asyncio.timeout(5):
-            while set(woken) != {"d0", "d1", "d2"}:
-                await asyncio.sleep(0.01)
+        await eventually(lambda: set(woken) == {"d0", "d1", "d2"}, what="notified")
     finally:
         await listener.close()
 
