@@ -21,14 +21,14 @@
     backoff = { initial_s = 5, cap_s = 300 }
     device_id = "hall-thermostat"      # the id its welcome must name (default: id)
     auth_retry_s = 600                 # after auth_failed/device_mismatch (default: stay failed)
+    max_queued = 10000                 # commands waiting for this device at most
 
 A jsonline device must name itself ``device_id`` in its handshake, or the session is refused
 with ``device_mismatch`` and nothing is sent; set ``device_id`` for a device that reports
 its id in another form (a MAC address, a serial number). ``auth_retry_s`` turns a refusal
 (``auth_failed``, ``device_mismatch``, a config error the peer reports) from terminal
 (state ``failed``, until ``POST /api/devices/{id}/reconnect`` or a restart) into a slow
-retry every that many seconds.
-    max_queued = 10000                 # commands waiting for this device at most
+retry every that many seconds. Every key is described in ``docs/gateway.md``.
 
 Every error is a ConfigError: ``keeplink.toml: devices[1].port: must be an integer in
 1..65535, got "70000"`` — and nothing starts.
@@ -50,7 +50,16 @@ from typing import Any, Final, NoReturn
 from keeplink._core.backoff import Backoff
 from keeplink._core.errors import ConfigError
 
-__all__ = ["DeviceConfig", "GatewayConfig", "load_config", "parse_config"]
+__all__ = [
+    "BACKOFF_KEYS",
+    "DEVICE_KEYS",
+    "DRIVER_OPTIONS",
+    "GATEWAY_KEYS",
+    "DeviceConfig",
+    "GatewayConfig",
+    "load_config",
+    "parse_config",
+]
 
 DEFAULT_LISTEN: Final = "127.0.0.1:8470"
 DEFAULT_STORE: Final = "sqlite:///keeplink.db"
@@ -81,6 +90,19 @@ DRIVER_OPTIONS: Final[Mapping[str, Mapping[str, str]]] = {
     },
 }  # fmt: skip
 """The ``options`` each driver takes, and their kind: what the gateway hands the driver."""
+GATEWAY_KEYS: Final = frozenset({
+    "listen", "store", "token", "node", "lease_s", "read_token", "ttl_s",
+    "max_clients", "header_timeout_s", "idle_timeout_s", "allowed_hosts",
+})  # fmt: skip
+"""The keys ``[gateway]`` takes; any other is refused."""
+DEVICE_KEYS: Final = frozenset({
+    "id", "driver", "host", "port", "token", "seq_bits", "max_in_flight",
+    "heartbeat_s", "backoff", "hub", "hub_slots", "unit", "options", "max_queued",
+    "device_id", "auth_retry_s",
+})  # fmt: skip
+"""The keys each ``[[devices]]`` table takes; any other is refused."""
+BACKOFF_KEYS: Final = frozenset({"initial_s", "cap_s", "factor"})
+"""The keys a device's ``backoff`` table takes."""
 _LABEL: Final = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _HOST_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
 _ID_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
@@ -267,16 +289,7 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
     where = f"devices[{index}]"
     if not isinstance(table, Mapping):
         raise ConfigError(f"{source}: {where}: must be a table")
-    c = _Checker(
-        source,
-        where,
-        table,
-        {
-            "id", "driver", "host", "port", "token", "seq_bits", "max_in_flight",
-            "heartbeat_s", "backoff", "hub", "hub_slots", "unit", "options", "max_queued",
-            "device_id", "auth_retry_s",
-        },
-    )  # fmt: skip
+    c = _Checker(source, where, table, set(DEVICE_KEYS))
     device_id = c.text("id", required=True)
     assert device_id is not None
     if not set(device_id) <= _ID_CHARS or len(device_id) > 64:
@@ -296,7 +309,7 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
         raw = table["backoff"]
         if not isinstance(raw, Mapping):
             c.fail("backoff", "must be a table like { initial_s = 5, cap_s = 300 }")
-        b = _Checker(source, f"{where}.backoff", raw, {"initial_s", "cap_s", "factor"})
+        b = _Checker(source, f"{where}.backoff", raw, set(BACKOFF_KEYS))
         try:
             backoff = Backoff(
                 initial_s=b.seconds("initial_s", 1.0) or 1.0,
@@ -367,15 +380,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Gatewa
     gateway = data.get("gateway", {})
     if not isinstance(gateway, Mapping):
         top.fail("gateway", "must be a table")
-    g = _Checker(
-        source,
-        "gateway",
-        gateway,
-        {
-            "listen", "store", "token", "node", "lease_s", "read_token", "ttl_s",
-            "max_clients", "header_timeout_s", "idle_timeout_s", "allowed_hosts",
-        },
-    )  # fmt: skip
+    g = _Checker(source, "gateway", gateway, set(GATEWAY_KEYS))
     host, port = _listen(source, gateway.get("listen", DEFAULT_LISTEN))
     store = g.text("store", DEFAULT_STORE) or DEFAULT_STORE
     if not store.startswith(("sqlite://", "postgresql://", "postgres://", "memory:")):
