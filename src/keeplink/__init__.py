@@ -36,7 +36,7 @@ from keeplink._core.errors import (
     StoreUnavailableError,
     error_class_of,
 )
-from keeplink._core.jsonline import Malformed
+from keeplink._core.jsonline import Malformed, StatePush
 from keeplink._core.outcomes import (
     Acknowledged,
     Cancelled,
@@ -115,6 +115,7 @@ __all__ = [
     "SlotPool",
     "SlotPoolStatistics",
     "SlotsExhaustedError",
+    "StatePush",
     "StoreBusyError",
     "StoreUnavailableError",
     "StreamChannel",
