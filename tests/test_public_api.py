@@ -26,7 +26,7 @@ EXPECTED = {
     "Acknowledged", "Cancelled", "Outcome", "Rejected", "TimedOut", "Unavailable",
     "enum_or_none", "Correlator", "SequenceExhaustedError", "Slot", "SlotPool",
     "SlotPoolStatistics", "CommandNotFoundError", "ConflictError", "PreconditionFailedError",
-    "DeviceMismatchError", "QueueFullError", "StoreBusyError", "StatePush",
+    "DeviceMismatchError", "QueueFullError", "StoreBusyError", "StatePush", "WaitTimeoutError",
 }  # fmt: skip
 
 

@@ -34,6 +34,7 @@ from keeplink._core.errors import (
     SlotsExhaustedError,
     StoreBusyError,
     StoreUnavailableError,
+    WaitTimeoutError,
     error_class_of,
 )
 from keeplink._core.jsonline import Malformed, StatePush
@@ -124,6 +125,7 @@ __all__ = [
     "Timer",
     "Unavailable",
     "VirtualClock",
+    "WaitTimeoutError",
     "__version__",
     "classify",
     "deadline",
