@@ -224,6 +224,27 @@ async def test_name_to_device_decides_and_strangers_and_unwatched_devices_are_ig
     await mdns.close()
 
 
+async def test_a_device_watched_by_instance_name_is_that_instance_whatever_its_txt_says(
+    tracker: PresenceTracker, zc: FakeZeroconf, make_link: LinkFactory
+) -> None:
+    mdns = MdnsPresence(presence=tracker)
+    porch = "Porch Light._keeplink._tcp.local."
+    mdns.watch("porch", make_link(), instance=porch)
+    mdns.watch("hall", make_link())  # by the usual rule
+    zc.announce(porch, txt={"id": "AA:BB:CC:DD:EE:01"})  # not the gateway's name for it
+    feed(mdns, zc, "PORCH LIGHT._keeplink._tcp.local.", ADDED)  # DNS names ignore case
+    zc.announce("Hall._keeplink._tcp.local.", txt={"id": "hall"})
+    feed(mdns, zc, "Hall._keeplink._tcp.local.", ADDED)
+    assert tracker.devices() == ["porch", "hall"]
+    assert tracker.claims("porch")[Source.MDNS].online
+    feed(mdns, zc, porch, REMOVED)
+    assert not tracker.claims("porch")[Source.MDNS].online
+    with pytest.raises(ConfigError, match="not an instance of"):
+        mdns.watch("garage", make_link(), instance="garage._other._tcp.local.")
+    assert mdns.watched() == ["porch", "hall"]
+    await mdns.close()
+
+
 async def test_watch_catches_up_with_an_instance_announced_before(
     make_link: LinkFactory, proxy: FaultProxy, tracker: PresenceTracker, zc: FakeZeroconf,
     virtual_clock: VirtualClock,
