@@ -21,6 +21,11 @@
     backoff = { initial_s = 5, cap_s = 300 }
     device_id = "hall-thermostat"      # the id its welcome must name (default: id)
     auth_retry_s = 600                 # after auth_failed/device_mismatch (default: stay failed)
+    max_queued = 10000                 # commands waiting for this device at most
+    debounce_online_s = 1              # presence must hold this long to be announced online
+    debounce_offline_s = 3             # ... and this long to be announced offline
+    presence = "mdns"                  # "link" (default) or "mdns": see below
+    mdns_service = "_keeplink._tcp"    # with presence = "mdns" (this is the default)
 
 A jsonline device must name itself ``device_id`` in its handshake, or the session is refused
 with ``device_mismatch`` and nothing is sent; set ``device_id`` for a device that reports
@@ -28,11 +33,6 @@ its id in another form (a MAC address, a serial number). ``auth_retry_s`` turns 
 (``auth_failed``, ``device_mismatch``, a config error the peer reports) from terminal
 (state ``failed``, until ``POST /api/devices/{id}/reconnect`` or a restart) into a slow
 retry every that many seconds.
-    max_queued = 10000                 # commands waiting for this device at most
-    debounce_online_s = 1              # presence must hold this long to be announced online
-    debounce_offline_s = 3             # ... and this long to be announced offline
-    presence = "mdns"                  # "link" (default) or "mdns": see below
-    mdns_service = "_keeplink._tcp"    # with presence = "mdns" (this is the default)
 
 Presence (what the API shows and what gates delivery) is debounced per device:
 ``debounce_online_s`` (default 1) and ``debounce_offline_s`` (default 3) are how long a

@@ -244,7 +244,9 @@ class Gateway:
 
         A jsonline device has its own link. Devices behind one Modbus gateway, or on one
         MQTT broker, share that hub's link; their presence comes from a unit probe or from
-        MQTT availability, not from the shared link.
+        MQTT availability, not from the shared link. Devices with ``presence = "mdns"`` are
+        watched over mDNS too (see :meth:`_start_mdns`). Each device's presence is
+        debounced by its own ``debounce_online_s`` / ``debounce_offline_s``.
         """
         plans = self._plan()  # fail on a bad driver before touching anything
         try:
