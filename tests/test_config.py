@@ -195,6 +195,52 @@ BAD_CONFIGS: dict[str, tuple[str, str, str]] = {
         "devices[1].options",
         r"shares one link to 127\.0\.0\.1:1883 with devices\[0\]",
     ),
+    "debounce-online-negative": (
+        GW + DEV + "debounce_online_s = -1\n",
+        "devices[0].debounce_online_s",
+        "number of seconds, 0 or more, got -1",
+    ),
+    "debounce-offline-text": (
+        GW + DEV + 'debounce_offline_s = "5s"\n',
+        "devices[0].debounce_offline_s",
+        "number of seconds, 0 or more",
+    ),
+    "debounce-offline-inf": (
+        GW + MODBUS + "debounce_offline_s = inf\n",
+        "devices[0].debounce_offline_s",
+        "0 or more, got inf",
+    ),
+    "debounce-online-bool": (
+        GW + MQTT + "debounce_online_s = true\n",
+        "devices[0].debounce_online_s",
+        "0 or more, got True",
+    ),
+    "presence-unknown": (
+        GW + DEV + 'presence = "ping"\n',
+        "devices[0].presence",
+        'must be "link" or "mdns", got \'ping\'',
+    ),
+    "presence-not-text": (GW + DEV + "presence = 1\n", "devices[0].presence", "string"),
+    "mdns-service-without-mdns": (
+        GW + DEV + 'mdns_service = "_keeplink._tcp"\n',
+        "devices[0].mdns_service",
+        'only for presence = "mdns"',
+    ),
+    "mdns-service-not-a-type": (
+        GW + DEV + 'presence = "mdns"\nmdns_service = "hall.local"\n',
+        "devices[0].mdns_service",
+        "must be a service type like '_keeplink._tcp'",
+    ),
+    "mdns-service-bad-service-name": (
+        GW + DEV + 'presence = "mdns"\nmdns_service = "_this-is-far-too-long._tcp"\n',
+        "devices[0].mdns_service",
+        "1..15 letters",
+    ),
+    "mdns-service-instance-too-long": (
+        GW + DEV + f'presence = "mdns"\nmdns_service = "{"h" * 64}._keeplink._tcp"\n',
+        "devices[0].mdns_service",
+        "1..63 bytes",
+    ),
     "not-toml": ("[gateway\n", "not valid TOML", "line 1"),
 }
 
@@ -299,6 +345,38 @@ def test_devices_sharing_a_link_may_repeat_its_options_or_leave_them_out() -> No
     assert [d.options for d in config.devices] == [
         {"probe_interval_s": 2.0}, {"probe_interval_s": 2.0}, {}, {"probe_interval_s": 5.0}
     ]  # fmt: skip
+
+
+def test_presence_keys_default_to_the_link_and_a_1_s_and_3_s_debounce() -> None:
+    config = parse_config(
+        {"devices": [{"id": "hall", "driver": "jsonline", "port": 7001},
+                     {"id": "porch", "driver": "jsonline", "port": 7002, "presence": "mdns"}]}
+    )  # fmt: skip
+    hall, porch = config.devices
+    assert (hall.debounce_online_s, hall.debounce_offline_s) == (1.0, 3.0)
+    assert (hall.presence, hall.mdns_service, hall.mdns_type) == ("link", None, None)
+    # presence = "mdns" without mdns_service: the keeplink service type, found by its id.
+    assert (porch.presence, porch.mdns_service) == ("mdns", "_keeplink._tcp.local.")
+    assert (porch.mdns_type, porch.mdns_instance) == ("_keeplink._tcp.local.", None)
+
+
+@pytest.mark.parametrize(
+    ("given", "service", "instance"),
+    [
+        ("_keeplink._tcp", "_keeplink._tcp.local.", None),
+        ("_thermo._udp.local", "_thermo._udp.local.", None),
+        ("_Keeplink._TCP.Local.", "_keeplink._tcp.local.", None),  # DNS names ignore case
+        ("Hall Thermostat._keeplink._tcp", "_keeplink._tcp.local.", "Hall Thermostat"),
+        ("hall.v2._keeplink._tcp.local.", "_keeplink._tcp.local.", "hall.v2"),
+    ],
+)
+def test_presence_keys_are_read_as_given(given: str, service: str, instance: str | None) -> None:
+    device = {"id": "hall", "driver": "jsonline", "port": 7001, "presence": "mdns",
+              "mdns_service": given, "debounce_online_s": 0, "debounce_offline_s": 2.5}  # fmt: skip
+    (hall,) = parse_config({"devices": [device]}).devices
+    assert (hall.debounce_online_s, hall.debounce_offline_s) == (0.0, 2.5)
+    assert hall.mdns_type == service
+    assert hall.mdns_instance == (None if instance is None else f"{instance}.{service}")
 
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:0", "127.5.6.7:0", "[::1]:0", "localhost:0"])

@@ -14,13 +14,16 @@ import pytest
 from helpers import Recorder, connected, eventually, until_state
 from keeplink import (
     Backoff,
+    ErrorCode,
     FrameChannel,
+    InvalidRequestError,
     LinkClosedError,
     LinkState,
     LinkStateChanged,
     SessionInfo,
     StreamChannel,
     VirtualClock,
+    WaitTimeoutError,
 )
 from keeplink._core.jsonline import Frame
 from keeplink.drivers import JsonLineDriver
@@ -170,6 +173,52 @@ async def test_stop_resolves_waiters_with_link_closed(make_link: LinkFactory) ->
     await link.stop()
     with pytest.raises(LinkClosedError):
         await link.wait_connected()
+
+
+async def test_wait_connected_times_out_on_the_links_clock_and_leaves_the_link_alone(
+    make_link: LinkFactory, proxy: FaultProxy, virtual_clock: VirtualClock
+) -> None:
+    proxy.set_down(True)
+    link = make_link(backoff=Backoff(initial_s=10, cap_s=10))
+    async with link:
+        await until_state(link, S.BACKOFF)
+        before = link.statistics()
+        assert virtual_clock.pending() == [10.0]  # the backoff timer
+
+        waiter = asyncio.create_task(link.wait_connected(timeout=2.5))
+        await virtual_clock.advance(2.4)
+        assert not waiter.done()
+        await virtual_clock.advance(0.1)
+        assert waiter.done()
+        with pytest.raises(WaitTimeoutError) as info:
+            await waiter
+        err = info.value
+        assert isinstance(err, TimeoutError)  # builtin: `except TimeoutError` catches it
+        assert err.code is ErrorCode.TIMEOUT
+        assert "did not connect within 2.5s (it is backoff)" in str(err)
+
+        # Only the wait ended: same state, same schedule, nothing of the wait left behind.
+        after = link.statistics()
+        assert (after.state, after.attempt, after.retry_at) == (S.BACKOFF, 1, 10.0)
+        assert (after.connects, after.failed_attempts) == (0, before.failed_attempts)
+        assert virtual_clock.pending() == [10.0]
+
+        proxy.set_down(False)
+        waiter = asyncio.create_task(link.wait_connected(timeout=60))
+        await virtual_clock.advance(7.5)  # the backoff ends at t=10
+        await connected(link)
+        session = await waiter
+        assert session.device_id == "hall"
+        assert virtual_clock.now() == 10
+        assert await link.wait_connected(timeout=0.001) == session  # connected: at once
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), True, "5"])
+async def test_wait_connected_refuses_a_bad_timeout(make_link: LinkFactory, bad: Any) -> None:
+    link = make_link()
+    with pytest.raises(InvalidRequestError, match="timeout"):
+        await link.wait_connected(timeout=bad)
+    assert link.state is S.IDLE
 
 
 async def test_start_after_stop_reconnects_and_reconnect_is_enabled_again(

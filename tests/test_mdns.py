@@ -38,6 +38,7 @@ ADDED, UPDATED, REMOVED = (
 )
 PTR_TTL = 120  # what the fake announcements below carry
 SCRIPT = Path(__file__).with_name("mdns_netns_script.py")
+GATEWAY_SCRIPT = Path(__file__).with_name("gateway_mdns_netns_script.py")
 NETNS_BOUND_S = 20.0
 
 
@@ -224,6 +225,27 @@ async def test_name_to_device_decides_and_strangers_and_unwatched_devices_are_ig
     await mdns.close()
 
 
+async def test_a_device_watched_by_instance_name_is_that_instance_whatever_its_txt_says(
+    tracker: PresenceTracker, zc: FakeZeroconf, make_link: LinkFactory
+) -> None:
+    mdns = MdnsPresence(presence=tracker)
+    porch = "Porch Light._keeplink._tcp.local."
+    mdns.watch("porch", make_link(), instance=porch)
+    mdns.watch("hall", make_link())  # by the usual rule
+    zc.announce(porch, txt={"id": "AA:BB:CC:DD:EE:01"})  # not the gateway's name for it
+    feed(mdns, zc, "PORCH LIGHT._keeplink._tcp.local.", ADDED)  # DNS names ignore case
+    zc.announce("Hall._keeplink._tcp.local.", txt={"id": "hall"})
+    feed(mdns, zc, "Hall._keeplink._tcp.local.", ADDED)
+    assert tracker.devices() == ["porch", "hall"]
+    assert tracker.claims("porch")[Source.MDNS].online
+    feed(mdns, zc, porch, REMOVED)
+    assert not tracker.claims("porch")[Source.MDNS].online
+    with pytest.raises(ConfigError, match="not an instance of"):
+        mdns.watch("garage", make_link(), instance="garage._other._tcp.local.")
+    assert mdns.watched() == ["porch", "hall"]
+    await mdns.close()
+
+
 async def test_watch_catches_up_with_an_instance_announced_before(
     make_link: LinkFactory, proxy: FaultProxy, tracker: PresenceTracker, zc: FakeZeroconf,
     virtual_clock: VirtualClock,
@@ -341,14 +363,14 @@ async def test_the_handler_never_raises_into_zeroconf(
 # ---------------------------------------------------------------------- end to end, private netns
 
 
-async def run_in_private_netns() -> dict[str, dict[str, Any]]:
-    """Run the scenario script under ``unshare -n``; its JSON lines by event name."""
+async def run_in_private_netns(script: Path = SCRIPT) -> dict[str, dict[str, Any]]:
+    """Run a scenario script under ``unshare -n``; its JSON lines by event name."""
     if shutil.which("unshare") is None:
         pytest.skip("unshare(1) is not available to make a private network namespace")
     if shutil.which("ip") is None:
         pytest.skip("ip(8) (iproute2) is not available to bring up lo in a private namespace")
     proc = await asyncio.create_subprocess_exec(
-        "unshare", "-n", sys.executable, str(SCRIPT),
+        "unshare", "-n", sys.executable, str(script),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -395,3 +417,35 @@ async def test_an_announcement_wakes_a_link_out_of_a_300s_backoff_over_real_mdns
     assert goodbye["offline_in_s"] < 1.0
 
     assert events["closed"] == {"event": "closed", "tasks_left": [], "mdns_running": False}
+
+
+async def test_the_gateway_takes_presence_from_mdns_for_devices_configured_so() -> None:
+    events = await run_in_private_netns(GATEWAY_SCRIPT)
+    assert events["netns"]["interfaces"] == ["lo"]
+    assert events["netns"]["netns"] != os.readlink("/proc/self/ns/net")
+
+    # One mDNS watcher for the one service type, watching the two mDNS devices only.
+    backoff = events["backoff"]
+    assert backoff["watched"] == ["hall", "porch"]
+    assert len(backoff["mdns"]) == 1 and "_keeplink._tcp.local. running" in backoff["mdns"][0]
+    assert all(10 <= wait <= 300 for wait in backoff["retry_in_s"].values()), backoff
+
+    announced = events["announced"]
+    # hall by its TXT id, porch by the instance name its mdns_service gives: both woken out
+    # of their backoff at once; garage (presence = "link") waits its backoff out.
+    assert announced["woke_in_s"] < 1.0
+    assert announced["links"] == {"hall": "connected", "porch": "connected", "garage": "backoff"}
+    assert announced["connects"] == {"hall": 1, "porch": 1, "garage": 0}
+    claims = announced["claims"]
+    for device in ("hall", "porch"):
+        online, ttl_s = claims[device]["MDNS"]
+        assert online is True and 4400 < ttl_s <= 4500, claims  # the PTR record's TTL
+    assert "MDNS" not in claims["garage"], claims
+    assert announced["presence"]["hall"] == announced["presence"]["porch"] == "online"
+    assert announced["stranger"] == ["hall", "porch", "garage"]  # nobody else reported
+
+    # The goodbye is an mDNS "offline"; the connected link's own word still outranks it.
+    assert events["goodbye"] == {
+        "event": "goodbye", "mdns_claim_online": False, "presence": "online", "link": "connected"
+    }  # fmt: skip
+    assert events["closed"] == {"event": "closed", "tasks_left": [], "mdns_running": [False]}

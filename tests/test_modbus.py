@@ -652,6 +652,37 @@ async def test_the_unit_probe_reports_each_units_presence(gateway: Gateway) -> N
     assert tracker.presence("pump") is Presence.OFFLINE
 
 
+async def test_a_unit_the_server_does_not_have_is_offline_and_a_busy_one_online(
+    gateway: Gateway,
+) -> None:
+    ghost = 9  # no such unit behind the gateway (it has units 1..3)
+    assert ghost not in UNITS
+    gateway.failing[2] = ExcCodes.DEVICE_BUSY  # there, only busy: an answer all the same
+    gateway.failing[3] = ExcCodes.ILLEGAL_FUNCTION  # there, refusing the function
+    tracker = PresenceTracker(debounce_online_s=0, debounce_offline_s=0)
+    link = modbus_link(HOST, gateway.port)
+    targets = [
+        ProbeTarget(device="ghost", unit=ghost),
+        ProbeTarget(device="boiler", unit=2),
+        ProbeTarget(device="pump", unit=3),
+    ]
+    probe = UnitProbe(link=link, presence=tracker, units=targets, interval_s=0.05, ttl_s=30)
+    try:
+        async with link, probe:
+            await connected(link)
+            # What pymodbus's server answers for a unit it does not hold: exception 4.
+            outcome = await link.request("read_holding_registers", read(ghost, 0, 1), timeout=5)
+            assert isinstance(outcome, Rejected)
+            assert outcome.code == "modbus_exception_4"
+            await eventually(lambda: probe.rounds >= 2, what="two probe rounds")
+    finally:
+        tracker.close()
+    claims = {t.device: tracker.claims(t.device)[Source.PROBE].online for t in targets}
+    assert claims == {"ghost": False, "boiler": True, "pump": True}, claims
+    assert tracker.presence("ghost") is Presence.OFFLINE, "a unit that does not exist"
+    assert tracker.presence("boiler") is Presence.ONLINE
+
+
 async def test_the_unit_probe_runs_at_once_when_the_link_connects(gateway: Gateway) -> None:
     tracker = PresenceTracker(debounce_online_s=0, debounce_offline_s=0)
     link = modbus_link(HOST, gateway.port)

@@ -336,6 +336,54 @@ async def test_the_broker_restarts_and_queued_commands_are_still_delivered_exact
         assert link.statistics().connects == 2
 
 
+@needs_hub_attach
+async def test_a_command_through_the_outbox_names_its_device_once(
+    broker: Mosquitto, presence: PresenceTracker
+) -> None:
+    assert broker.port is not None
+    driver = driver_for(
+        broker, devices=["plug", "lamp"], presence=presence, response_topic="{device}/resp"
+    )
+    link = broker_link(driver)
+    outbox = Outbox(MemoryStore(), presence=presence, request_timeout_s=5)
+    async with (
+        outbox,
+        running(link),
+        spy(broker, "lamp/cmd") as to_lamp,
+        device_on("plug", broker.host, broker.port, respond=True) as plug,
+    ):
+        await outbox.attach("plug", link, hub=True)
+        await outbox.attach("lamp", link, hub=True)
+
+        command = await outbox.submit("plug", "set", {"on": True})  # "plug", once
+        try:
+            done = await within(outbox.wait(command.id), 5)
+        except TimeoutError:
+            stuck = await outbox.get(command.id)
+            pytest.fail(f"never delivered: {stuck.state.value}, {stuck.last_error}")
+        assert done.state is Q.SUCCEEDED, done.last_error
+        assert done.result == {"applied": command.idempotency_key}
+        assert plug.commands == [
+            {
+                "op": "set",
+                "args": {"on": True, "device": "plug"},  # the wire contract is unchanged
+                "key": command.idempotency_key,
+                "cid": plug.commands[0]["cid"],
+            }
+        ]
+
+        # The old form, naming it twice, still works; naming another device is refused.
+        again = await outbox.submit("plug", "set", {"device": "plug", "on": False})
+        assert (await within(outbox.wait(again.id))).state is Q.SUCCEEDED
+        with pytest.raises(InvalidRequestError, match=r"'lamp'.*for device 'plug'"):
+            await outbox.submit("plug", "set", {"device": "lamp", "on": True})
+        assert [c.id for c in await outbox.list(device="plug")] == [command.id, again.id]
+        assert len(plug.commands) == 2
+        with pytest.raises(InvalidRequestError, match="toaster"):
+            await outbox.attach("toaster", link, hub=True)  # not a device of this link
+    assert to_lamp == []
+
+
 # ---------------------------------------------------------------------------- requests
 
 

@@ -462,6 +462,49 @@ async def test_the_first_claim_is_announced_after_the_debounce(
     assert virtual_clock.live_timers == 0  # nothing left to decide
 
 
+async def test_a_device_configured_with_its_own_debounce_is_announced_on_its_own_time(
+    tracker: PresenceTracker, events: list[PresenceChanged], virtual_clock: VirtualClock
+) -> None:
+    tracker.configure("quick", debounce_online_s=0.25, debounce_offline_s=0)
+    tracker.configure("slow", debounce_offline_s=30)  # online: the tracker's 1 s
+    assert tracker.debounce_of("quick") == (0.25, 0)
+    assert tracker.debounce_of("slow") == (1.0, 30)
+    assert tracker.debounce_of("other") == (1.0, 5.0)  # the tracker's own
+    for device in ("quick", "slow", "other"):
+        tracker.report(device, LINK, True)
+    await virtual_clock.advance_to(2)
+    assert log(events) == [("quick", 0.25, ON, 1), ("slow", 1, ON, 1), ("other", 1, ON, 1)]
+    events.clear()
+    for device in ("quick", "slow", "other"):
+        tracker.report(device, LINK, False)
+    await virtual_clock.advance_to(40)
+    assert log(events) == [("quick", 2, OFF, 1), ("other", 7, OFF, 1), ("slow", 32, OFF, 1)]
+
+    # A device already reported takes its new debounce from its next raw change on.
+    events.clear()
+    tracker.configure("other", debounce_online_s=3)
+    tracker.report("other", LINK, True)
+    await virtual_clock.advance_to(42.999)
+    assert events == []
+    await virtual_clock.advance_to(43)
+    assert log(events) == [("other", 43, ON, 2)]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"debounce_online_s": -1}, {"debounce_offline_s": math.inf}, {"debounce_online_s": True}],
+)
+def test_a_nonsense_per_device_debounce_is_a_config_error_and_changes_nothing(
+    kwargs: dict[str, float],
+) -> None:
+    tracker = PresenceTracker(clock=VirtualClock())
+    tracker.configure("hall", debounce_online_s=2)
+    with pytest.raises(ConfigError, match="debounce"):
+        tracker.configure("hall", **kwargs)
+    assert tracker.debounce_of("hall") == (2, 5.0)
+    tracker.close()
+
+
 async def test_a_newer_online_from_a_probe_revives_a_device_whose_link_was_lost(
     tracker: PresenceTracker, events: list[PresenceChanged], virtual_clock: VirtualClock
 ) -> None:

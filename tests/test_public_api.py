@@ -8,6 +8,7 @@ import pathlib
 import keeplink
 import keeplink.drivers
 import keeplink.testing
+from helpers import Recorder, connected, eventually
 
 PACKAGE = pathlib.Path(keeplink.__file__).parent
 
@@ -25,7 +26,7 @@ EXPECTED = {
     "Acknowledged", "Cancelled", "Outcome", "Rejected", "TimedOut", "Unavailable",
     "enum_or_none", "Correlator", "SequenceExhaustedError", "Slot", "SlotPool",
     "SlotPoolStatistics", "CommandNotFoundError", "ConflictError", "PreconditionFailedError",
-    "DeviceMismatchError", "QueueFullError", "StoreBusyError",
+    "DeviceMismatchError", "QueueFullError", "StoreBusyError", "StatePush", "WaitTimeoutError",
 }  # fmt: skip
 
 
@@ -40,6 +41,25 @@ def test_subpackages_export_what_they_list() -> None:
     for module in (keeplink.drivers, keeplink.testing):
         for name in module.__all__:
             assert hasattr(module, name), f"{module.__name__}.{name}"
+
+
+async def test_a_state_push_is_matched_by_its_public_name(
+    virtual_clock: keeplink.VirtualClock,
+) -> None:
+    async with keeplink.testing.DeviceSimulator(device_id="hall", clock=virtual_clock) as sim:
+        driver = keeplink.drivers.JsonLineDriver(host=sim.host, port=sim.port)
+        link = keeplink.Link(driver, name="hall", clock=virtual_clock, heartbeat_s=None)
+        rec = Recorder(link)
+        async with link:
+            await connected(link)
+            assert await sim.push_state({"temp": 21.5}) == 1
+            await eventually(lambda: bool(rec.of(keeplink.FrameReceived)), what="a push")
+    frames = [e.frame for e in rec.of(keeplink.FrameReceived)]  # type: ignore[union-attr]
+    assert frames == [keeplink.StatePush(values={"temp": 21.5})]
+    assert all(isinstance(f, keeplink.drivers.StatePush) for f in frames)
+    assert keeplink.StatePush is keeplink.drivers.StatePush
+    assert keeplink.StatePush.__doc__ and "FrameReceived" in keeplink.StatePush.__doc__
+    assert "StatePush" in keeplink.drivers.__all__
 
 
 def test_the_package_is_typed() -> None:

@@ -34,9 +34,10 @@ from keeplink._core.errors import (
     SlotsExhaustedError,
     StoreBusyError,
     StoreUnavailableError,
+    WaitTimeoutError,
     error_class_of,
 )
-from keeplink._core.jsonline import Malformed
+from keeplink._core.jsonline import Malformed, StatePush
 from keeplink._core.outcomes import (
     Acknowledged,
     Cancelled,
@@ -115,6 +116,7 @@ __all__ = [
     "SlotPool",
     "SlotPoolStatistics",
     "SlotsExhaustedError",
+    "StatePush",
     "StoreBusyError",
     "StoreUnavailableError",
     "StreamChannel",
@@ -123,6 +125,7 @@ __all__ = [
     "Timer",
     "Unavailable",
     "VirtualClock",
+    "WaitTimeoutError",
     "__version__",
     "classify",
     "deadline",

@@ -37,6 +37,7 @@ from keeplink._core.errors import (
     LinkBrokenError,
     LinkClosedError,
     RequestTimeout,
+    WaitTimeoutError,
     error_class_of,
 )
 from keeplink._core.jsonline import Malformed
@@ -399,12 +400,35 @@ class Link(Generic[F]):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    async def wait_connected(self) -> SessionInfo:
+    async def wait_connected(self, *, timeout: float | None = None) -> SessionInfo:
         """Wait until the link is connected; return the session's info.
 
         Raises the terminal error (e.g. AuthError) if the link fails, and LinkClosedError if
-        it is stopped or was never started.
+        it is stopped or was never started. ``timeout`` (seconds on the link's clock; None:
+        wait as long as it takes) bounds the wait: when it runs out, WaitTimeoutError (code
+        ``timeout``, also a builtin TimeoutError) is raised and only the wait ends; the link
+        carries on connecting as before. A timeout that is not a positive, finite number is
+        an InvalidRequestError.
         """
+        if timeout is None:
+            return await self._wait_connected()
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise InvalidRequestError(f"timeout must be a number of seconds, got {timeout!r}")
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise InvalidRequestError(f"timeout must be > 0 and finite, got {timeout!r}")
+        limit = deadline(self.clock, self.clock.now() + timeout)
+        try:
+            async with limit:
+                return await self._wait_connected()
+        except TimeoutError:
+            if not limit.expired:
+                raise
+            raise WaitTimeoutError(
+                f"link {self.name!r} did not connect within {timeout:g}s"
+                f" (it is {self._state.value})"
+            ) from None
+
+    async def _wait_connected(self) -> SessionInfo:
         while True:
             session = self._session
             if self._state is _S.CONNECTED and session is not None:

@@ -23,9 +23,10 @@ Which device an instance names (the default mapping):
 The TXT record usually arrives in the same packet as the announcement; when it is not cached
 yet, it is resolved first (bounded by :data:`RESOLVE_TIMEOUT_MS`), falling back to the label.
 A ``name_to_device`` callable replaces the whole rule: it gets the full instance name and
-returns a device id, or ``None`` for an instance that is none of ours. Only *watched* devices
-(``links=`` or :meth:`MdnsPresence.watch`) are reported and woken: mDNS on a shared LAN also
-announces strangers.
+returns a device id, or ``None`` for an instance that is none of ours. A device watched with
+an ``instance`` name (:meth:`MdnsPresence.watch`) is that instance, before any rule. Only
+*watched* devices (``links=`` or :meth:`MdnsPresence.watch`) are reported and woken: mDNS on
+a shared LAN also announces strangers.
 
 zeroconf calls its handlers synchronously in the event loop and does not catch what they
 raise; a raising handler would abort the record update for every other listener. So the
@@ -186,6 +187,8 @@ class MdnsPresence:
         self.service_type = service_type
         self.presence = presence
         self._links: dict[str, Link[Any]] = dict(links) if links is not None else {}
+        self._aliases: dict[str, str] = {}
+        """Lower-cased instance name -> device, for devices watched with ``instance=``."""
         self._name_to_device = name_to_device
         self._shared_zc = zeroconf
         self._interfaces = interfaces
@@ -204,18 +207,33 @@ class MdnsPresence:
     def running(self) -> bool:
         return self._browser is not None
 
-    def watch(self, device: str, link: Link[Any]) -> None:
+    def watch(self, device: str, link: Link[Any], *, instance: str | None = None) -> None:
         """Report ``device``'s presence from now on and wake ``link`` when it announces.
+
+        ``instance``: the full instance name that is this device
+        (``"Hall Thermostat._keeplink._tcp.local."``), whatever its TXT record or label
+        say; ``None``: the device is found by the mapping rule (see the module doc).
 
         Replaces the link watched for ``device``, if any. If an instance naming ``device`` is
         already known (announced before this call), it is reported and the link woken now.
+        Raises ConfigError if ``instance`` is not an instance of this service type.
         """
+        if instance is not None:
+            if instance_label(instance, self.service_type) is None:
+                raise ConfigError(
+                    f"mDNS instance {instance!r} of {device!r} is not an instance of"
+                    f" {self.service_type!r}"
+                )
+            self._aliases[instance.lower()] = device
+            known = self._instances.get(instance.lower())
+            if known is not None:
+                known.device = device
         self._links[device] = link
         now_ms = current_time_millis()
-        for instance in self._instances.values():
-            remaining_s = (instance.expires_ms - now_ms) / 1000.0
-            if instance.device == device and remaining_s > 0:
-                self._report_online(device, instance.name, remaining_s)
+        for seen in self._instances.values():
+            remaining_s = (seen.expires_ms - now_ms) / 1000.0
+            if seen.device == device and remaining_s > 0:
+                self._report_online(device, seen.name, remaining_s)
                 return
 
     def watched(self) -> list[str]:
@@ -319,6 +337,10 @@ class MdnsPresence:
 
     def _on_seen(self, zc: Zeroconf, service_type: str, name: str) -> None:
         key = name.lower()
+        aliased = self._aliases.get(key)
+        if aliased is not None:
+            self._on_mapped(zc, service_type, name, aliased)
+            return
         if self._name_to_device is not None:
             self._on_mapped(zc, service_type, name, self._name_to_device(name))
             return
@@ -389,6 +411,8 @@ class MdnsPresence:
         instance = self._instances.pop(key, None)
         if instance is not None:
             device: str | None = instance.device
+        elif key in self._aliases:
+            device = self._aliases[key]
         elif self._name_to_device is not None:
             device = self._name_to_device(name)
         else:

@@ -57,7 +57,9 @@ class PresenceTracker:
     happen on the clock's timers (one per device with something pending, never a sleep), so
     on a :class:`~keeplink.VirtualClock` their times are exact.
 
-    Raises ConfigError on construction if a debounce is negative or not finite.
+    ``debounce_online_s`` and ``debounce_offline_s`` are every device's debounce unless
+    :meth:`configure` gives a device its own. Raises ConfigError on construction if a
+    debounce is negative or not finite.
     """
 
     def __init__(
@@ -73,6 +75,8 @@ class PresenceTracker:
         self.debounce_online_s = debounce_online_s
         self.debounce_offline_s = debounce_offline_s
         self._devices: dict[str, DevicePresence] = {}
+        self._debounce: dict[str, tuple[float, float]] = {}
+        """Per-device debounce (online, offline) given by :meth:`configure`."""
         self._timers: dict[str, tuple[float, Timer]] = {}
         self._waiters: dict[str, list[tuple[Presence, asyncio.Future[None]]]] = {}
         self._events: EventHub[PresenceChanged] = EventHub("presence tracker")
@@ -104,10 +108,9 @@ class PresenceTracker:
         claim = Claim(source, online, now, ttl_s)
         state = self._devices.get(device)
         if state is None:
+            online_s, offline_s = self.debounce_of(device)
             state = self._devices[device] = DevicePresence(
-                device,
-                debounce_online_s=self.debounce_online_s,
-                debounce_offline_s=self.debounce_offline_s,
+                device, debounce_online_s=online_s, debounce_offline_s=offline_s
             )
         _log.debug(
             "device %r: %s says %s (ttl %s)",
@@ -118,6 +121,37 @@ class PresenceTracker:
         )
         state.claim(claim, now)
         self._changed(device)
+
+    def configure(
+        self,
+        device: str,
+        *,
+        debounce_online_s: float | None = None,
+        debounce_offline_s: float | None = None,
+    ) -> None:
+        """Give ``device`` its own debounce (``None``: keep the tracker's, or what an
+        earlier call set). Best called before the device's first report; for a device
+        already reported, it applies from its next raw change on (a change already waiting
+        out its debounce keeps its due time).
+
+        Raises ConfigError (nothing changed) if a debounce is negative or not finite.
+        """
+        online_s, offline_s = self.debounce_of(device)
+        if debounce_online_s is not None:
+            check_debounce("debounce_online_s", debounce_online_s)
+            online_s = debounce_online_s
+        if debounce_offline_s is not None:
+            check_debounce("debounce_offline_s", debounce_offline_s)
+            offline_s = debounce_offline_s
+        self._debounce[device] = (online_s, offline_s)
+        state = self._devices.get(device)
+        if state is not None:
+            state.debounce_online_s = online_s
+            state.debounce_offline_s = offline_s
+
+    def debounce_of(self, device: str) -> tuple[float, float]:
+        """``device``'s debounce as ``(online_s, offline_s)``: its own, or the tracker's."""
+        return self._debounce.get(device, (self.debounce_online_s, self.debounce_offline_s))
 
     def forget(self, device: str, source: Source) -> None:
         """``source`` no longer has an opinion about ``device``: its claim is dropped.

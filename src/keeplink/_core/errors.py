@@ -42,6 +42,7 @@ __all__ = [
     "SlotsExhaustedError",
     "StoreBusyError",
     "StoreUnavailableError",
+    "WaitTimeoutError",
     "error_class_of",
 ]
 
@@ -201,6 +202,16 @@ class RequestTimeout(KeeplinkError):
     """A connect, handshake, send or reply did not complete within its deadline."""
 
     default_code = ErrorCode.TIMEOUT
+
+
+class WaitTimeoutError(RequestTimeout, TimeoutError):
+    """A caller's wait (e.g. ``Link.wait_connected(timeout=...)``) ran out before what it
+    waited for happened. Only the wait ended: the thing waited on (the link) is untouched.
+
+    Code ``timeout``, like every :class:`RequestTimeout`; also an instance of the builtin
+    :class:`TimeoutError`, so ``except TimeoutError`` catches it as it would
+    ``asyncio.timeout``'s.
+    """
 
 
 class RejectedError(KeeplinkError):

@@ -109,6 +109,18 @@ class Pong:
 
 @dataclass(frozen=True, slots=True)
 class StatePush:
+    """A device's unsolicited state push: ``{"t":"state","values":{...}}`` on the wire.
+
+    A link hands it to its subscribers as :class:`~keeplink.FrameReceived` (``frame``), so
+    match it by this public name, ``keeplink.StatePush``::
+
+        def on_event(event):
+            if isinstance(event, FrameReceived) and isinstance(event.frame, StatePush):
+                print(event.frame.values)  # e.g. {"temp": 21.5}
+
+    ``values`` is the JSON object the device sent, as decoded.
+    """
+
     values: Mapping[str, Any]
 
 

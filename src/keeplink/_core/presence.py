@@ -199,7 +199,11 @@ class PresenceChange:
 
 def check_debounce(name: str, value: float) -> None:
     """Raise ConfigError unless ``value`` is a usable debounce (finite, >= 0 seconds)."""
-    if not (value >= 0 and math.isfinite(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (value >= 0 and math.isfinite(value))
+    ):
         raise ConfigError(f"presence {name} must be a finite number >= 0, got {value!r}")
 
 

@@ -1,5 +1,5 @@
 """Drivers: one module per protocol. :mod:`keeplink.drivers.jsonline` is the reference."""
 
-from keeplink.drivers.jsonline import JsonLineCodec, JsonLineDriver
+from keeplink.drivers.jsonline import JsonLineCodec, JsonLineDriver, StatePush
 
-__all__ = ["JsonLineCodec", "JsonLineDriver"]
+__all__ = ["JsonLineCodec", "JsonLineDriver", "StatePush"]

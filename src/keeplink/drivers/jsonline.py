@@ -10,6 +10,12 @@ Identity: pass ``device_id`` and the session is refused with :class:`DeviceMisma
 another device, before any request is sent: a reused address or a swapped device never
 gets another device's commands.
 
+State pushes (``{"t":"state","values":{...}}``) arrive as :class:`~keeplink.FrameReceived`
+events whose ``frame`` is a :class:`StatePush` (also ``keeplink.StatePush``)::
+
+    link.subscribe(lambda e: isinstance(e, FrameReceived) and isinstance(e.frame, StatePush)
+                   and print(e.frame.values))
+
 TLS: pass an :class:`ssl.SSLContext` (for client certificates, load them into the context
 with ``load_cert_chain``). Heartbeats are ``{"t":"ping"}``, fire and forget; a device may
 answer ``pong`` or nothing, so its silence only counts once it has answered one.
@@ -40,13 +46,14 @@ from keeplink._core.jsonline import (
     Ping,
     Pong,
     Req,
+    StatePush,
     Welcome,
     encode_frame,
     encoded_request,
 )
 from keeplink._driver import FrameChannel, HeartbeatReply, Reply, SessionInfo
 
-__all__ = ["JsonLineCodec", "JsonLineDriver"]
+__all__ = ["JsonLineCodec", "JsonLineDriver", "StatePush"]
 
 SEQ_WIDTHS: Final = (8, 16, 32)
 _SHOWN_ID: Final = 64  # characters of a peer's claimed id put in a message: enough to spot it

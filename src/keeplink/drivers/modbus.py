@@ -100,6 +100,7 @@ __all__ = [
     "MAX_WRITE_BITS",
     "MAX_WRITE_REGISTERS",
     "OP_NAMES",
+    "PRESENT_EXCEPTIONS",
     "UNIT_MAX",
     "ModbusCodec",
     "ModbusDriver",
@@ -135,6 +136,7 @@ _MIN_ADU: Final = _MBAP_SIZE + 1  # a header and a function code
 _MIN_LENGTH: Final = 2
 _MAX_LENGTH: Final = 254
 _SAMPLE: Final = 32  # bytes of a malformed input kept for the log
+_EXCEPTION_PREFIX: Final = "modbus_exception_"
 
 EXCEPTION_NAMES: Final[Mapping[int, str]] = {
     1: "illegal function",
@@ -152,6 +154,18 @@ EXCEPTION_NAMES: Final[Mapping[int, str]] = {
 
 GATEWAY_ABSENT_EXCEPTIONS: Final = frozenset({10, 11})
 """The gateway answered, the unit behind it did not: the unit is absent, not refusing."""
+
+PRESENT_EXCEPTIONS: Final = frozenset({1, 2, 3, 5, 6, 7, 8})
+"""Exceptions that prove the unit itself answered (what :class:`UnitProbe` counts as
+online): it parsed the request and refused it (1 illegal function, 2 illegal data address,
+3 illegal data value), took it for later or is busy (5 acknowledge, 6 server device busy),
+or failed at something only the unit does (7 negative acknowledge, 8 memory parity error).
+
+Not 4, *server device failure*: the spec's "unrecoverable error while the server was
+attempting the action" is what a Modbus TCP server or gateway answers when it cannot do
+the read at all, and in particular what pymodbus's server answers for a unit id it does not
+hold (its datastore has no such unit). It says nothing of a unit having answered. Nor
+0x0A/0x0B (:data:`GATEWAY_ABSENT_EXCEPTIONS`) or a code the spec does not define."""
 
 _TYPES: Final[Mapping[str, tuple[str, int]]] = {
     "uint16": ("H", 1),
@@ -604,12 +618,22 @@ class ModbusDriver:
                 code=(
                     ErrorCode.DEVICE_UNAVAILABLE.value
                     if code in GATEWAY_ABSENT_EXCEPTIONS
-                    else f"modbus_exception_{code}"
+                    else f"{_EXCEPTION_PREFIX}{code}"
                 ),
                 message=f"{what} (exception {code})",
                 side={"exception_code": code},
             )
         return Reply(seq=frame.tid, ok=True, result=_result(frame.request, pdu))
+
+
+def _exception_of(code: str) -> int | None:
+    """The Modbus exception number a Rejected's code stands for (None: not one)."""
+    if code == ErrorCode.DEVICE_UNAVAILABLE.value:
+        return None  # 0x0A/0x0B, mapped to keeplink's code
+    number = code.removeprefix(_EXCEPTION_PREFIX)
+    if number == code or not (number.isascii() and number.isdigit()):
+        return None
+    return int(number)
 
 
 def _sequence(op: str, values: object) -> Sequence[object]:
@@ -732,9 +756,13 @@ _PROBE_OPS: Final = frozenset(op for op, spec in _OPS.items() if "count" in spec
 class UnitProbe:
     """Reads each unit behind a gateway link every ``interval_s`` and reports its presence.
 
-    An acknowledged read, or any Modbus exception other than 0x0A/0x0B (the unit answered,
-    it only disliked the address), says online; exceptions 0x0A/0x0B (the gateway could
-    not reach the unit) or no reply within ``timeout_s`` say offline. While the link itself
+    An acknowledged read, or an exception in :data:`PRESENT_EXCEPTIONS` (the unit answered,
+    it only disliked the address, say), says online. Any other exception says offline: 4
+    (server device failure: a server that could not do the read at all, which is what
+    pymodbus's server answers for a unit it does not have), 0x0A/0x0B (the gateway could not
+    reach the unit) or a code the spec does not define; and so does no reply within
+    ``timeout_s``. Probe a register the unit can read: a unit that answers its probe read
+    with exception 4 is reported offline, as it cannot serve reads. While the link itself
     is down the probe learns nothing about the units and says nothing: their last claims
     lapse after ``ttl_s`` (default ``LIVENESS_RATIO × interval_s``). Claims go to
     ``presence.report(device, Source.PROBE, online, ttl_s=ttl_s)``.
@@ -853,7 +881,7 @@ class UnitProbe:
         if isinstance(outcome, Acknowledged):
             online = True
         elif isinstance(outcome, Rejected):
-            online = outcome.code != ErrorCode.DEVICE_UNAVAILABLE.value
+            online = _exception_of(outcome.code) in PRESENT_EXCEPTIONS
         elif isinstance(outcome, TimedOut):
             online = False
         else:  # Unavailable or Cancelled: the link is down, the unit unknown

@@ -43,8 +43,14 @@ so the link's correlator resolves it like any reply. Sending returns once paho h
 packet, without waiting for the PUBACK: a late PUBACK times one request out, and never
 counts as a send timeout, which would close the session of every device behind the broker.
 
-Requests must name their device in ``args["device"]`` (one of ``devices``); anything else is
-an InvalidRequestError before a byte is sent.
+A request on the link itself names its device in ``args["device"]`` (one of ``devices``);
+anything else is an InvalidRequestError before a byte is sent. Through an
+:class:`~keeplink.outbox.Outbox`, naming the device once is enough:
+``outbox.submit("plug-1", "set", {"on": True})`` on a device attached with
+``outbox.attach("plug-1", link, hub=True)`` is delivered with ``args["device"]`` filled in
+from :meth:`MqttDriver.device_args`. Args that name the device themselves still work, and
+args that name another device are refused at submit (an InvalidRequestError, nothing
+stored).
 """
 
 from __future__ import annotations
@@ -716,6 +722,17 @@ class MqttDriver:
 
     def is_heartbeat_reply(self, frame: MqttFrame) -> bool:
         return False
+
+    def device_args(self, device: str) -> Mapping[str, Any]:
+        """The args that address ``device`` on this link: ``{"device": device}``. What an
+        :class:`~keeplink.outbox.Outbox` fills into the commands of a device attached to the
+        link, so a command names its device once. Raises InvalidRequestError for a device
+        this driver does not serve."""
+        if device not in self._commands:
+            raise InvalidRequestError(
+                f"mqtt: unknown device {device!r}; this link serves {sorted(self.devices)}"
+            )
+        return {"device": device}
 
     def build_request(
         self, seq: int, op: str, args: Mapping[str, Any], key: str | None

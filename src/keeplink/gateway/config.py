@@ -22,6 +22,10 @@
     device_id = "hall-thermostat"      # the id its welcome must name (default: id)
     auth_retry_s = 600                 # after auth_failed/device_mismatch (default: stay failed)
     max_queued = 10000                 # commands waiting for this device at most
+    debounce_online_s = 1              # presence must hold this long to be announced online
+    debounce_offline_s = 3             # ... and this long to be announced offline
+    presence = "mdns"                  # "link" (default) or "mdns": see below
+    mdns_service = "_keeplink._tcp"    # with presence = "mdns" (this is the default)
 
 A jsonline device must name itself ``device_id`` in its handshake, or the session is refused
 with ``device_mismatch`` and nothing is sent; set ``device_id`` for a device that reports
@@ -29,6 +33,19 @@ its id in another form (a MAC address, a serial number). ``auth_retry_s`` turns 
 (``auth_failed``, ``device_mismatch``, a config error the peer reports) from terminal
 (state ``failed``, until ``POST /api/devices/{id}/reconnect`` or a restart) into a slow
 retry every that many seconds. Every key is described in ``docs/gateway.md``.
+
+Presence (what the API shows and what gates delivery) is debounced per device:
+``debounce_online_s`` (default 1) and ``debounce_offline_s`` (default 3) are how long a
+change must hold before it is announced; 0 announces at once. ``presence = "link"`` (the
+default) takes it from the device's own link, or for devices behind a shared Modbus gateway
+or MQTT broker from the unit probe or MQTT availability. ``presence = "mdns"`` adds mDNS
+(zeroconf; ``pip install 'keeplink[mdns]'``) announcements: an announcement reports the
+device online for its record's TTL and wakes its link out of a backoff wait at once; a
+goodbye reports it offline (the link's own word, when it has one, outranks mDNS).
+``mdns_service`` says what to watch: a service type (``"_keeplink._tcp"``, the default;
+``.local.`` may be written or left out), where the device is the instance whose TXT ``id``,
+or failing that whose instance name, is the device's ``id``; or one full instance name
+(``"Hall Thermostat._keeplink._tcp.local."``), which is then this device whatever it says.
 
 Every error is a ConfigError: ``keeplink.toml: devices[1].port: must be an integer in
 1..65535, got "70000"`` — and nothing starts.
@@ -59,6 +76,7 @@ __all__ = [
     "GatewayConfig",
     "load_config",
     "parse_config",
+    "split_mdns_service",
 ]
 
 DEFAULT_LISTEN: Final = "127.0.0.1:8470"
@@ -70,6 +88,14 @@ take on a loaded machine."""
 DRIVERS: Final = ("jsonline", "modbus", "mqtt")
 MIN_TOKEN_CHARS: Final = 16
 """A bearer token shorter than this is a placeholder or guessable; the generated one has 24."""
+DEFAULT_DEBOUNCE_ONLINE_S: Final = 1.0
+DEFAULT_DEBOUNCE_OFFLINE_S: Final = 3.0
+PRESENCE_SOURCES: Final = ("link", "mdns")
+DEFAULT_MDNS_SERVICE: Final = "_keeplink._tcp.local."
+MAX_INSTANCE_BYTES: Final = 63
+"""An mDNS instance label is one DNS label: at most 63 bytes of UTF-8 (RFC 6763 4.1.1)."""
+_SERVICE_LABEL: Final = re.compile(r"_[A-Za-z0-9]([A-Za-z0-9-]{0,13}[A-Za-z0-9])?")
+"""A DNS-SD service name label: '_' and 1..15 letters, digits or inner hyphens (RFC 6335)."""
 DEFAULT_MAX_QUEUED: Final = 10_000
 MAX_MAX_QUEUED: Final = 2**31 - 1
 DEFAULT_HEADER_TIMEOUT_S: Final = 10.0
@@ -98,7 +124,8 @@ GATEWAY_KEYS: Final = frozenset({
 DEVICE_KEYS: Final = frozenset({
     "id", "driver", "host", "port", "token", "seq_bits", "max_in_flight",
     "heartbeat_s", "backoff", "hub", "hub_slots", "unit", "options", "max_queued",
-    "device_id", "auth_retry_s",
+    "device_id", "auth_retry_s", "debounce_online_s", "debounce_offline_s",
+    "presence", "mdns_service",
 })  # fmt: skip
 """The keys each ``[[devices]]`` table takes; any other is refused."""
 BACKOFF_KEYS: Final = frozenset({"initial_s", "cap_s", "factor"})
@@ -130,6 +157,28 @@ class DeviceConfig:
     """Driver-specific extras (see DRIVER_OPTIONS), checked against what the driver takes."""
     max_queued: int = DEFAULT_MAX_QUEUED
     """Commands that may wait for this device at once."""
+    debounce_online_s: float = DEFAULT_DEBOUNCE_ONLINE_S
+    """How long presence must hold online before it is announced (0: at once)."""
+    debounce_offline_s: float = DEFAULT_DEBOUNCE_OFFLINE_S
+    """How long presence must hold offline before it is announced (0: at once)."""
+    presence: str = "link"
+    """``"link"``: presence from the link (or a hub's probe / MQTT availability) only;
+    ``"mdns"``: mDNS announcements too, which also wake the link."""
+    mdns_service: str | None = None
+    """With ``presence = "mdns"``: the service type (``_keeplink._tcp.local.``) or the full
+    instance name to watch, normalised to end in ``.local.``; ``None`` otherwise."""
+
+    @property
+    def mdns_type(self) -> str | None:
+        """The DNS-SD service type of ``mdns_service`` (``_keeplink._tcp.local.``)."""
+        return None if self.mdns_service is None else split_mdns_service(self.mdns_service)[1]
+
+    @property
+    def mdns_instance(self) -> str | None:
+        """The full instance name ``mdns_service`` names, or ``None`` for a bare type."""
+        if self.mdns_service is None or split_mdns_service(self.mdns_service)[0] is None:
+            return None
+        return self.mdns_service
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -224,6 +273,20 @@ class _Checker:
             self.fail(key, f"must be an integer in {lo}..{hi}, got {value!r}")
         return int(value)
 
+    def debounce(self, key: str, default: float) -> float:
+        """A debounce: a finite number of seconds, 0 or more."""
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            self.fail(key, f"must be a number of seconds, 0 or more, got {value!r}")
+        return float(value)
+
     def seconds(self, key: str, default: float | None, *, allow_none: bool = False) -> float | None:
         if key not in self.table:
             return default
@@ -256,6 +319,48 @@ def _listen(source: str, value: object) -> tuple[str, int]:
     if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{source}: gateway.listen: port must be 0..65535, got {port_text!r}")
     return host, int(port_text)
+
+
+def split_mdns_service(value: str) -> tuple[str | None, str]:
+    """``(instance label or None, service type)`` of an ``mdns_service`` value, the type
+    ending in ``.local.``: ``"Hall._keeplink._tcp"`` -> ``("Hall", "_keeplink._tcp.local.")``.
+    Raises ValueError naming what is wrong."""
+    name = value[:-1] if value.endswith(".") else value
+    labels = name.split(".")
+    if labels[-1].lower() != "local":
+        labels.append("local")
+    if len(labels) < 3 or labels[-2].lower() not in ("_tcp", "_udp"):
+        raise ValueError("must be a service type like '_keeplink._tcp' or an instance name")
+    if not _SERVICE_LABEL.fullmatch(labels[-3]):
+        raise ValueError(
+            f"the service name {labels[-3]!r} must be '_' and 1..15 letters, digits or '-'"
+        )
+    service_type = ".".join(labels[-3:]).lower() + "."  # DNS names ignore case
+    if len(labels) == 3:
+        return None, service_type
+    instance = ".".join(labels[:-3])
+    if not instance or instance.startswith(".") or len(instance.encode()) > MAX_INSTANCE_BYTES:
+        raise ValueError(
+            f"the instance name must be 1..{MAX_INSTANCE_BYTES} bytes of UTF-8, not starting"
+            " with '.'"
+        )
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in instance):
+        raise ValueError("the instance name must not contain control characters")
+    return instance, service_type
+
+
+def _mdns_service(c: _Checker, table: Mapping[str, Any], presence: str) -> str | None:
+    """``mdns_service`` normalised (``….local.``), or None when presence is not mDNS."""
+    if presence != "mdns":
+        if "mdns_service" in table:
+            c.fail("mdns_service", f'is only for presence = "mdns", this device has {presence!r}')
+        return None
+    value = c.text("mdns_service", DEFAULT_MDNS_SERVICE) or DEFAULT_MDNS_SERVICE
+    try:
+        instance, service_type = split_mdns_service(value)
+    except ValueError as exc:
+        c.fail("mdns_service", f"{exc}, got {value[:80]!r}")
+    return service_type if instance is None else f"{instance}.{service_type}"
 
 
 def _is_loopback(host: str) -> bool:
@@ -336,6 +441,9 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
     named = c.text("device_id", device_id) if driver == "jsonline" else None
     if named is not None and len(named) > 256:
         c.fail("device_id", "must be at most 256 characters")
+    presence = c.text("presence", "link") or "link"
+    if presence not in PRESENCE_SOURCES:
+        c.fail("presence", f'must be "link" or "mdns", got {presence!r}')
     assert port is not None
     assert seq_bits is not None
     return DeviceConfig(
@@ -355,6 +463,10 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
         options=options,
         max_queued=c.integer("max_queued", DEFAULT_MAX_QUEUED, 1, MAX_MAX_QUEUED)
         or DEFAULT_MAX_QUEUED,
+        debounce_online_s=c.debounce("debounce_online_s", DEFAULT_DEBOUNCE_ONLINE_S),
+        debounce_offline_s=c.debounce("debounce_offline_s", DEFAULT_DEBOUNCE_OFFLINE_S),
+        presence=presence,
+        mdns_service=_mdns_service(c, table, presence),
     )
 
 

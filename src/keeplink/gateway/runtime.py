@@ -33,7 +33,12 @@ from keeplink._events import LinkEvent, LinkStateChanged
 from keeplink._link import Link, LinkStatistics
 from keeplink._slots import SlotPool
 from keeplink.drivers.jsonline import JsonLineDriver
-from keeplink.gateway.config import DeviceConfig, GatewayConfig
+from keeplink.gateway.config import (
+    DEFAULT_DEBOUNCE_OFFLINE_S,
+    DEFAULT_DEBOUNCE_ONLINE_S,
+    DeviceConfig,
+    GatewayConfig,
+)
 from keeplink.gateway.fleet import Fleet, Unit
 from keeplink.outbox import (
     CommandStateChanged,
@@ -194,7 +199,16 @@ class Gateway:
             self.store = open_store(config.store, base=base_dir)
         except ConfigError as exc:
             raise ConfigError(f"{config.source}: gateway.store: {exc.message}") from exc
-        self.presence = PresenceTracker(debounce_online_s=1.0, debounce_offline_s=3.0)
+        self.presence = PresenceTracker(
+            debounce_online_s=DEFAULT_DEBOUNCE_ONLINE_S,
+            debounce_offline_s=DEFAULT_DEBOUNCE_OFFLINE_S,
+        )
+        for device in config.devices:  # each device's own debounce, before any report
+            self.presence.configure(
+                device.id,
+                debounce_online_s=device.debounce_online_s,
+                debounce_offline_s=device.debounce_offline_s,
+            )
         self.fleet: Fleet | None = None
         """In a fleet (a PostgreSQL store): this node's leases; None on a single node."""
         self.remote: dict[str, dict[str, Any]] = {}
@@ -212,6 +226,9 @@ class Gateway:
         """Device id → the link it is reached through (shared by a hub's devices)."""
         self.pools: dict[str, SlotPool] = {}
         self.probes: list[Any] = []
+        self.mdns: list[Any] = []
+        """One :class:`~keeplink.mdns.MdnsPresence` per service type that devices with
+        ``presence = "mdns"`` are watched on."""
         self._seq = 0
         self._backlog: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENT_BACKLOG)
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -227,7 +244,9 @@ class Gateway:
 
         A jsonline device has its own link. Devices behind one Modbus gateway, or on one
         MQTT broker, share that hub's link; their presence comes from a unit probe or from
-        MQTT availability, not from the shared link.
+        MQTT availability, not from the shared link. Devices with ``presence = "mdns"`` are
+        watched over mDNS too (see :meth:`_start_mdns`). Each device's presence is
+        debounced by its own ``debounce_online_s`` / ``debounce_offline_s``.
         """
         plans = self._plan()  # fail on a bad driver before touching anything
         try:
@@ -262,8 +281,43 @@ class Gateway:
             self.fleet.start()
         for probe in self.probes:
             probe.start()
+        await self._start_mdns()
         self.started_at = time.time()
         _log.info("gateway: %d device(s), store %s", len(self.links), self.config.store)
+
+    async def _start_mdns(self) -> None:
+        """Watch every ``presence = "mdns"`` device on its service type: an announcement
+        reports it online (Source.MDNS) and wakes its link; a goodbye reports it offline.
+
+        mDNS that cannot start (no usable interface, its sockets refused) is logged with
+        code ``discovery_failed`` and the gateway goes on without it: those devices keep
+        the presence their links give them.
+        """
+        by_type: dict[str, list[DeviceConfig]] = {}
+        for device in self.config.devices:
+            if device.presence == "mdns" and device.mdns_type is not None:
+                by_type.setdefault(device.mdns_type, []).append(device)
+        if not by_type:
+            return
+        from keeplink.mdns import MdnsPresence
+
+        for service_type, devices in by_type.items():
+            mdns = MdnsPresence(service_type=service_type, presence=self.presence)
+            for device in devices:
+                with _naming(self.config, device, "mdns_service"):
+                    mdns.watch(device.id, self.links[device.id], instance=device.mdns_instance)
+            try:
+                await mdns.start()
+            except KeeplinkError as exc:
+                _log.error(
+                    "gateway: mDNS for %s cannot start, %s go on without it: %s [%s]",
+                    service_type,
+                    ", ".join(d.id for d in devices),
+                    exc.message,
+                    exc.wire_code,
+                )
+                continue
+            self.mdns.append(mdns)
 
     def _unit(self, link: Link[Any], devices: list[str], hub: bool) -> Unit:
         """A link and its devices as one thing a fleet node owns."""
@@ -305,6 +359,11 @@ class Gateway:
         plans: list[tuple[Link[Any], list[DeviceConfig], bool]] = []
         hubs: dict[tuple[str, str, int], list[DeviceConfig]] = {}
         for device in self.config.devices:
+            if device.presence == "mdns" and importlib.util.find_spec("zeroconf") is None:
+                raise ConfigError(
+                    f"{self.config.source}: devices[{self.config.devices.index(device)}]"
+                    ".presence: mDNS presence needs: pip install 'keeplink[mdns]'"
+                )
             if device.driver == "jsonline":
                 with _naming(self.config, device, "driver"):
                     driver = _driver(device)
@@ -382,6 +441,9 @@ class Gateway:
         next start — the same recovery a crash gets, so both leave a consistent store."""
         if self.fleet is not None:
             await self.fleet.close()  # hand every unit over gracefully, release the leases
+        for mdns in self.mdns:
+            await mdns.close()
+        self.mdns.clear()
         for probe in self.probes:
             await probe.close()
         await asyncio.gather(*(link.stop() for link in set(self.links.values())))

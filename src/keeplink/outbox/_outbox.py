@@ -161,6 +161,9 @@ class _Device:
     record: DeviceRecord
     link: Link[Any] | None = None
     hub: bool = False
+    address: Mapping[str, Any] = field(default_factory=dict)
+    """The args that address the device on its link (the driver's ``device_args``), filled
+    into every command delivered through it."""
     unsubscribe: Callable[[], None] | None = None
     task: asyncio.Task[None] | None = None
     again: bool = False
@@ -340,12 +343,22 @@ class Outbox:
         MQTT broker, a cloud): a connected hub says nothing about one device behind it, so
         the link only gates delivery and presence must come from elsewhere (a probe, MQTT
         availability, mDNS).
+
+        A link whose driver has ``device_args(device)`` (the MQTT driver: ``{"device":
+        device}``) addresses the device by those args: every command is delivered with them
+        filled in, so a command names its device once (``submit(device, op, args)``), and a
+        submit whose args name another value for one of them is an InvalidRequestError.
+        Raises InvalidRequestError (nothing attached) if that driver does not serve
+        ``device``.
         """
+        addressing = getattr(link.driver, "device_args", None)
+        address = dict(addressing(device)) if callable(addressing) else {}
         state = await self._device(device)
         if state.unsubscribe is not None:
             state.unsubscribe()
         state.link = link
         state.hub = hub
+        state.address = address
 
         def on_link(event: LinkEvent) -> None:
             if isinstance(event, LinkStateChanged):
@@ -513,6 +526,9 @@ class Outbox:
             raise InvalidRequestError(
                 f"unknown precondition {precondition!r}; known: {sorted(self.preconditions)}"
             )
+        attached = self._devices.get(device)
+        if attached is not None and args is not None:
+            _check_address(device, attached.address, args)
         now = self.clock.now()
         command = new_command(
             device=device,
@@ -941,9 +957,10 @@ class Outbox:
             # before the task runs leaves no coroutine un-awaited.
             if executor is not None:
                 return await executor(link, command, context)
+            args = {**command.args, **state.address} if state.address else command.args
             return await link.request(
                 command.op,
-                command.args,
+                args,
                 timeout=self.request_timeout_s,
                 key=command.idempotency_key,
             )
@@ -1000,3 +1017,13 @@ class Outbox:
         nxt = await self.store.next_expiry()
         if nxt is not None:
             self._watch_expiry(nxt)
+
+
+def _check_address(device: str, address: Mapping[str, Any], args: Mapping[str, Any]) -> None:
+    """Refuse args that address another device than the command's own."""
+    for name, value in address.items():
+        if name in args and args[name] != value:
+            raise InvalidRequestError(
+                f"args[{name!r}] is {args[name]!r}, but the command is for device {device!r}"
+                f" ({name} = {value!r}); leave {name!r} out, it is filled in"
+            )
