@@ -224,6 +224,21 @@ def test_a_frame_with_an_unpaired_surrogate_is_malformed_and_a_pair_is_text() ->
     assert paired.result == {"e": "\U0001f600"}
 
 
+def test_a_number_too_large_for_a_double_is_malformed_and_the_largest_one_is_a_number() -> None:
+    """1e400 is valid JSON text, but it is no number a double holds: Python reads it as
+    infinity, which no store keeps (a settled command with it stayed sending for good)."""
+    decoder = JsonLineDecoder()
+    huge, negative, largest = decoder.feed(
+        b'{"t":"ack","seq":1,"ok":true,"result":{"v":1e400}}\n'
+        b'{"t":"state","values":{"v":-1e999}}\n'
+        b'{"t":"ack","seq":2,"ok":true,"result":{"v":1.7976931348623157e308}}\n'
+    )
+    assert isinstance(huge, Malformed) and "too large" in huge.reason
+    assert isinstance(negative, Malformed) and "too large" in negative.reason
+    assert isinstance(largest, Ack)
+    assert largest.result == {"v": 1.7976931348623157e308}
+
+
 def test_an_error_keeps_text_a_store_takes() -> None:
     info = ErrorInfo.of(RejectedError("a\ud800b\x00c" + "m" * 5000, wire_code="busy\ud800"))
     info.message.encode("utf-8")  # valid text now

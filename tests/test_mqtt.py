@@ -609,6 +609,15 @@ def test_incoming_messages_decode_by_topic() -> None:
     assert isinstance(driver.decode("b/resp", b"{}"), Message)
     for bad in (b"not json", b"[1]", b'{"cid":-1,"ok":true}', b'{"cid":1}', b'{"cid":1,"ok":1}'):
         assert isinstance(driver.decode("a/resp", bad), Malformed), bad
+    # Replies no store can keep are malformed too (one settled with them stayed sending).
+    for unstorable, why in (
+        (b'{"cid":1,"ok":true,"result":{"v":1e400}}', "too large for a double"),
+        (b'{"cid":1,"ok":true,"result":{"v":NaN}}', "NaN is not JSON"),
+        (b'{"cid":1,"ok":false,"code":"\\ud800"}', "unpaired UTF-16 surrogate"),
+        (b'{"cid":1,"ok":true,"result":' + b'[' * 70 + b']' * 70 + b"}", "nested deeper"),
+    ):
+        decoded = driver.decode("a/resp", unstorable)
+        assert isinstance(decoded, Malformed) and why in decoded.reason, (unstorable, decoded)
     assert driver.match_reply(Delivered(seq=3, topic="a/cmd")) == Reply(seq=3, ok=True)
     assert isinstance(reply, Response)
     assert driver.match_reply(reply) == Reply(

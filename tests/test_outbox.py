@@ -575,3 +575,19 @@ async def test_a_command_queued_again_after_an_attempt_still_expires(rig: Rig) -
     await eventually(lambda: rig.link.statistics().requests_in_flight == 0)
     await rig.clock.advance(100)
     assert (await final(rig, x.id)).state is Q.EXPIRED
+
+
+async def test_a_command_the_link_can_never_carry_fails_and_the_queue_moves_on(rig: Rig) -> None:
+    """A command longer than a jsonline frame may be (64 KiB) is stored, but its driver
+    refuses it at delivery: it fails with invalid_request, once, and the next one goes.
+    (It used to be retried forever as if the store were down, blocking the queue.)"""
+    huge = await rig.outbox.submit("valve", "set", {"blob": "x" * 70_000})
+    after = await rig.outbox.submit("valve", "set", {"open": True})
+    await online(rig)
+    done = await final(rig, huge.id)
+    assert done.state is Q.FAILED
+    assert done.last_error is not None and done.last_error.code == "invalid_request"
+    assert "line limit" in done.last_error.message
+    assert (await final(rig, after.id)).state is Q.SUCCEEDED
+    assert [c.key for c in rig.sim.applied] == [after.idempotency_key]
+    assert rig.states(huge.id) == ["queued", "sending", "failed"]

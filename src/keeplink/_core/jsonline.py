@@ -14,6 +14,7 @@ never raises and never disturbs the frames around it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ __all__ = [
     "Welcome",
     "encode_frame",
     "encoded_request",
+    "load_object",
 ]
 
 MAX_LINE: Final = 64 * 1024
@@ -227,6 +229,14 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    # 1e400 is JSON, but no double holds it: read as infinity, no store could keep it.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large for a double")
+    return value
+
+
 def _deeper_than(value: object, limit: int) -> bool:
     """Whether ``value`` nests objects/arrays more than ``limit`` levels (without recursion)."""
     stack: list[tuple[object, int]] = [(value, 1)]
@@ -273,24 +283,37 @@ def _may_nest_deeper(text: bytes | str, limit: int) -> bool:
     return text.count(b"[") + text.count(b"{") > limit
 
 
-def _decode_line(line: bytes) -> Frame | Malformed:
+def load_object(data: bytes) -> dict[str, Any]:
+    """``data`` as a JSON object every store, log and answer of keeplink can keep, or a
+    ValueError that says why not: not UTF-8, not JSON (NaN and Infinity are not), not an
+    object, a number too large for a double, nested deeper than MAX_DEPTH, or a string
+    with an unpaired UTF-16 surrogate. What a device sends is read through this, whatever
+    its protocol."""
     try:
-        text = line.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return Malformed(f"invalid UTF-8 at byte {exc.start}", line[:_SAMPLE])
+        raise ValueError(f"invalid UTF-8 at byte {exc.start}") from None
     try:
-        obj = json.loads(text, parse_constant=_refuse_constant)
-    except ValueError as exc:  # JSONDecodeError, and the NaN/Infinity refusal
-        return Malformed(f"invalid JSON: {exc}", line[:_SAMPLE])
+        obj = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite)
+    except ValueError as exc:  # JSONDecodeError, and the NaN/Infinity/overflow refusals
+        raise ValueError(f"invalid JSON: {exc}") from None
     except RecursionError:
-        return Malformed("invalid JSON: nested too deeply", line[:_SAMPLE])
+        raise ValueError("invalid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
-        return Malformed(f"not a JSON object but {type(obj).__name__}", line[:_SAMPLE])
-    if _may_nest_deeper(line, MAX_DEPTH) and _deeper_than(obj, MAX_DEPTH):
-        return Malformed(f"nested deeper than {MAX_DEPTH} levels", line[:_SAMPLE])
+        raise ValueError(f"not a JSON object but {type(obj).__name__}")
+    if _may_nest_deeper(data, MAX_DEPTH) and _deeper_than(obj, MAX_DEPTH):
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
     if _SURROGATE_ESCAPE.search(text) and _lone_surrogate(obj):
         # "\ud800" alone is valid JSON but not text: no store or log can keep it.
-        return Malformed("a string holds an unpaired UTF-16 surrogate", line[:_SAMPLE])
+        raise ValueError("a string holds an unpaired UTF-16 surrogate")
+    return obj
+
+
+def _decode_line(line: bytes) -> Frame | Malformed:
+    try:
+        obj = load_object(line)
+    except ValueError as exc:
+        return Malformed(str(exc), line[:_SAMPLE])
     try:
         return _parse(obj)
     except _BadFrame as exc:

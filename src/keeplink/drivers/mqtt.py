@@ -85,7 +85,7 @@ from keeplink._core.errors import (
     ProtocolError,
     RequestTimeout,
 )
-from keeplink._core.jsonline import Malformed
+from keeplink._core.jsonline import Malformed, load_object
 from keeplink._core.presence import Source
 from keeplink._driver import FrameChannel, HeartbeatReply, Reply, SessionInfo
 
@@ -808,11 +808,9 @@ class MqttDriver:
     ) -> MqttFrame | Malformed:
         sample = payload[:SAMPLE_BYTES]
         try:
-            obj = json.loads(payload)
-        except (UnicodeDecodeError, ValueError):
-            return Malformed(f"response from {device!r} is not JSON", sample)
-        if not isinstance(obj, dict):
-            return Malformed(f"response from {device!r} is not a JSON object", sample)
+            obj = load_object(payload)
+        except ValueError as exc:
+            return Malformed(f"response from {device!r}: {exc}", sample)
         if "cid" not in obj:
             # Not a reply: something else the device says on that topic.
             return Message(topic=topic, payload=payload, retained=retained, qos=qos)

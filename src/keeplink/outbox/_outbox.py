@@ -38,6 +38,7 @@ from keeplink._core.dispatch import (
     PreconditionResult,
     Resume,
     Send,
+    Settlement,
     Waiting,
     begin_cycles,
     breaker,
@@ -53,6 +54,7 @@ from keeplink._core.errors import (
     ConfigError,
     ConflictError,
     ErrorClass,
+    ErrorInfo,
     FencedError,
     InvalidRequestError,
     KeeplinkError,
@@ -869,20 +871,35 @@ class Outbox:
                 return True  # cancelled or superseded meanwhile
             state.in_flight = sending.id
             episode = state.episode
+            refused: InvalidRequestError | None = None
             if sending.id in self._cancel_requested:
                 # cancel() arrived while "sending" was being committed: nothing was written.
                 outcome: Outcome = Cancelled(reason="cancelled by a user")
             else:
-                outcome = await self._execute(state, sending, attempt)
-            settlement = settle(
-                sending,
-                outcome,
-                now=self.clock.now(),
-                live=episode == state.episode and self._gate(state) is Gate.OPEN,
-                retry_after_s=self.retry_after_s,
-                jitter=self._rng(),
-                cancel_requested=sending.id in self._cancel_requested,
-            )
+                try:
+                    outcome = await self._execute(state, sending, attempt)
+                except InvalidRequestError as exc:
+                    # The link (its driver) can never carry this command as it is: a frame
+                    # too long, args its protocol cannot say. Nothing went out; retrying
+                    # would only block the queue behind it. (Not the device's fault: the
+                    # breaker does not count it.)
+                    refused, outcome = exc, Cancelled(reason="refused by the link")
+            if refused is not None:
+                settlement = Settlement(
+                    transition(
+                        sending, _Q.FAILED, now=self.clock.now(), last_error=ErrorInfo.of(refused)
+                    )
+                )
+            else:
+                settlement = settle(
+                    sending,
+                    outcome,
+                    now=self.clock.now(),
+                    live=episode == state.episode and self._gate(state) is Gate.OPEN,
+                    retry_after_s=self.retry_after_s,
+                    jitter=self._rng(),
+                    cancel_requested=sending.id in self._cancel_requested,
+                )
             settled = True
             done = settlement.command
             announce = self._announcer(done, _Q.SENDING)
