@@ -241,6 +241,41 @@ BAD_CONFIGS: dict[str, tuple[str, str, str]] = {
         "devices[0].mdns_service",
         "1..63 bytes",
     ),
+    "modbus-token": (GW + MODBUS + f'token = "{LONG}"\n', "devices[0].token", "does not use it"),
+    "modbus-heartbeat": (GW + MODBUS + "heartbeat_s = 5\n", "devices[0].heartbeat_s", "modbus"),
+    "mqtt-seq-bits": (GW + MQTT + "seq_bits = 8\n", "devices[0].seq_bits", "does not use"),
+    "mqtt-max-in-flight": (GW + MQTT + "max_in_flight = 4\n", "devices[0].max_in_flight", "mqtt"),
+    "mqtt-hub": (GW + MQTT + 'hub = "ble"\n', "devices[0].hub", "does not use it"),
+    "hub-link-backoff-differs": (
+        GW
+        + MODBUS
+        + MODBUS.replace("meter", "meter2").replace("unit = 1", "unit = 2")
+        + "[devices.backoff]\ncap_s = 5\n",
+        "devices[1].backoff",
+        r"shares one link to 127.0.0.1:502 with devices\[0\], made with its backoff",
+    ),
+    "hub-link-auth-retry-differs": (
+        GW + MQTT + MQTT.replace("plug", "plug2") + "auth_retry_s = 60\n",
+        "devices[1].auth_retry_s",
+        "give both the same auth_retry_s",
+    ),
+    "hub-link-window-differs": (
+        GW
+        + MODBUS
+        + "max_in_flight = 2\n"
+        + MODBUS.replace("meter", "meter2").replace("unit = 1", "unit = 2"),
+        "devices[1].max_in_flight",
+        "made with its max_in_flight",
+    ),
+    "hub-slots-differ": (
+        GW
+        + DEV
+        + 'hub = "ble"\nhub_slots = 2\n'
+        + DEV.replace("hall", "porch").replace("7001", "7002")
+        + 'hub = "ble"\n',
+        "devices[1].hub_slots",
+        "hub 'ble' has one slot pool, made with devices\\[0\\]'s hub_slots \\(2\\)",
+    ),
     "not-toml": ("[gateway\n", "not valid TOML", "line 1"),
 }
 

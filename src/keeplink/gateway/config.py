@@ -128,6 +128,15 @@ DEVICE_KEYS: Final = frozenset({
     "presence", "mdns_service",
 })  # fmt: skip
 """The keys each ``[[devices]]`` table takes; any other is refused."""
+UNUSED_KEYS: Final[Mapping[str, frozenset[str]]] = {
+    "modbus": frozenset({"token", "seq_bits", "heartbeat_s"}),
+    "mqtt": frozenset({"token", "seq_bits", "max_in_flight", "heartbeat_s", "hub", "hub_slots"}),
+}
+"""Device keys a driver has no use for: given, they are a config error, not ignored (the
+MQTT driver takes its credentials and reply width in ``options``)."""
+HUB_LINK_KEYS: Final = ("backoff", "max_in_flight", "hub", "hub_slots")
+"""Settings of the one link devices on one Modbus or MQTT host and port share: they must
+agree between those devices."""
 BACKOFF_KEYS: Final = frozenset({"initial_s", "cap_s", "factor"})
 """The keys a device's ``backoff`` table takes."""
 _LABEL: Final = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
@@ -438,6 +447,8 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
         c.fail("unit", f"only modbus devices have a unit, this one is {driver}")
     if driver != "jsonline" and "device_id" in table:
         c.fail("device_id", f"only jsonline devices name themselves in a handshake, not {driver}")
+    for key in sorted(UNUSED_KEYS.get(driver, frozenset()) & set(table)):
+        c.fail(key, f"a {driver} device does not use it (see docs/gateway.md)")
     named = c.text("device_id", device_id) if driver == "jsonline" else None
     if named is not None and len(named) > 256:
         c.fail("device_id", "must be at most 256 characters")
@@ -472,7 +483,8 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
 
 def _shared_options(source: str, devices: tuple[DeviceConfig, ...]) -> None:
     """Modbus and MQTT devices on one host and port share one link, made with the first
-    one's options: another device's own options would be silently ignored."""
+    one's settings, and devices of one ``hub`` share one slot pool: another device's own
+    settings would be silently ignored, so they must agree."""
     first: dict[tuple[str, str, int], int] = {}
     for i, device in enumerate(devices):
         if device.driver == "jsonline":
@@ -483,6 +495,28 @@ def _shared_options(source: str, devices: tuple[DeviceConfig, ...]) -> None:
                 f"{source}: devices[{i}].options: this {device.driver} device shares one link "
                 f"to {device.host}:{device.port} with devices[{j}], whose options it uses; "
                 f"give both the same options, or options on devices[{j}] only"
+            )
+        for key in HUB_LINK_KEYS:
+            if getattr(device, key) != getattr(devices[j], key):
+                if key == "backoff" and device.backoff.terminal_retry_s != (
+                    devices[j].backoff.terminal_retry_s
+                ):
+                    key = "auth_retry_s"  # name the key the user wrote
+                raise ConfigError(
+                    f"{source}: devices[{i}].{key}: this {device.driver} device shares one "
+                    f"link to {device.host}:{device.port} with devices[{j}], made with its "
+                    f"{key}; give both the same {key}"
+                )
+    hubs: dict[str, int] = {}
+    for i, device in enumerate(devices):
+        if device.hub is None:
+            continue
+        j = hubs.setdefault(device.hub, i)
+        if device.hub_slots != devices[j].hub_slots:
+            raise ConfigError(
+                f"{source}: devices[{i}].hub_slots: hub {device.hub!r} has one slot pool, "
+                f"made with devices[{j}]'s hub_slots ({devices[j].hub_slots}); give every "
+                f"device of the hub the same hub_slots"
             )
 
 
