@@ -324,6 +324,16 @@ async def get_device(request: web.Request) -> web.Response:
     return _answer(models.Device, await gateway.device_view(request.match_info["device"]))
 
 
+async def device_history(request: web.Request) -> web.Response:
+    """The device's last hours, from this node's bounded in-memory history."""
+    _authorize_read(request)
+    gateway = request.app[GATEWAY_KEY]
+    device_id = request.match_info["device"]
+    gateway.device(device_id)  # 404 before looking at the query
+    query = _query(request, models.HistoryQuery)
+    return _answer(models.DeviceHistory, gateway.history_view(device_id, hours=query.hours))
+
+
 async def submit_command(request: web.Request) -> web.Response:
     _authorize(request)
     gateway = request.app[GATEWAY_KEY]
@@ -667,6 +677,7 @@ def build_app(gateway: Gateway, *, token: str) -> web.Application:
     app.router.add_get("/", dashboard, expect_handler=_expect)
     app.router.add_get("/api/devices", list_devices, expect_handler=_expect)
     app.router.add_get("/api/devices/{device}", get_device, expect_handler=_expect)
+    app.router.add_get("/api/devices/{device}/history", device_history, expect_handler=_expect)
     app.router.add_post("/api/devices/{device}/commands", submit_command, expect_handler=_expect)
     app.router.add_post("/api/devices/{device}/reconnect", reconnect_device, expect_handler=_expect)
     app.router.add_get("/api/commands", list_commands, expect_handler=_expect)
