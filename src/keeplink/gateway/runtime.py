@@ -240,6 +240,7 @@ class Gateway:
         self.history = History()
         """Each device's last hours, in memory (``GET /api/devices/{id}/history``)."""
         self._sampler: asyncio.Task[None] | None = None
+        self._sampler_failed = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -513,6 +514,13 @@ class Gateway:
                     depth = await self.store.count(device=device, states=[CommandState.QUEUED])
                 except KeeplinkError:
                     continue  # the store is away: the events' count stands until it is back
+                except Exception:  # noqa: BLE001 - see below
+                    # Deliberately broad: the history's correction must never end, nor reach
+                    # delivery. Logged once, with its traceback.
+                    if not self._sampler_failed:
+                        self._sampler_failed = True
+                        _log.exception("gateway: the history's queue sample failed")
+                    continue
                 if self.history.command_events(device) == seen:  # else a newer one counts
                     self.history.sample(device, depth)
             await asyncio.sleep(BUCKET_S)
