@@ -452,3 +452,42 @@ async def test_device_page(rig: Rig, page: Page) -> None:
 
     assert errors == [], errors
     assert external == [], external
+
+
+async def test_a_read_token_is_asked_for_and_kept_in_memory(page: Page) -> None:
+    """On a gateway with a read_token the page shows nothing until it is given one."""
+    read_token = "dash-read-token-4567"
+    dead = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    dead.bind(("127.0.0.1", 0))
+    config = parse_config(
+        {
+            "gateway": {
+                "listen": "127.0.0.1:0",
+                "store": "memory:",
+                "token": TOKEN,
+                "read_token": read_token,
+            },
+            "devices": [{"id": "attic", "driver": "jsonline", "port": dead.getsockname()[1]}],
+        },
+        source="test_dashboard",
+    )
+    server = Server(config, token=TOKEN)
+    await server.start()
+    try:
+        await page.goto(server.url + "/")
+        await expect(page.locator("#load-error")).to_contain_text("needs a token to read")
+        await expect(page.locator("#token")).to_be_focused()
+        await expect(page.locator('#devices tr[data-device="attic"]')).to_have_count(0)
+        await page.locator("#token").press_sequentially(read_token)
+        await expect(device_cell(page, "attic", "link-state")).to_have_text(
+            re.compile("^(connecting|backoff)$")
+        )
+        await expect(page.locator("#load-error")).to_be_hidden()
+        await expect(page.locator("#ws-status")).to_have_attribute("data-state", "live")
+        await expect(strip(page, "attic", "link")).to_have_attribute(
+            "data-now", re.compile("^(connecting|backoff)$")
+        )
+        assert await page.evaluate("[sessionStorage.length, localStorage.length]") == [0, 0]
+    finally:
+        await server.stop()
+        dead.close()
