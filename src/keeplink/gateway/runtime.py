@@ -506,23 +506,25 @@ class Gateway:
         self._publish(event, relay=False)
 
     async def _sample_history(self) -> None:
-        """The queue depths as the store counts them: at once, then once a bucket."""
+        """The queue depths as the store counts them (every device in one read): at once,
+        then once a bucket. A device whose commands moved during the read keeps what the
+        events made of it."""
         while True:
-            for device in self.devices:
-                seen = self.history.command_events(device)
-                try:
-                    depth = await self.store.count(device=device, states=[CommandState.QUEUED])
-                except KeeplinkError:
-                    continue  # the store is away: the events' count stands until it is back
-                except Exception:  # noqa: BLE001 - see below
-                    # Deliberately broad: the history's correction must never end, nor reach
-                    # delivery. Logged once, with its traceback.
-                    if not self._sampler_failed:
-                        self._sampler_failed = True
-                        _log.exception("gateway: the history's queue sample failed")
-                    continue
-                if self.history.command_events(device) == seen:  # else a newer one counts
-                    self.history.sample(device, depth)
+            seen = {device: self.history.command_events(device) for device in self.devices}
+            try:
+                depths = await self.store.depths(list(self.devices))
+            except KeeplinkError:
+                depths = {}  # the store is away: the events' counts stand until it is back
+            except Exception:  # noqa: BLE001 - see below
+                # Deliberately broad: the history's correction must never end, nor reach
+                # delivery. Logged once, with its traceback.
+                depths = {}
+                if not self._sampler_failed:
+                    self._sampler_failed = True
+                    _log.exception("gateway: the history's queue sample failed")
+            for device, (queued, _) in depths.items():
+                if self.history.command_events(device) == seen.get(device):
+                    self.history.sample(device, queued)
             await asyncio.sleep(BUCKET_S)
 
     def _on_link(self, event: LinkEvent) -> None:
