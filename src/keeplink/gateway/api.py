@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import gzip
 import hashlib
 import hmac
 import ipaddress
@@ -205,6 +206,8 @@ def _b64(raw: bytes) -> str:
 _DASHBOARD: Final = (
     resources.files("keeplink.gateway").joinpath("dashboard.html").read_text("utf-8")
 )
+_DASHBOARD_GZIP: Final = gzip.compress(_DASHBOARD.encode("utf-8"), mtime=0)
+"""The page compressed once (about a quarter of its size) for clients that take gzip."""
 _API_CSP: Final = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
 _PAGE_CSP: Final = (
     "default-src 'none'; "
@@ -322,6 +325,16 @@ async def get_device(request: web.Request) -> web.Response:
     _authorize_read(request)
     gateway = request.app[GATEWAY_KEY]
     return _answer(models.Device, await gateway.device_view(request.match_info["device"]))
+
+
+async def device_history(request: web.Request) -> web.Response:
+    """The device's last hours, from this node's bounded in-memory history."""
+    _authorize_read(request)
+    gateway = request.app[GATEWAY_KEY]
+    device_id = request.match_info["device"]
+    gateway.device(device_id)  # 404 before looking at the query
+    query = _query(request, models.HistoryQuery)
+    return _answer(models.DeviceHistory, gateway.history_view(device_id, hours=query.hours))
 
 
 async def submit_command(request: web.Request) -> web.Response:
@@ -540,8 +553,29 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(_OPENAPI)
 
 
+def _takes_gzip(header: str) -> bool:
+    """Whether an Accept-Encoding header takes gzip (``gzip;q=0`` refuses it)."""
+    for item in header.lower().split(","):
+        name, *params = (part.strip() for part in item.split(";"))
+        if name not in ("gzip", "x-gzip", "*"):
+            continue
+        for param in params:
+            if param.startswith("q="):
+                try:
+                    return float(param[2:]) > 0
+                except ValueError:
+                    return False
+        return True
+    return False
+
+
 async def dashboard(request: web.Request) -> web.Response:
-    response = web.Response(text=_DASHBOARD, content_type="text/html")
+    if _takes_gzip(request.headers.get("Accept-Encoding", "")):
+        response = web.Response(body=_DASHBOARD_GZIP, content_type="text/html", charset="utf-8")
+        response.headers["Content-Encoding"] = "gzip"
+    else:
+        response = web.Response(text=_DASHBOARD, content_type="text/html")
+    response.headers["Vary"] = "Accept-Encoding"
     response.headers["Content-Security-Policy"] = _PAGE_CSP
     return response
 
@@ -667,6 +701,7 @@ def build_app(gateway: Gateway, *, token: str) -> web.Application:
     app.router.add_get("/", dashboard, expect_handler=_expect)
     app.router.add_get("/api/devices", list_devices, expect_handler=_expect)
     app.router.add_get("/api/devices/{device}", get_device, expect_handler=_expect)
+    app.router.add_get("/api/devices/{device}/history", device_history, expect_handler=_expect)
     app.router.add_post("/api/devices/{device}/commands", submit_command, expect_handler=_expect)
     app.router.add_post("/api/devices/{device}/reconnect", reconnect_device, expect_handler=_expect)
     app.router.add_get("/api/commands", list_commands, expect_handler=_expect)

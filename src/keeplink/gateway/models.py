@@ -28,16 +28,19 @@ from pydantic.json_schema import models_json_schema
 from keeplink import __version__
 from keeplink._core.commands import CommandState
 from keeplink._core.dispatch import WaitReason
+from keeplink.gateway.history import HOURS_KEPT
 
 __all__ = [
     "Command",
     "CommandList",
     "CommandsQuery",
     "Device",
+    "DeviceHistory",
     "DeviceList",
     "Error",
     "EventsQuery",
     "Health",
+    "HistoryQuery",
     "Reconnected",
     "Submit",
     "SubmitAccepted",
@@ -150,6 +153,14 @@ class EventsQuery(_Answer):
     access_token: str | None = Field(
         default=None,
         description="the read token, for browsers (a WebSocket cannot carry Authorization)",
+    )
+
+
+class HistoryQuery(_Answer):
+    """``GET /api/devices/{device}/history`` parameters."""
+
+    hours: Annotated[QueryInt, Field(ge=1, le=HOURS_KEPT)] = Field(
+        default=1, description=f"how far back, in hours (at most {HOURS_KEPT})"
     )
 
 
@@ -269,6 +280,79 @@ class DeviceList(_Answer):
     devices: list[Device]
 
 
+class Span(_Answer):
+    """A state held from ``start`` to ``end`` (epoch seconds); ``unknown`` where this node
+    knows nothing."""
+
+    state: str
+    start: float
+    end: float
+    error: Error | None = Field(description="for a link state: the error that led to it")
+
+
+class Outage(_Answer):
+    """The link left ``connected`` at ``start`` and was connected again at ``end``."""
+
+    start: float = Field(description="epoch seconds")
+    end: float | None = Field(description="epoch seconds; null while it is not back yet")
+    duration_s: float = Field(description="so far, while it is not back yet")
+    state: str = Field(description="the state it dropped to (lost, backoff or failed)")
+    error: Error | None = Field(description="why it dropped")
+
+
+class HistoryBucket(_Answer):
+    """One minute's counters. A minute in which nothing happened has no bucket: its queue
+    depth is the ``queued`` of the bucket before it (``queued_at_start`` before the first)."""
+
+    start: float = Field(description="epoch seconds, a multiple of bucket_s")
+    queued: int = Field(description="queue depth at the end of the minute (now, for this one)")
+    queued_max: int = Field(description="the highest queue depth in the minute")
+    connects: int = Field(description="handshakes completed")
+    drops: int = Field(description="times the link left connected for lost, backoff or failed")
+    protocol_errors: int = Field(description="malformed input the device sent (dropped)")
+    delivered: int = Field(description="commands that succeeded")
+    failed: int = Field(description="commands that ended failed, rejected or expired")
+
+
+class HistoryError(_Answer):
+    """An error the device's history kept; a repeat of the newest is counted on it."""
+
+    source: Literal["link", "protocol", "command"]
+    code: str
+    message: str
+    first_at: float = Field(description="epoch seconds")
+    last_at: float = Field(description="epoch seconds of the latest repeat")
+    count: int
+    command: str | None = Field(description="the (latest) command, for a command error")
+
+
+class DeviceHistory(_Answer):
+    """A device's last hours as this node saw them: presence and link state spans, the
+    link's outages, per-minute counters (queue depth, connects, drops, protocol errors,
+    delivered and failed commands) and the last errors.
+
+    Kept in this node's memory from the events it sees, since it started, and bounded per
+    device: the last 1,000 state changes, 24 hours of minute buckets, the last 50 distinct
+    errors. Before ``known_since`` it knows nothing (it started later, or older changes
+    were dropped) and says ``unknown``. In a fleet, a device another node delivers to has
+    the history of the events that node relayed to this one (``relayed`` true): a relay this
+    node missed is missing here too, and its protocol errors are not relayed at all."""
+
+    device: str
+    node: str = Field(description="the node whose memory this is")
+    relayed: bool = Field(description="another node of the fleet delivers to the device now")
+    since: float = Field(description="the window's start, epoch seconds")
+    until: float = Field(description="the window's end: now")
+    known_since: float = Field(description="from when on the spans are known")
+    bucket_s: int
+    presence: list[Span]
+    link: list[Span]
+    outages: list[Outage]
+    queued_at_start: int = Field(description="the queue depth at since")
+    buckets: list[HistoryBucket] = Field(description="oldest first; quiet minutes left out")
+    errors: list[HistoryError] = Field(description="newest first")
+
+
 class Fleet(_Answer):
     live_nodes: list[str]
     owned: list[str]
@@ -309,6 +393,7 @@ _ANSWERS: Final = (
     SubmitAccepted,
     Device,
     DeviceList,
+    DeviceHistory,
     Reconnected,
     Health,
 )
@@ -378,6 +463,17 @@ def openapi() -> dict[str, Any]:
                     "security": read,
                     "responses": _json("200", "Device", "the device")
                     | _errors(_AUTH, ("404", "unknown device")),
+                },
+            },
+            "/api/devices/{device}/history": {
+                "parameters": [device],
+                "get": {
+                    "summary": "A device's last hours: presence and link spans, outages, "
+                    "per-minute counters, last errors (kept in memory, bounded)",
+                    "security": read,
+                    "parameters": _query(HistoryQuery),
+                    "responses": _json("200", "DeviceHistory", "the device's history")
+                    | _errors(_AUTH, ("404", "unknown device"), ("422", "bad hours")),
                 },
             },
             "/api/devices/{device}/commands": {

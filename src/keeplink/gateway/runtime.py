@@ -29,7 +29,7 @@ from keeplink._core.errors import (
 )
 from keeplink._core.presence import Presence
 from keeplink._core.states import LinkState
-from keeplink._events import LinkEvent, LinkStateChanged
+from keeplink._events import LinkEvent, LinkStateChanged, ProtocolErrorSeen
 from keeplink._link import Link, LinkStatistics
 from keeplink._slots import SlotPool
 from keeplink.drivers.jsonline import JsonLineDriver
@@ -40,6 +40,7 @@ from keeplink.gateway.config import (
     GatewayConfig,
 )
 from keeplink.gateway.fleet import Fleet, Unit
+from keeplink.gateway.history import BUCKET_S, History
 from keeplink.outbox import (
     CommandStateChanged,
     CommandStore,
@@ -236,6 +237,10 @@ class Gateway:
         self.started_at: float | None = None
         self.delivery_latencies: collections.deque[float] = collections.deque(maxlen=10_000)
         self.on_delivered: Callable[[float], None] | None = None
+        self.history = History()
+        """Each device's last hours, in memory (``GET /api/devices/{id}/history``)."""
+        self._sampler: asyncio.Task[None] | None = None
+        self._sampler_failed = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -255,11 +260,18 @@ class Gateway:
             raise ConfigError(f"{self.config.source}: gateway.store: {exc.message}") from exc
         self._unsubscribers.append(self.outbox.subscribe(self._on_outbox))
         self._unsubscribers.append(self.presence.subscribe(self._on_presence))
+        self._unsubscribers.append(self.listen(self.history.feed))
         units = []
         for link, devices, hub in plans:
             self._unsubscribers.append(link.subscribe(self._on_link))
+            self.history.link_devices[link.name] = [d.id for d in devices]
             for device in devices:
                 self.links[device.id] = link
+                self.history.track(
+                    device.id,
+                    presence=self.presence.presence(device.id).value,
+                    link="unknown" if self.config.fleet else link.state.value,
+                )
             if self.config.fleet:
                 units.append(self._unit(link, [d.id for d in devices], hub))
                 continue
@@ -282,6 +294,9 @@ class Gateway:
         for probe in self.probes:
             probe.start()
         await self._start_mdns()
+        self._sampler = asyncio.get_running_loop().create_task(
+            self._sample_history(), name="keeplink.gateway.history"
+        )
         self.started_at = time.time()
         _log.info("gateway: %d device(s), store %s", len(self.links), self.config.store)
 
@@ -439,6 +454,10 @@ class Gateway:
         """Graceful: stop the links, then close the outbox and store. A command that was
         being delivered stays ``sending`` on disk and is re-queued (attempt counted) at the
         next start — the same recovery a crash gets, so both leave a consistent store."""
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
+            self._sampler = None
         if self.fleet is not None:
             await self.fleet.close()  # hand every unit over gracefully, release the leases
         for mdns in self.mdns:
@@ -486,7 +505,38 @@ class Gateway:
                 status["link"] = {"state": event.get("new"), "last_error": event.get("error")}
         self._publish(event, relay=False)
 
+    async def _sample_history(self) -> None:
+        """The queue depths as the store counts them (every device in one read): at once,
+        then once a bucket. A device whose commands moved during the read keeps what the
+        events made of it."""
+        while True:
+            seen = {device: self.history.command_events(device) for device in self.devices}
+            try:
+                depths = await self.store.depths(list(self.devices))
+            except KeeplinkError:
+                depths = {}  # the store is away: the events' counts stand until it is back
+            except Exception:  # noqa: BLE001 - see below
+                # Deliberately broad: the history's correction must never end, nor reach
+                # delivery. Logged once, with its traceback.
+                depths = {}
+                if not self._sampler_failed:
+                    self._sampler_failed = True
+                    _log.exception("gateway: the history's queue sample failed")
+            for device, (queued, _) in depths.items():
+                if self.history.command_events(device) == seen.get(device):
+                    self.history.sample(device, queued)
+            await asyncio.sleep(BUCKET_S)
+
     def _on_link(self, event: LinkEvent) -> None:
+        if isinstance(event, ProtocolErrorSeen):
+            link = next((lk for lk in self.links.values() if lk.name == event.link), None)
+            if link is not None:
+                at = _epoch(link, event.at)
+                for device in self.history.link_devices.get(event.link, ()):
+                    self.history.protocol_error(
+                        device, event.reason, sample=repr(event.sample[:40]), at=at
+                    )
+            return
         if not isinstance(event, LinkStateChanged):
             return
         for device, each in self.links.items():
@@ -784,6 +834,14 @@ class Gateway:
             action, note = "none", f"nothing to do: the link is {state.value}"
         _log.info("gateway: reconnect of %r requested: %s", device_id, action)
         return {"reconnect": action, "note": note, "device": await self.device_view(device_id)}
+
+    def history_view(self, device_id: str, *, hours: int) -> dict[str, Any]:
+        """The device's last ``hours`` as this node remembers them (the API's
+        DeviceHistory)."""
+        self.device(device_id)
+        relayed = self.fleet is not None and not self.fleet.owns(device_id)
+        view = self.history.view(device_id, hours=hours)
+        return {"device": device_id, "node": self.config.node, "relayed": relayed, **view}
 
     def presence_of(self, device_id: str) -> Presence:
         return self.presence.presence(device_id)

@@ -309,6 +309,16 @@ class DeviceSimulator:
                 sent += 1
         return sent
 
+    async def send_raw(self, data: bytes) -> int:
+        """Write ``data`` as it is to every connected client (a device's babble: a line
+        that is not a frame, a frame cut short); returns how many got it."""
+        sent = 0
+        for writer in list(self._writers.values()):
+            if not writer.is_closing():
+                writer.write(data)
+                sent += 1
+        return sent
+
     async def _push_loop(self, interval: float) -> None:
         n = 0
         while True:
