@@ -484,8 +484,12 @@ class Gateway:
         return [event for event in self._backlog if event["seq"] > since]
 
     def _publish(self, event: dict[str, Any], *, relay: bool = True) -> None:
-        if relay and self.fleet is not None:
-            self.fleet.publish({"at": time.time(), **event})
+        """Into this node's stream: one of its own events (``relay``: named after this node,
+        and sent to the other nodes of a fleet), or one another node relayed (named)."""
+        if relay:
+            event = {**event, "node": self.config.node}
+            if self.fleet is not None:
+                self.fleet.publish({"at": time.time(), **event})
         self._seq += 1
         event = {"at": time.time(), **event, "seq": self._seq}
         self._backlog.append(event)
