@@ -169,14 +169,14 @@ async def test_send_to_an_away_device_queues_parses_args_and_cancel(world: World
     code, out, err = await world.cli("send", "attic", "set", "t=19", "--key", "heat", "--json")
     assert code == 0, err
     answer = json.loads(out)
-    assert answer["command"]["state"] == "queued"
+    assert answer["state"] == "queued"
     assert answer["device_presence"] in ("unknown", "offline")
     assert (world.command(command_id))["state"] == "superseded"
 
-    code, out, err = await world.cli("cancel", answer["command"]["id"])
+    code, out, err = await world.cli("cancel", answer["id"])
     assert code == 0, err
-    assert out.strip() == f"{answer['command']['id']} cancelled"
-    code, out, err = await world.cli("cancel", answer["command"]["id"])
+    assert out.strip() == f"{answer['id']} cancelled"
+    code, out, err = await world.cli("cancel", answer["id"])
     assert code == 1
     assert re.match(r"keeplink: \[conflict\] .*already cancelled", err), err
     code, out, err = await world.cli("commands", "--state", "cancelled,superseded", "--json")

@@ -199,8 +199,8 @@ async def test_dashboard_live(rig: Rig, page: Page, tmp_path: Path) -> None:
 
     # 3. a command for the absent garage: queued; cancel needs the token
     submitted = await rig.submit("garage", {"op": "set", "args": {"door": "closed"}})
-    command_id = submitted["command"]["id"]
-    assert submitted["command"]["state"] == "queued"
+    command_id = submitted["id"]
+    assert submitted["state"] == "queued"
     await expect(command_cell(page, command_id, "state")).to_have_text("queued", timeout=WAIT_MS)
     await expect(command_cell(page, command_id, "attempts")).to_have_text("0/3")
     await expect(device_cell(page, "garage", "queued")).to_have_text("1", timeout=WAIT_MS)
@@ -230,7 +230,7 @@ async def test_dashboard_live(rig: Rig, page: Page, tmp_path: Path) -> None:
     firmware = await rig.submit(
         "hall", {"op": "firmware", "args": {"path": str(image), "sha256": digest}}
     )
-    firmware_id = firmware["command"]["id"]
+    firmware_id = firmware["id"]
     await expect(command_cell(page, firmware_id, "state")).to_have_text(
         "succeeded", timeout=WAIT_MS
     )
@@ -239,12 +239,10 @@ async def test_dashboard_live(rig: Rig, page: Page, tmp_path: Path) -> None:
     )
     assert await command_cell(page, firmware_id, "progress").locator("progress").count() == 1
     waiting = await rig.submit("garage", {"op": "set", "args": {"light": "on"}})
-    await expect(command_cell(page, waiting["command"]["id"], "state")).to_have_text(
-        "queued", timeout=WAIT_MS
-    )
+    await expect(command_cell(page, waiting["id"], "state")).to_have_text("queued", timeout=WAIT_MS)
     # newest first
     first = page.locator("#commands-body tr[data-command]").first
-    await expect(first).to_have_attribute("data-command", waiting["command"]["id"])
+    await expect(first).to_have_attribute("data-command", waiting["id"])
 
     await expect(device_cell(page, "garage", "queued")).to_have_text("1", timeout=WAIT_MS)
 

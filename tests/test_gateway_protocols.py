@@ -81,8 +81,8 @@ async def test_modbus_units_and_an_mqtt_device_through_the_gateway(
             http, url, "boiler", {"op": "write_registers", "args": {"address": 0, "values": [7, 8]}}
         )
         assert status == 202
-        assert body["command"]["args"]["unit"] == 1
-        done = await final_state(http, url, body["command"]["id"])
+        assert body["args"]["unit"] == 1
+        done = await final_state(http, url, body["id"])
         assert done["state"] == "succeeded", done
         assert await modbus_server.registers(1, 0, 2) == [7, 8]
 
@@ -95,10 +95,10 @@ async def test_modbus_units_and_an_mqtt_device_through_the_gateway(
         probe = gateway.probes[0]
         target = probe.rounds + 3
         await eventually(lambda: probe.rounds >= target)  # three probe rounds go by
-        async with http.get(f"{url}/api/commands/{body['command']['id']}") as response:
+        async with http.get(f"{url}/api/commands/{body['id']}") as response:
             assert (await response.json())["state"] == "queued"
         modbus_server.offline.discard(2)
-        done = await final_state(http, url, body["command"]["id"])
+        done = await final_state(http, url, body["id"])
         assert done["state"] == "succeeded", done
         assert await modbus_server.registers(2, 3, 1) == [42]
 
@@ -113,7 +113,7 @@ async def test_modbus_units_and_an_mqtt_device_through_the_gateway(
         assert body["device_presence"] != "online"
         device.start()
         try:
-            done = await final_state(http, url, body["command"]["id"])
+            done = await final_state(http, url, body["id"])
             assert done["state"] == "succeeded", done
             assert device.commands[0]["args"] == {"on": True, "device": "plug"}
             assert device.applied == [done["idempotency_key"]]

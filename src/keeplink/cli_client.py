@@ -9,8 +9,8 @@ them takes (after the command name):
     the bearer token for writes (default: ``$KEEPLINK_TOKEN``);
 ``--json``
     machine output: the API's JSON, exactly one document on stdout (``send``: the submit
-    answer ``{command, device_presence, note}``; ``send --wait``: the command as it ended,
-    or as last seen when the wait timed out);
+    answer, the command with ``device_presence`` and ``note`` beside its fields; ``send
+    --wait``: the command as it ended, or as last seen when the wait timed out);
 ``--timeout SECONDS``
     how long one HTTP request may take (default 10).
 
@@ -615,9 +615,9 @@ async def _send(client: GatewayClient, args: argparse.Namespace) -> int:
         idempotency_key=args.idempotency_key,
         priority=args.priority,
     )
-    command = answer.get("command") or {}
-    command_id = str(command.get("id"))
-    state = command.get("state")
+    # The stored command's own fields, with device_presence and note beside them.
+    command_id = str(answer.get("id"))
+    state = answer.get("state")
     presence = answer.get("device_presence")
     if not args.json:
         print(f"{command_id} {state}", flush=True)
@@ -635,7 +635,7 @@ async def _send(client: GatewayClient, args: argparse.Namespace) -> int:
         if args.json:
             _print_json(answer)
         return EXIT_OK
-    follower = _Follower(command, quiet=args.json, tty=sys.stdout.isatty())
+    follower = _Follower(answer, quiet=args.json, tty=sys.stdout.isatty())
     timeout = args.wait_timeout or None
     try:
         final = await client.wait(command_id, timeout=timeout, on_event=follower)

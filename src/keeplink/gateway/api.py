@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, Final, TypeVar
@@ -357,12 +358,15 @@ async def submit_command(request: web.Request) -> web.Response:
         note = f"queued: {waiting.message}"
     else:
         note = "queued for delivery now"
-    accepted = {
-        "command": gateway.command_json(command),
-        "device_presence": presence,
-        "note": note,
-    }
-    return _answer(models.SubmitAccepted, accepted, status=202)
+    # The command's own fields, as GET /api/commands/{id} answers them, and what happens next.
+    accepted = {**gateway.command_json(command), "device_presence": presence, "note": note}
+    response = _answer(models.SubmitAccepted, accepted, status=202)
+    response.headers["Location"] = _command_url(command.id)
+    return response
+
+
+def _command_url(command_id: str) -> str:
+    return "/api/commands/" + urllib.parse.quote(command_id, safe="")
 
 
 async def reconnect_device(request: web.Request) -> web.Response:

@@ -197,9 +197,10 @@ class CommandList(_Answer):
     commands: list[Command]
 
 
-class SubmitAccepted(_Answer):
-    command: Command
-    device_presence: str
+class SubmitAccepted(Command):
+    """The stored command, as ``GET /api/commands/{id}`` answers it, with what happens next."""
+
+    device_presence: str = Field(description="the device's presence at submit")
     note: str = Field(description="what happens next, in words")
 
 
@@ -334,6 +335,16 @@ def _query(model: type[BaseModel]) -> list[dict[str, Any]]:
     ]
 
 
+def _located(response: dict[str, Any]) -> dict[str, Any]:
+    """A 202 answer with the ``Location`` of the command it stored."""
+    ((status, body),) = response.items()
+    location = {
+        "description": "the stored command's own URL: /api/commands/{id}",
+        "schema": {"type": "string"},
+    }
+    return {status: {**body, "headers": {"Location": location}}}
+
+
 _AUTH: Final = ("401", "missing or bad token")
 _BAD: Final = ("400", "malformed JSON or request")
 _CAP: Final = ("413", "body too large")
@@ -391,7 +402,9 @@ def openapi() -> dict[str, Any]:
                             "application/json": {"schema": {"$ref": "#/components/schemas/Submit"}}
                         },
                     },
-                    "responses": _json("202", "SubmitAccepted", "stored; queued while away")
+                    "responses": _located(
+                        _json("202", "SubmitAccepted", "stored; queued while away")
+                    )
                     | _errors(
                         _BAD,
                         _AUTH,
