@@ -4,7 +4,10 @@ of its id, and a command no driver can ever deliver is refused at submit."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +15,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from helpers import eventually
+from keeplink._core.commands import new_command
+from keeplink.client import GatewayClient
 from keeplink.gateway import models
 from keeplink.gateway.config import parse_config
 from keeplink.gateway.server import Server
@@ -117,3 +123,104 @@ async def test_the_openapi_document_shows_the_submit_answer_and_its_location(rig
     }
     assert answer["headers"]["Location"]["schema"] == {"type": "string"}
     assert "/api/commands/{id}" in answer["headers"]["Location"]["description"]
+
+
+# ---------------------------------------------------------------------------- id prefixes
+
+
+async def _stored(rig: Rig, command_id: str) -> None:
+    """A queued command for ``away`` with this id (straight into the store: ids are random)."""
+    command = new_command(device="away", op="set", args={}, now=time.time())
+    await rig.server.gateway.store.insert(dataclasses.replace(command, id=command_id))
+
+
+async def test_get_and_cancel_take_a_unique_prefix_of_the_id(rig: Rig) -> None:
+    _, answer, _ = await rig.submit("away", {"op": "set"})
+    command_id = answer["id"]
+    status, whole = await rig.call("GET", f"/api/commands/{command_id}")
+    assert status == 200, whole
+    for prefix in (command_id[:8], command_id[:6], command_id[:6].upper(), command_id[:31]):
+        status, command = await rig.call("GET", f"/api/commands/{prefix}")
+        assert (status, command) == (200, whole), prefix
+    status, cancelled = await rig.call("DELETE", f"/api/commands/{command_id[:8]}")
+    assert status == 200, cancelled
+    assert (cancelled["id"], cancelled["state"]) == (command_id, "cancelled")
+    status, error = await rig.call("DELETE", f"/api/commands/{command_id[:8]}")
+    assert (status, error["code"]) == (409, "conflict")  # found, and already final
+
+
+async def test_a_prefix_that_starts_several_ids_is_a_422_listing_them(rig: Rig) -> None:
+    ids = ["997e657c" + "0" * 24, "997e657d" + "0" * 24]
+    for command_id in ids:
+        await _stored(rig, command_id)
+    for method in ("GET", "DELETE"):
+        status, error = await rig.call(method, "/api/commands/997e65")
+        assert (status, error["code"]) == (422, "invalid_request"), error
+        assert set(error) == {"code", "message"}
+        assert error["message"] == (
+            f"'997e65' is ambiguous: it starts the ids of 2 commands: {ids[0]}, {ids[1]}; give"
+            " more of the id"
+        )
+    for command_id in ids:  # nothing was cancelled
+        status, command = await rig.call("GET", f"/api/commands/{command_id[:8]}")
+        assert (status, command["id"], command["state"]) == (200, command_id, "queued")
+
+
+async def test_a_prefix_of_many_ids_lists_ten(rig: Rig) -> None:
+    ids = [f"abcdef{n:02x}" + "0" * 24 for n in range(12)]
+    for command_id in ids:
+        await _stored(rig, command_id)
+    status, error = await rig.call("GET", "/api/commands/abcdef")
+    assert status == 422, error
+    assert "it starts the ids of more than 10 commands, among them " in error["message"]
+    assert [i for i in ids if i in error["message"]] == ids[:10]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("0123456789", "no command '0123456789', nor one whose id starts with it"),
+        ("01234", "no command '01234' (an id prefix needs at least 6 hex digits)"),
+        ("nope-not-hex", "no command 'nope-not-hex'"),
+    ],
+)
+async def test_no_command_by_that_id_or_prefix_is_a_404(rig: Rig, name: str, message: str) -> None:
+    await rig.submit("away", {"op": "set"})
+    for method in ("GET", "DELETE"):
+        status, error = await rig.call(method, f"/api/commands/{name}")
+        assert (status, error) == (404, {"code": "command_not_found", "message": message})
+
+
+async def test_the_openapi_document_says_a_prefix_names_a_command(rig: Rig) -> None:
+    async with rig.http.get(f"{rig.url}/api/openapi.json") as response:
+        document = await response.json()
+    one = document["paths"]["/api/commands/{command}"]
+    (parameter,) = one["parameters"]
+    assert "prefix of it of at least 6 hex digits" in parameter["description"]
+    for method in ("get", "delete"):
+        responses = one[method]["responses"]
+        assert "more than one command" in responses["422"]["description"]
+        assert "prefix" in responses["404"]["description"]
+
+
+async def test_the_client_waits_for_a_command_named_by_a_prefix(rig: Rig) -> None:
+    """``wait`` follows the event stream for the whole id, whatever named the command."""
+    _, answer, _ = await rig.submit("away", {"op": "set"})
+    listeners = rig.server.gateway._listeners
+
+    async def script() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with GatewayClient(rig.url, token=TOKEN) as client:
+            waiting = asyncio.ensure_future(client.wait(answer["id"][:8], timeout=10))
+            try:
+                await eventually(lambda: bool(listeners), what="the wait follows the stream")
+                await asyncio.sleep(0.5)  # past its re-read: the change must come as an event
+                cancelled = await client.cancel(answer["id"][:8])
+                return cancelled, await asyncio.wait_for(waiting, 10)
+            finally:
+                waiting.cancel()
+
+    # A script's own loop: aiohttp 3.14 re-arms a closed WebSocket's heartbeat timer when
+    # data arrives during its close, which the leak check of this loop would report.
+    cancelled, final = await asyncio.to_thread(asyncio.run, script())
+    assert cancelled["state"] == "cancelled"
+    assert (final["id"], final["state"]) == (answer["id"], "cancelled")

@@ -20,7 +20,7 @@ Commands::
     keeplink send DEVICE OP [k=v ...] [--key K] [--ttl S] [--max-attempts N]
                   [--priority P] [--idempotency-key I] [--wait] [--wait-timeout S]
     keeplink commands [--device D] [--state S[,S...]] [--limit N]
-    keeplink cancel ID
+    keeplink cancel ID      (ID: the id, or a unique prefix of it of at least 6 hex digits)
     keeplink reconnect DEVICE
 
 ``send`` arguments are ``k=v`` pairs; ``v`` is JSON if it parses as JSON (``21.5``,
@@ -41,7 +41,8 @@ Exit codes, for scripts:
 1   the command ended other than succeeded (failed, rejected, expired, cancelled,
     superseded; for ``cancel``: it finished before it could be cancelled), or the gateway
     answered another error
-2   bad usage or configuration (options, ``k=v`` arguments, ``--url``)
+2   bad usage or configuration (options, ``k=v`` arguments, ``--url``; ``cancel``: an id
+    prefix that starts more than one command's id, which are listed)
 3   the gateway is unreachable (nothing listening, connection reset, no answer in time)
 4   authentication failed (401: missing or wrong ``--token``)
 5   not found (404: unknown device or command)
@@ -290,7 +291,9 @@ def add_client_commands(subparsers: Any) -> None:
     cancel = subparsers.add_parser(
         "cancel", parents=[common], help="cancel a queued or in-flight command", epilog=epilog
     )
-    cancel.add_argument("id", metavar="ID")
+    cancel.add_argument(
+        "id", metavar="ID", help="the command's id, or a unique prefix of it (6 hex digits or more)"
+    )
 
     reconnect = subparsers.add_parser(
         "reconnect",
@@ -557,7 +560,13 @@ async def _commands(client: GatewayClient, args: argparse.Namespace) -> int:
 
 
 async def _cancel(client: GatewayClient, args: argparse.Namespace) -> int:
-    command = await client.cancel(args.id)
+    try:
+        command = await client.cancel(args.id)
+    except ApiError as exc:
+        if exc.status != 422:
+            raise
+        _error(exc.wire_code, exc.message)  # a prefix of several ids: they are listed
+        return EXIT_USAGE
     state = command.get("state")
     if args.json:
         _print_json(command)

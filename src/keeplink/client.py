@@ -249,7 +249,8 @@ class GatewayClient:
         return result
 
     async def command(self, command_id: str) -> dict[str, Any]:
-        """``GET /api/commands/{id}``."""
+        """``GET /api/commands/{id}``: ``command_id`` may be a unique prefix of the id (at
+        least 6 hex digits), as for :meth:`cancel` and :meth:`wait`."""
         result: dict[str, Any] = await self.request("GET", f"/api/commands/{_seg(command_id)}")
         return result
 
@@ -306,6 +307,7 @@ class GatewayClient:
         last: dict[str, Any] = await self.command(command_id)
         if last.get("state") in FINAL_STATES:
             return last
+        command_id = str(last.get("id", command_id))  # a prefix named it: events carry the id
         seen = [last]
         unreachable: list[str] = []
         scope = asyncio.timeout(timeout)

@@ -35,9 +35,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
 from keeplink import __version__
-from keeplink._core.commands import CommandState
+from keeplink._core.commands import Command, CommandState
 from keeplink._core.errors import (
     AuthError,
+    CommandNotFoundError,
     ErrorCode,
     InvalidRequestError,
     KeeplinkError,
@@ -71,6 +72,9 @@ BEHIND_CLOSE_CODE: Final = 1013
 PING_S: Final = 30.0
 """An idle event stream is pinged this often; a ping that cannot be written in as long
 ends the connection."""
+
+PREFIX_MATCHES_SHOWN: Final = 10
+"""Ids an ambiguous prefix's error lists at most."""
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 TOKEN_KEY: web.AppKey[str] = web.AppKey("token", str)
@@ -391,17 +395,49 @@ async def list_commands(request: web.Request) -> web.Response:
     return _answer(models.CommandList, {"commands": [gateway.command_json(c) for c in commands]})
 
 
+async def _named(gateway: Gateway, name: str) -> Command:
+    """The command ``name`` names: its whole id, or a prefix of at least MIN_ID_PREFIX hex
+    digits (any case) that starts exactly one command's id. Raises CommandNotFoundError
+    (404), and InvalidRequestError (422) listing the ids a prefix of several starts."""
+    try:
+        return await gateway.outbox.get(name)
+    except CommandNotFoundError:
+        prefix = name.lower()
+        if not re.fullmatch("[0-9a-f]+", prefix):
+            raise
+        shortest = models.MIN_ID_PREFIX
+        if len(prefix) < shortest:
+            raise CommandNotFoundError(
+                f"no command {name!r} (an id prefix needs at least {shortest} hex digits)"
+            ) from None
+    ids = await gateway.store.ids_with_prefix(prefix, limit=PREFIX_MATCHES_SHOWN + 1)
+    if not ids:
+        raise CommandNotFoundError(f"no command {name!r}, nor one whose id starts with it")
+    if len(ids) > 1:
+        many = (
+            f"more than {PREFIX_MATCHES_SHOWN} commands, among them"
+            if len(ids) > PREFIX_MATCHES_SHOWN
+            else f"{len(ids)} commands:"
+        )
+        shown = ", ".join(ids[:PREFIX_MATCHES_SHOWN])
+        raise InvalidRequestError(
+            f"{name!r} is ambiguous: it starts the ids of {many} {shown}; give more of the id"
+        )
+    return await gateway.outbox.get(ids[0])
+
+
 async def get_command(request: web.Request) -> web.Response:
     _authorize_read(request)
     gateway = request.app[GATEWAY_KEY]
-    command = await gateway.outbox.get(request.match_info["command"])
+    command = await _named(gateway, request.match_info["command"])
     return _answer(models.Command, gateway.command_json(command))
 
 
 async def cancel_command(request: web.Request) -> web.Response:
     _authorize(request)
     gateway = request.app[GATEWAY_KEY]
-    command = await gateway.outbox.cancel(request.match_info["command"])
+    command = await _named(gateway, request.match_info["command"])
+    command = await gateway.outbox.cancel(command.id)
     return _answer(models.Command, gateway.command_json(command))
 
 

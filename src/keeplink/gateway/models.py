@@ -46,6 +46,8 @@ __all__ = [
 ]
 
 MAX_PRIORITY: Final = 2**31 - 1
+MIN_ID_PREFIX: Final = 6
+"""The shortest prefix of a command's id (hex digits) the API takes for the whole id."""
 MAX_TEXT: Final = 256
 """Longest op, key and idempotency key accepted (characters)."""
 
@@ -348,6 +350,8 @@ def _located(response: dict[str, Any]) -> dict[str, Any]:
 _AUTH: Final = ("401", "missing or bad token")
 _BAD: Final = ("400", "malformed JSON or request")
 _CAP: Final = ("413", "body too large")
+_NO_COMMAND: Final = ("404", "unknown command: no id is it, or starts with the prefix")
+_AMBIGUOUS: Final = ("422", "the prefix starts more than one command's id (listed in the message)")
 
 
 def openapi() -> dict[str, Any]:
@@ -358,7 +362,16 @@ def openapi() -> dict[str, Any]:
     )
     read: list[dict[str, list[str]]] = [{"bearer": []}, {}]
     device = {"name": "device", "in": "path", "required": True, "schema": {"type": "string"}}
-    command = {"name": "command", "in": "path", "required": True, "schema": {"type": "string"}}
+    command = {
+        "name": "command",
+        "in": "path",
+        "required": True,
+        "description": (
+            f"the command's id, or a prefix of it of at least {MIN_ID_PREFIX} hex digits "
+            "that starts no other command's id"
+        ),
+        "schema": {"type": "string"},
+    }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -444,14 +457,14 @@ def openapi() -> dict[str, Any]:
                     "summary": "One command",
                     "security": read,
                     "responses": _json("200", "Command", "the command")
-                    | _errors(_AUTH, ("404", "unknown command")),
+                    | _errors(_AUTH, _NO_COMMAND, _AMBIGUOUS),
                 },
                 "delete": {
                     "summary": "Cancel a queued or in-flight command",
                     "security": [{"bearer": []}],
                     "responses": _json("200", "Command", "the cancelled command")
                     | _errors(
-                        _AUTH, ("404", "unknown command"), ("409", "the command is already final")
+                        _AUTH, _NO_COMMAND, ("409", "the command is already final"), _AMBIGUOUS
                     ),
                 },
             },
