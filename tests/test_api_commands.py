@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,6 +19,8 @@ import pytest
 
 from helpers import eventually
 from keeplink._core.commands import new_command
+from keeplink._core.errors import InvalidRequestError
+from keeplink._core.jsonline import MAX_LINE, encoded_request
 from keeplink.client import GatewayClient
 from keeplink.gateway import models
 from keeplink.gateway.config import parse_config
@@ -123,6 +127,8 @@ async def test_the_openapi_document_shows_the_submit_answer_and_its_location(rig
     }
     assert answer["headers"]["Location"]["schema"] == {"type": "string"}
     assert "/api/commands/{id}" in answer["headers"]["Location"]["description"]
+    refused = document["paths"]["/api/devices/{device}/commands"]["post"]["responses"]["422"]
+    assert "could never be delivered" in refused["description"]
 
 
 # ---------------------------------------------------------------------------- id prefixes
@@ -224,3 +230,126 @@ async def test_the_client_waits_for_a_command_named_by_a_prefix(rig: Rig) -> Non
     cancelled, final = await asyncio.to_thread(asyncio.run, script())
     assert cancelled["state"] == "cancelled"
     assert (final["id"], final["state"]) == (answer["id"], "cancelled")
+
+
+# ---------------------------------------------------------------------------- never deliverable
+
+
+async def _stored_for(rig: Rig, device: str) -> list[dict[str, Any]]:
+    status, listed = await rig.call("GET", f"/api/commands?device={device}")
+    assert status == 200, listed
+    commands: list[dict[str, Any]] = listed["commands"]
+    return commands
+
+
+async def _final(rig: Rig, command_id: str) -> dict[str, Any]:
+    async with asyncio.timeout(15):
+        while True:
+            status, command = await rig.call("GET", f"/api/commands/{command_id}")
+            assert status == 200, command
+            if command["state"] not in ("queued", "sending"):
+                return command
+            await asyncio.sleep(0.02)  # polling the live API, not a timing rule
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "fw.bin"
+    path.write_bytes(bytes(range(256)) * 40)  # 10,240 bytes
+    return path
+
+
+def _firmware_cases(image: Path) -> list[tuple[dict[str, Any], str]]:
+    good = hashlib.sha256(image.read_bytes()).hexdigest()
+    missing = image.parent / "missing.bin"
+    return [
+        ({}, "args.path is required: the image file, as the gateway reads it"),
+        ({"path": 5, "sha256": good}, "args.path must be a non-empty string, got 5"),
+        ({"path": "", "sha256": good}, "args.path must be a non-empty string, got ''"),
+        (
+            {"path": str(image)},
+            "args.sha256 is required: the image's SHA-256, 64 lowercase hex digits",
+        ),
+        (
+            {"path": str(image), "sha256": "abc"},
+            "args.sha256 must be 64 lowercase hex digits, got 'abc'",
+        ),
+        (
+            {"path": str(image), "sha256": good.upper()},
+            f"args.sha256 must be 64 lowercase hex digits, got {good.upper()!r}",
+        ),
+        (
+            {"path": str(image), "sha256": good, "size": "10240"},
+            "args.size must be the image's size in bytes, an integer >= 0, got '10240'",
+        ),
+        (
+            {"path": str(image), "sha256": good, "size": True},
+            "args.size must be the image's size in bytes, an integer >= 0, got True",
+        ),
+        (
+            {"path": str(image), "sha256": good, "size": 10_000},
+            f"the image {image} has 10240 bytes, not args.size = 10000",
+        ),
+        (
+            {"path": str(missing), "sha256": good},
+            f"cannot read the image {missing}: No such file or directory",
+        ),
+        (
+            {"path": str(image.parent), "sha256": good},
+            f"the image {image.parent} is not a regular file",
+        ),
+    ]
+
+
+async def test_a_firmware_command_that_could_never_be_delivered_is_refused_at_submit(
+    rig: Rig, image: Path
+) -> None:
+    for args, problem in _firmware_cases(image):
+        status, error, _ = await rig.submit("hall", {"op": "firmware", "args": args})
+        assert (status, error) == (
+            422,
+            {"code": "invalid_request", "message": f"firmware: {problem}"},
+        ), args
+    assert await _stored_for(rig, "hall") == []  # nothing was stored
+
+
+async def test_a_firmware_command_that_can_be_delivered_is_accepted(rig: Rig, image: Path) -> None:
+    good = hashlib.sha256(bytes(range(256)) * 40).hexdigest()  # the image's bytes
+    for args in (
+        {"path": str(image), "sha256": good, "size": 10_240},
+        {"path": str(image), "sha256": good},
+    ):
+        status, answer, _ = await rig.submit("hall", {"op": "firmware", "args": args})
+        assert status == 202, answer
+        done = await _final(rig, answer["id"])
+        assert done["state"] == "succeeded", done
+        assert done["result"]["installed"] is True
+
+
+def _longest_blob() -> int:
+    """The longest ``blob`` whose request fits the jsonline line with sequence number 0 and
+    no key: with the key it goes out with (the command's id) it is too long."""
+    low, high = 0, MAX_LINE
+    while low < high:
+        mid = (low + high + 1) // 2
+        try:
+            encoded_request(0, "set", {"blob": "x" * mid}, None)
+        except InvalidRequestError:
+            high = mid - 1
+        else:
+            low = mid
+    return low
+
+
+async def test_a_command_too_long_once_it_carries_its_key_is_refused_at_submit(
+    rig: Rig,
+) -> None:
+    blob = "x" * _longest_blob()
+    status, error, _ = await rig.submit("hall", {"op": "set", "args": {"blob": blob}})
+    assert (status, error.get("code")) == (422, "invalid_request"), error
+    assert "over the 65536-byte line limit" in error["message"]
+    assert await _stored_for(rig, "hall") == []
+    # With room for its key and any sequence number it goes out and succeeds.
+    status, answer, _ = await rig.submit("hall", {"op": "set", "args": {"blob": blob[:-100]}})
+    assert status == 202, answer
+    assert (await _final(rig, answer["id"]))["state"] == "succeeded"

@@ -373,6 +373,26 @@ async def test_exit_codes(world: World) -> None:
         assert re.search(pattern, err.strip().splitlines()[-1]), (args, err)
 
 
+async def test_send_of_a_command_that_could_never_be_delivered_exits_1_at_once(
+    world: World, tmp_path: Path
+) -> None:
+    image = _image(tmp_path)
+    before = json.loads((await world.cli("commands", "--json"))[1])["commands"]
+    results = await asyncio.gather(
+        world.cli("send", "hall", "firmware"),
+        world.cli("send", "hall", "firmware", f"path={image}", "sha256=abc"),
+    )
+    assert [(code, out) for code, out, _ in results] == [(1, ""), (1, "")], results
+    assert [err.strip() for _, _, err in results] == [
+        "keeplink: [invalid_request] firmware: args.path is required: the image file, as the "
+        "gateway reads it",
+        "keeplink: [invalid_request] firmware: args.sha256 must be 64 lowercase hex digits, "
+        "got 'abc'",
+    ]
+    after = json.loads((await world.cli("commands", "--json"))[1])["commands"]
+    assert [c["id"] for c in after] == [c["id"] for c in before]  # nothing was stored
+
+
 async def test_reconnect_makes_a_backing_off_link_try_again_now(world: World) -> None:
     # attic is never reachable: its link waits out a backoff, or is trying right now.
     code, out, err = await world.cli("reconnect", "attic")

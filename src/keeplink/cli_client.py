@@ -29,9 +29,12 @@ its state (and says so when the device is away and the command waits for it); wi
 ``--wait`` it follows the gateway's event stream until the command is final (a progress bar
 for a firmware transfer on a terminal, plain lines otherwise). ``send DEVICE firmware
 path=IMAGE`` fills in ``sha256`` and ``size`` from the file when they are not given (the
-gateway reads the image from the same path). ``reconnect`` makes a failed link (a refused
-token, a device that named another id) try again now, or a link waiting out a backoff skip
-the rest of the wait, once the device or its config is fixed.
+gateway reads the image from the same path). A command that could never be delivered (an
+op or args the device's driver cannot carry, a firmware image the gateway cannot read) is
+refused at once and nothing is stored: exit 1 with the gateway's reason. ``reconnect``
+makes a failed link (a refused token, a device that named another id) try again now, or a
+link waiting out a backoff skip the rest of the wait, once the device or its config is
+fixed.
 
 Exit codes, for scripts:
 

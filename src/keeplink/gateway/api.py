@@ -43,10 +43,12 @@ from keeplink._core.errors import (
     InvalidRequestError,
     KeeplinkError,
 )
+from keeplink._link import Link
 from keeplink.gateway import models
 from keeplink.gateway.listener import RateLimit
 from keeplink.gateway.metrics import DeviceCounters
 from keeplink.gateway.runtime import Gateway
+from keeplink.outbox.firmware import FirmwareTransfer
 
 __all__ = ["build_app"]
 
@@ -337,9 +339,7 @@ async def submit_command(request: web.Request) -> web.Response:
     body = await _body(request, models.Submit)
     link = gateway.links[device_id]
     args = gateway.command_args(device_id, body.args or {})
-    # The device's driver validates op and args now, so a bad command fails at once (422)
-    # rather than being stored and failing on delivery.
-    link.driver.build_request(0, body.op, args, body.idempotency_key)
+    await _check_deliverable(gateway, link, body.op, args, body.idempotency_key)
     command = await gateway.outbox.submit(
         device_id,
         body.op,
@@ -371,6 +371,26 @@ async def submit_command(request: web.Request) -> web.Response:
 
 def _command_url(command_id: str) -> str:
     return "/api/commands/" + urllib.parse.quote(command_id, safe="")
+
+
+_ID_STANDIN: Final = "0" * 32
+"""A command's id (32 hex digits), which its requests carry as the key when it has none."""
+
+
+async def _check_deliverable(
+    gateway: Gateway, link: Link[Any], op: str, args: dict[str, Any], key: str | None
+) -> None:
+    """Refuse (InvalidRequestError: 422, nothing stored) a command that could never be
+    delivered, rather than store it to fail on delivery: the checks of the device's driver
+    (op and args, as the largest sequence number and the key it goes out with encode), or
+    of the executor that delivers the op (a firmware transfer: its ``ota.*`` requests on
+    this link, its args, the image file)."""
+    executor = gateway.outbox.executors.get(op)
+    if isinstance(executor, FirmwareTransfer):
+        await executor.check(link, args)
+    elif executor is None:
+        seq = (1 << link.driver.seq_bits) - 1
+        link.driver.build_request(seq, op, args, key or _ID_STANDIN)
 
 
 async def reconnect_device(request: web.Request) -> web.Response:

@@ -423,7 +423,13 @@ def openapi() -> dict[str, Any]:
                         _AUTH,
                         ("404", "unknown device"),
                         _CAP,
-                        ("422", "invalid op or args"),
+                        (
+                            "422",
+                            "invalid op or args, or a command that could never be delivered: "
+                            "the device's driver cannot carry it, or a firmware image is not "
+                            "a readable file of its size (the message says why); nothing was "
+                            "stored",
+                        ),
                         ("429", "the device's queue is full (queue_full)"),
                         ("503", "the store is unavailable or busy; nothing was stored"),
                     ),
