@@ -263,7 +263,7 @@ def _firmware_cases(image: Path) -> list[tuple[dict[str, Any], str]]:
     good = hashlib.sha256(image.read_bytes()).hexdigest()
     missing = image.parent / "missing.bin"
     return [
-        ({}, "args.path is required: the image file, as the gateway reads it"),
+        ({}, "args.path is required: the image file to send"),
         ({"path": 5, "sha256": good}, "args.path must be a non-empty string, got 5"),
         ({"path": "", "sha256": good}, "args.path must be a non-empty string, got ''"),
         (

@@ -384,8 +384,7 @@ async def test_send_of_a_command_that_could_never_be_delivered_exits_1_at_once(
     )
     assert [(code, out) for code, out, _ in results] == [(1, ""), (1, "")], results
     assert [err.strip() for _, _, err in results] == [
-        "keeplink: [invalid_request] firmware: args.path is required: the image file, as the "
-        "gateway reads it",
+        "keeplink: [invalid_request] firmware: args.path is required: the image file to send",
         "keeplink: [invalid_request] firmware: args.sha256 must be 64 lowercase hex digits, "
         "got 'abc'",
     ]

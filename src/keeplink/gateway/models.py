@@ -350,7 +350,7 @@ def _located(response: dict[str, Any]) -> dict[str, Any]:
 _AUTH: Final = ("401", "missing or bad token")
 _BAD: Final = ("400", "malformed JSON or request")
 _CAP: Final = ("413", "body too large")
-_NO_COMMAND: Final = ("404", "unknown command: no id is it, or starts with the prefix")
+_NO_COMMAND: Final = ("404", "unknown command: no command's id is this or starts with this prefix")
 _AMBIGUOUS: Final = ("422", "the prefix starts more than one command's id (listed in the message)")
 
 
@@ -425,10 +425,10 @@ def openapi() -> dict[str, Any]:
                         _CAP,
                         (
                             "422",
-                            "invalid op or args, or a command that could never be delivered: "
-                            "the device's driver cannot carry it, or a firmware image is not "
-                            "a readable file of its size (the message says why); nothing was "
-                            "stored",
+                            "invalid op or args, or a command that could never be delivered "
+                            "(the device's driver cannot carry it; a firmware image that is "
+                            "not a readable file, or not of the given size): the message says "
+                            "why, and nothing was stored",
                         ),
                         ("429", "the device's queue is full (queue_full)"),
                         ("503", "the store is unavailable or busy; nothing was stored"),

@@ -2,11 +2,11 @@
 
 A firmware command is a durable command like any other (``op="firmware"``, args
 ``{"path", "sha256"}`` and optionally ``"size"``), queued for an offline device and
-delivered when it is present. :meth:`FirmwareTransfer.check` refuses at submit what could
-never be delivered. Delivery streams the image as ``ota.chunk`` requests with a window in flight,
-announces progress, and after a drop waits for the link to come back and resumes from the
-offset the device reports in ``ota.begin``: bytes it already holds are never sent again.
-The device verifies the hash on ``ota.end``.
+delivered when it is present; :meth:`FirmwareTransfer.check` refuses at submit one that
+could never be delivered. Delivery streams the image as ``ota.chunk`` requests with a
+window in flight, announces progress, and after a drop waits for the link to come back and
+resumes from the offset the device reports in ``ota.begin``: bytes it already holds are
+never sent again. The device verifies the hash on ``ota.end``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _args_problem(args: Mapping[str, Any]) -> str | None:
     """What makes a firmware command's args unusable (one line), or None."""
     path, digest, size = args.get("path"), args.get("sha256"), args.get("size")
     if path is None:
-        return "args.path is required: the image file, as the gateway reads it"
+        return "args.path is required: the image file to send"
     if not isinstance(path, str) or not path:
         return f"args.path must be a non-empty string, got {path!r}"
     if digest is None:
