@@ -174,7 +174,7 @@ async def test_a_body_that_arrives_in_two_reads_is_one_body(rig: Rig) -> None:
     request = _post("/api/devices/away/commands", body)
     status, answer = await rig.raw(request, pause_after=len(request) - len(body) + 1000)
     assert status == 202, answer
-    command = json.loads(answer)["command"]
+    command = json.loads(answer)
     assert len(command["args"]["blob"]) == 60_000
 
 
@@ -182,7 +182,7 @@ async def test_a_chunked_body_is_read_whole(rig: Rig) -> None:
     body = json.dumps({"op": "set", "args": {"blob": "y" * 30_000}}).encode()
     status, answer = await rig.raw(_chunked("/api/devices/away/commands", body, 4096))
     assert status == 202, answer
-    assert json.loads(answer)["command"]["args"]["blob"] == "y" * 30_000
+    assert json.loads(answer)["args"]["blob"] == "y" * 30_000
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
@@ -496,10 +496,10 @@ async def test_concurrent_submits_never_overshoot_max_queued(rig: Rig) -> None:
 
 async def test_the_gateway_ttl_applies_to_commands_without_one(rig: Rig) -> None:
     plain = await (await rig.submit("away", {"op": "set"})).json()
-    command = plain["command"]
+    command = plain
     assert command["expires_at"] == pytest.approx(command["created_at"] + 600, abs=1)
     own = await (await rig.submit("away", {"op": "set", "ttl_s": 5})).json()
-    assert own["command"]["expires_at"] == pytest.approx(own["command"]["created_at"] + 5, abs=1)
+    assert own["expires_at"] == pytest.approx(own["created_at"] + 5, abs=1)
 
 
 def _ws_handshake(port: int) -> bytes:

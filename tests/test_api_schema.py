@@ -160,7 +160,7 @@ def test_invalid_filters_are_422(api: Api) -> None:
 @pytest.mark.parametrize("token", [None, "wrong", ""], ids=["none", "wrong", "empty"])
 def test_writes_need_the_token_401_auth_failed(api: Api, token: str | None) -> None:
     assert_error(api.submit("attic", {"op": "set"}, token=token), 401, "auth_failed")
-    queued = api.submit("attic", {"op": "set"}).json()["command"]["id"]
+    queued = api.submit("attic", {"op": "set"}).json()["id"]
     assert_error(api.call("DELETE", f"/api/commands/{queued}", token=token), 401, "auth_failed")
     assert api.call("GET", f"/api/commands/{queued}").json()["state"] == "queued"
     # Reads need none.
@@ -170,14 +170,14 @@ def test_writes_need_the_token_401_auth_failed(api: Api, token: str | None) -> N
 def test_cancel_of_a_finished_command_is_409_conflict(api: Api) -> None:
     answer = api.submit("attic", {"op": "set", "args": {"v": 1}})
     assert answer.status_code == 202
-    command_id = answer.json()["command"]["id"]
+    command_id = answer.json()["id"]
     cancelled = api.call("DELETE", f"/api/commands/{command_id}")
     assert cancelled.status_code == 200
     assert cancelled.json()["state"] == "cancelled"
     body = assert_error(api.call("DELETE", f"/api/commands/{command_id}"), 409, "conflict")
     assert "already cancelled" in body["message"]
 
-    delivered = api.submit("hall", {"op": "echo", "args": {"v": 2}}).json()["command"]["id"]
+    delivered = api.submit("hall", {"op": "echo", "args": {"v": 2}}).json()["id"]
     assert wait_final(api, delivered)["state"] == "succeeded"
     assert_error(api.call("DELETE", f"/api/commands/{delivered}"), 409, "conflict")
 
@@ -276,7 +276,7 @@ def _strategies(schema: schemathesis.BaseSchema, command_id: str) -> st.SearchSt
 
 
 def test_schema_generated_requests_never_5xx(api: Api, schema: schemathesis.BaseSchema) -> None:
-    command_id = api.submit("attic", {"op": "set"}).json()["command"]["id"]
+    command_id = api.submit("attic", {"op": "set"}).json()["id"]
     cases = _strategies(schema, command_id)
     statuses: dict[tuple[str, str, int], int] = {}
 
@@ -361,7 +361,7 @@ def test_fuzzed_bodies_and_queries_never_5xx(api: Api) -> None:
         response = api.submit(device, None, data=data, token=token)
         check_response(response, f"POST {device} {data!r:.300}")
         if response.status_code == 202:
-            assert response.json()["command"]["device"] == device
+            assert response.json()["device"] == device
         response = api.call("GET", "/api/commands", params=params, token=token)
         check_response(response, f"GET /api/commands {params!r}")
 

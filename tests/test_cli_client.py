@@ -6,11 +6,13 @@ subprocesses. Every documented exit code is produced for real.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
 import pty
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +24,9 @@ from typing import Any
 import pytest
 
 import keeplink.cli
+from keeplink._core.commands import new_command
+from keeplink.gateway.config import parse_config
+from keeplink.gateway.server import Server
 from test_gateway_e2e import START_BOUND_S, TOKEN, Procs, free_port, write_config
 
 CLI_BOUND_S = 60.0
@@ -169,19 +174,63 @@ async def test_send_to_an_away_device_queues_parses_args_and_cancel(world: World
     code, out, err = await world.cli("send", "attic", "set", "t=19", "--key", "heat", "--json")
     assert code == 0, err
     answer = json.loads(out)
-    assert answer["command"]["state"] == "queued"
+    assert answer["state"] == "queued"
     assert answer["device_presence"] in ("unknown", "offline")
     assert (world.command(command_id))["state"] == "superseded"
 
-    code, out, err = await world.cli("cancel", answer["command"]["id"])
+    code, out, err = await world.cli("cancel", answer["id"])
     assert code == 0, err
-    assert out.strip() == f"{answer['command']['id']} cancelled"
-    code, out, err = await world.cli("cancel", answer["command"]["id"])
+    assert out.strip() == f"{answer['id']} cancelled"
+    code, out, err = await world.cli("cancel", answer["id"])
     assert code == 1
     assert re.match(r"keeplink: \[conflict\] .*already cancelled", err), err
     code, out, err = await world.cli("commands", "--state", "cancelled,superseded", "--json")
     assert code == 0, err
     assert {c["state"] for c in json.loads(out)["commands"]} == {"cancelled", "superseded"}
+
+
+async def test_cancel_takes_a_unique_prefix_of_the_id(world: World) -> None:
+    code, out, err = await world.cli("send", "attic", "set", "v=8")
+    assert code == 0, err
+    command_id = _first_id(out)
+    code, out, err = await world.cli("cancel", command_id[:8])  # the short id shown
+    assert code == 0, err
+    assert out.strip() == f"{command_id} cancelled"
+    assert world.command(command_id)["state"] == "cancelled"
+
+
+async def test_cancel_of_a_prefix_of_several_ids_exits_2_listing_them(tmp_path: Path) -> None:
+    dead = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    dead.bind(("127.0.0.1", 0))
+    config = {
+        "gateway": {"listen": "127.0.0.1:0", "store": "memory:", "token": TOKEN},
+        "devices": [{"id": "away", "driver": "jsonline", "port": dead.getsockname()[1]}],
+    }
+    server = Server(parse_config(config, source="test_cli_client"), token=TOKEN)
+    ids = ["997e657c" + "0" * 24, "997e657d" + "0" * 24]
+    try:
+        await server.start()
+        for command_id in ids:  # ids chosen to share a prefix: straight into the store
+            command = new_command(device="away", op="set", args={}, now=time.time())
+            await server.gateway.store.insert(dataclasses.replace(command, id=command_id))
+        ambiguous = await run("cancel", "997e65", "--url", server.url, "--token", TOKEN)
+        unknown = await run("cancel", "997e65f", "--url", server.url, "--token", TOKEN)
+        unique = await run("cancel", "997e657c", "--url", server.url, "--token", TOKEN)
+        states = [(await server.gateway.store.get(i)) for i in ids]
+    finally:
+        await server.stop()
+        dead.close()
+    code, out, err = ambiguous
+    assert (code, out) == (2, "")
+    assert err.strip() == (
+        "keeplink: [invalid_request] '997e65' is ambiguous: it starts the ids of 2 commands: "
+        f"{ids[0]}, {ids[1]}; give more of the id"
+    )
+    code, out, err = unknown
+    assert (code, out) == (5, "")
+    assert "[command_not_found] no command '997e65f', nor one whose id starts with it" in err
+    assert unique[:2] == (0, f"{ids[0]} cancelled\n"), unique
+    assert [c.state.value for c in states if c is not None] == ["cancelled", "queued"]
 
 
 async def test_send_wait_follows_the_command_to_success(world: World) -> None:
@@ -322,6 +371,25 @@ async def test_exit_codes(world: World) -> None:
         assert code == expected, (args, out, err)
         assert out == "", args  # errors never go to stdout
         assert re.search(pattern, err.strip().splitlines()[-1]), (args, err)
+
+
+async def test_send_of_a_command_that_could_never_be_delivered_exits_1_at_once(
+    world: World, tmp_path: Path
+) -> None:
+    image = _image(tmp_path)
+    before = json.loads((await world.cli("commands", "--json"))[1])["commands"]
+    results = await asyncio.gather(
+        world.cli("send", "hall", "firmware"),
+        world.cli("send", "hall", "firmware", f"path={image}", "sha256=abc"),
+    )
+    assert [(code, out) for code, out, _ in results] == [(1, ""), (1, "")], results
+    assert [err.strip() for _, _, err in results] == [
+        "keeplink: [invalid_request] firmware: args.path is required: the image file to send",
+        "keeplink: [invalid_request] firmware: args.sha256 must be 64 lowercase hex digits, "
+        "got 'abc'",
+    ]
+    after = json.loads((await world.cli("commands", "--json"))[1])["commands"]
+    assert [c["id"] for c in after] == [c["id"] for c in before]  # nothing was stored
 
 
 async def test_reconnect_makes_a_backing_off_link_try_again_now(world: World) -> None:

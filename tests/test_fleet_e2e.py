@@ -134,7 +134,7 @@ async def submit_all(
             timeout=aiohttp.ClientTimeout(total=SUBMIT_BOUND_S),
         ) as r:
             assert r.status == 202, await r.text()
-            command_id = (await r.json())["command"]["id"]
+            command_id = (await r.json())["id"]
         ids[device].append(command_id)
         accepted.setdefault(device, []).append(command_id)
 

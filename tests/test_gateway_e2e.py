@@ -335,12 +335,12 @@ async def test_commands_survive_device_absence_and_gateway_restart(
         # 1. The device is away: the command is stored and answered `queued`.
         status, answer = await submit(session, url, "hall", "set", {"target": 21.5})
         assert status == 202, answer
-        assert answer["command"]["state"] == "queued"
+        assert answer["state"] == "queued"
         # Never seen yet: the gateway says "unknown" (presence is online, offline or unknown);
         # either way it is away, and the answer says so.
         assert answer["device_presence"] in ("offline", "unknown")
         assert "away" in answer["note"]
-        first = answer["command"]["id"]
+        first = answer["id"]
         await asyncio.sleep(0.5)
         assert await command_in(session, url, first, "queued"), "delivered to nobody?"
 
@@ -387,9 +387,9 @@ async def test_commands_survive_device_absence_and_gateway_restart(
         for n in (1, 2, 3):
             status, answer = await submit(session, url, "hall", "set", {"n": n})
             assert status == 202, answer
-            assert answer["command"]["state"] == "queued"
+            assert answer["state"] == "queued"
             assert answer["device_presence"] == "offline"
-            later.append(answer["command"]["id"])
+            later.append(answer["id"])
 
     # 5. Restart the gateway (graceful stop, exit 0) with the same config and store.
     assert await gateway.stop() == 0, gateway.stderr

@@ -81,8 +81,8 @@ async def test_modbus_units_and_an_mqtt_device_through_the_gateway(
             http, url, "boiler", {"op": "write_registers", "args": {"address": 0, "values": [7, 8]}}
         )
         assert status == 202
-        assert body["command"]["args"]["unit"] == 1
-        done = await final_state(http, url, body["command"]["id"])
+        assert body["args"]["unit"] == 1
+        done = await final_state(http, url, body["id"])
         assert done["state"] == "succeeded", done
         assert await modbus_server.registers(1, 0, 2) == [7, 8]
 
@@ -95,10 +95,10 @@ async def test_modbus_units_and_an_mqtt_device_through_the_gateway(
         probe = gateway.probes[0]
         target = probe.rounds + 3
         await eventually(lambda: probe.rounds >= target)  # three probe rounds go by
-        async with http.get(f"{url}/api/commands/{body['command']['id']}") as response:
+        async with http.get(f"{url}/api/commands/{body['id']}") as response:
             assert (await response.json())["state"] == "queued"
         modbus_server.offline.discard(2)
-        done = await final_state(http, url, body["command"]["id"])
+        done = await final_state(http, url, body["id"])
         assert done["state"] == "succeeded", done
         assert await modbus_server.registers(2, 3, 1) == [42]
 
@@ -113,12 +113,77 @@ async def test_modbus_units_and_an_mqtt_device_through_the_gateway(
         assert body["device_presence"] != "online"
         device.start()
         try:
-            done = await final_state(http, url, body["command"]["id"])
+            done = await final_state(http, url, body["id"])
             assert done["state"] == "succeeded", done
             assert device.commands[0]["args"] == {"on": True, "device": "plug"}
             assert device.applied == [done["idempotency_key"]]
         finally:
             await device.stop()
+
+
+async def _refused(server: Server, cases: list[tuple[str, dict[str, Any], str]]) -> None:
+    """Each ``(device, body, start of the message)`` is a 422; nothing is stored."""
+    async with aiohttp.ClientSession() as http:
+        for device, body, message in cases:
+            status, error = await submit(http, server.url, device, body)
+            assert (status, error.get("code")) == (422, "invalid_request"), (device, body, error)
+            assert error["message"].startswith(message), (device, body, error)
+        async with http.get(f"{server.url}/api/commands") as response:
+            assert (await response.json())["commands"] == []  # nothing stored
+
+
+async def test_firmware_for_a_modbus_unit_or_an_mqtt_device_is_refused_at_submit(
+    gateway_server: Server, tmp_path: Path
+) -> None:
+    """A firmware transfer goes as ota.* requests, which neither driver can carry (MQTT's
+    took the firmware command itself, which never goes on the wire)."""
+    image = tmp_path / "fw.bin"
+    image.write_bytes(b"firmware")
+    firmware = {"op": "firmware", "args": {"path": str(image), "sha256": "0" * 64}}
+    await _refused(
+        gateway_server,
+        [
+            (
+                "plug",
+                firmware,
+                "firmware: the mqtt driver cannot carry the transfer's ota.begin requests "
+                "(mqtt: args must name the device (args['device']), one of ['plug'])",
+            ),
+            (
+                "boiler",
+                firmware,
+                "firmware: the modbus driver cannot carry the transfer's ota.begin requests "
+                "(modbus: unknown op 'ota.begin'; known: [",
+            ),
+        ],
+    )
+
+
+async def test_ops_and_args_a_driver_refuses_are_refused_at_submit(
+    gateway_server: Server,
+) -> None:
+    """The driver's own checks, at submit: 422 with its message, nothing stored."""
+    await _refused(
+        gateway_server,
+        [
+            ("boiler", {"op": "set"}, "modbus: unknown op 'set'; known: ["),
+            (
+                "boiler",
+                {"op": "write_register", "args": {"address": 3}},
+                "modbus write_register: missing ['value']",
+            ),
+            (
+                "boiler",
+                {"op": "read_holding_registers", "args": {"address": 0, "count": 1, "colour": 1}},
+                "modbus read_holding_registers: unknown args ['colour']",
+            ),
+            (
+                "plug",
+                {"op": "set", "args": {"device": "lamp"}},
+                "mqtt: unknown device 'lamp'; this link serves ['plug']",
+            ),
+        ],
+    )
 
 
 def test_a_modbus_device_without_a_unit_is_refused_at_start() -> None:

@@ -419,6 +419,51 @@ async def test_get_of_an_unknown_id_is_none(store: CommandStore) -> None:
     assert await store.get("nope") is None
 
 
+PREFIXED = [
+    "abc0" + "0" * 28,
+    "abc0" + "f" * 28,
+    "abcf" + "f" * 28,
+    "abd0" + "0" * 28,  # just past "abc"
+    "9fff" + "f" * 28,  # just before "a"
+    "ffe0" + "0" * 28,
+    "ffff" + "f" * 28,  # only f: no upper bound
+    "ab",  # shorter than the prefixes looked for
+    "abcg-not-hex",  # an id of another shape is still matched exactly
+    "ABC0" + "0" * 28,  # upper case is another id
+]
+
+
+async def test_ids_with_prefix_finds_exactly_the_ids_that_start_with_it(
+    store: CommandStore,
+) -> None:
+    for command_id in PREFIXED:
+        await store.insert(dataclasses.replace(cmd(), id=command_id))
+    assert await store.ids_with_prefix("abc") == sorted(
+        ["abc0" + "0" * 28, "abc0" + "f" * 28, "abcf" + "f" * 28, "abcg-not-hex"]
+    )
+    assert await store.ids_with_prefix("abc0") == ["abc0" + "0" * 28, "abc0" + "f" * 28]
+    assert await store.ids_with_prefix("abcf") == ["abcf" + "f" * 28]
+    assert await store.ids_with_prefix("ab", limit=2) == ["ab", "abc0" + "0" * 28]
+    assert await store.ids_with_prefix("9") == ["9fff" + "f" * 28]
+    assert await store.ids_with_prefix("ff") == ["ffe0" + "0" * 28, "ffff" + "f" * 28]
+    assert await store.ids_with_prefix("ffff") == ["ffff" + "f" * 28]
+    assert await store.ids_with_prefix("ffff" + "f" * 28) == ["ffff" + "f" * 28]
+    assert await store.ids_with_prefix("abd1") == []
+    assert await store.ids_with_prefix("0") == []
+    # The protocol's own answer (reading every command, for stores that inherit it) agrees.
+    for prefix in ("abc", "abc0", "9", "ff", "ffff", "ab", "0"):
+        default = await CommandStore.ids_with_prefix(store, prefix, limit=3)
+        assert default == await store.ids_with_prefix(prefix, limit=3), prefix
+
+
+@pytest.mark.parametrize("prefix", ["", "ABC", "abz", "ab c", 5, None])
+async def test_ids_with_prefix_takes_only_hex_digits(store: CommandStore, prefix: Any) -> None:
+    with pytest.raises(InvalidRequestError, match="an id prefix is lowercase hex digits"):
+        await store.ids_with_prefix(prefix)
+    with pytest.raises(InvalidRequestError, match="limit"):
+        await store.ids_with_prefix("ab", limit=0)
+
+
 # ---------------------------------------------------------------------- recovery
 
 

@@ -9,8 +9,8 @@ them takes (after the command name):
     the bearer token for writes (default: ``$KEEPLINK_TOKEN``);
 ``--json``
     machine output: the API's JSON, exactly one document on stdout (``send``: the submit
-    answer ``{command, device_presence, note}``; ``send --wait``: the command as it ended,
-    or as last seen when the wait timed out);
+    answer, the command with ``device_presence`` and ``note`` beside its fields; ``send
+    --wait``: the command as it ended, or as last seen when the wait timed out);
 ``--timeout SECONDS``
     how long one HTTP request may take (default 10).
 
@@ -20,7 +20,7 @@ Commands::
     keeplink send DEVICE OP [k=v ...] [--key K] [--ttl S] [--max-attempts N]
                   [--priority P] [--idempotency-key I] [--wait] [--wait-timeout S]
     keeplink commands [--device D] [--state S[,S...]] [--limit N]
-    keeplink cancel ID
+    keeplink cancel ID      (ID: the id, or a unique prefix of it of at least 6 hex digits)
     keeplink reconnect DEVICE
 
 ``send`` arguments are ``k=v`` pairs; ``v`` is JSON if it parses as JSON (``21.5``,
@@ -29,9 +29,12 @@ its state (and says so when the device is away and the command waits for it); wi
 ``--wait`` it follows the gateway's event stream until the command is final (a progress bar
 for a firmware transfer on a terminal, plain lines otherwise). ``send DEVICE firmware
 path=IMAGE`` fills in ``sha256`` and ``size`` from the file when they are not given (the
-gateway reads the image from the same path). ``reconnect`` makes a failed link (a refused
-token, a device that named another id) try again now, or a link waiting out a backoff skip
-the rest of the wait, once the device or its config is fixed.
+gateway reads the image from the same path). A command that could never be delivered (an
+op or args the device's driver cannot carry, a firmware image the gateway cannot read) is
+refused at once and nothing is stored: exit 1 with the gateway's reason. ``reconnect``
+makes a failed link (a refused token, a device that named another id) try again now, or a
+link waiting out a backoff skip the rest of the wait, once the device or its config is
+fixed.
 
 Exit codes, for scripts:
 
@@ -41,7 +44,8 @@ Exit codes, for scripts:
 1   the command ended other than succeeded (failed, rejected, expired, cancelled,
     superseded; for ``cancel``: it finished before it could be cancelled), or the gateway
     answered another error
-2   bad usage or configuration (options, ``k=v`` arguments, ``--url``)
+2   bad usage or configuration (options, ``k=v`` arguments, ``--url``; ``cancel``: an id
+    prefix that starts more than one command's id, which are listed)
 3   the gateway is unreachable (nothing listening, connection reset, no answer in time)
 4   authentication failed (401: missing or wrong ``--token``)
 5   not found (404: unknown device or command)
@@ -290,7 +294,9 @@ def add_client_commands(subparsers: Any) -> None:
     cancel = subparsers.add_parser(
         "cancel", parents=[common], help="cancel a queued or in-flight command", epilog=epilog
     )
-    cancel.add_argument("id", metavar="ID")
+    cancel.add_argument(
+        "id", metavar="ID", help="the command's id, or a unique prefix of it (6 hex digits or more)"
+    )
 
     reconnect = subparsers.add_parser(
         "reconnect",
@@ -557,7 +563,13 @@ async def _commands(client: GatewayClient, args: argparse.Namespace) -> int:
 
 
 async def _cancel(client: GatewayClient, args: argparse.Namespace) -> int:
-    command = await client.cancel(args.id)
+    try:
+        command = await client.cancel(args.id)
+    except ApiError as exc:
+        if exc.status != 422:
+            raise
+        _error(exc.wire_code, exc.message)  # a prefix of several ids: they are listed
+        return EXIT_USAGE
     state = command.get("state")
     if args.json:
         _print_json(command)
@@ -615,9 +627,9 @@ async def _send(client: GatewayClient, args: argparse.Namespace) -> int:
         idempotency_key=args.idempotency_key,
         priority=args.priority,
     )
-    command = answer.get("command") or {}
-    command_id = str(command.get("id"))
-    state = command.get("state")
+    # The stored command's own fields, with device_presence and note beside them.
+    command_id = str(answer.get("id"))
+    state = answer.get("state")
     presence = answer.get("device_presence")
     if not args.json:
         print(f"{command_id} {state}", flush=True)
@@ -635,7 +647,7 @@ async def _send(client: GatewayClient, args: argparse.Namespace) -> int:
         if args.json:
             _print_json(answer)
         return EXIT_OK
-    follower = _Follower(command, quiet=args.json, tty=sys.stdout.isatty())
+    follower = _Follower(answer, quiet=args.json, tty=sys.stdout.isatty())
     timeout = args.wait_timeout or None
     try:
         final = await client.wait(command_id, timeout=timeout, on_event=follower)

@@ -4,8 +4,8 @@ It is what the ``keeplink devices | send | commands | cancel | reconnect`` comma
 and it works as a small library for scripts::
 
     async with GatewayClient("http://127.0.0.1:8470", token="s3cret") as gw:
-        answer = await gw.submit("hall", "set", {"target": 21.5})
-        final = await gw.wait(answer["command"]["id"], timeout=60)
+        command = await gw.submit("hall", "set", {"target": 21.5})
+        final = await gw.wait(command["id"], timeout=60)
 
 Every method returns the API's JSON as it came (plain dicts), so nothing is lost between
 the gateway and a caller. Failures are typed :class:`~keeplink.KeeplinkError` subclasses:
@@ -216,7 +216,8 @@ class GatewayClient:
         idempotency_key: str | None = None,
         priority: int | None = None,
     ) -> dict[str, Any]:
-        """``POST /api/devices/{id}/commands``: ``{"command", "device_presence", "note"}``."""
+        """``POST /api/devices/{id}/commands``: the stored command (the fields
+        :meth:`command` answers) with ``device_presence`` and ``note`` beside them."""
         body: dict[str, Any] = {"op": op, "args": dict(args or {})}
         optional = {
             "key": key,
@@ -248,7 +249,8 @@ class GatewayClient:
         return result
 
     async def command(self, command_id: str) -> dict[str, Any]:
-        """``GET /api/commands/{id}``."""
+        """``GET /api/commands/{id}``: ``command_id`` may be a unique prefix of the id (at
+        least 6 hex digits), as for :meth:`cancel` and :meth:`wait`."""
         result: dict[str, Any] = await self.request("GET", f"/api/commands/{_seg(command_id)}")
         return result
 
@@ -305,6 +307,7 @@ class GatewayClient:
         last: dict[str, Any] = await self.command(command_id)
         if last.get("state") in FINAL_STATES:
             return last
+        command_id = str(last.get("id", command_id))  # a prefix named it: events carry the id
         seen = [last]
         unreachable: list[str] = []
         scope = asyncio.timeout(timeout)

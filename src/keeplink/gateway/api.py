@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, Final, TypeVar
@@ -35,17 +36,20 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
 from keeplink import __version__
-from keeplink._core.commands import CommandState
+from keeplink._core.commands import Command, CommandState
 from keeplink._core.errors import (
     AuthError,
+    CommandNotFoundError,
     ErrorCode,
     InvalidRequestError,
     KeeplinkError,
 )
+from keeplink._link import Link
 from keeplink.gateway import models
 from keeplink.gateway.listener import RateLimit
 from keeplink.gateway.metrics import DeviceCounters
 from keeplink.gateway.runtime import Gateway
+from keeplink.outbox.firmware import FirmwareTransfer
 
 __all__ = ["build_app"]
 
@@ -71,6 +75,9 @@ BEHIND_CLOSE_CODE: Final = 1013
 PING_S: Final = 30.0
 """An idle event stream is pinged this often; a ping that cannot be written in as long
 ends the connection."""
+
+PREFIX_MATCHES_SHOWN: Final = 10
+"""Ids an ambiguous prefix's error lists at most."""
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 TOKEN_KEY: web.AppKey[str] = web.AppKey("token", str)
@@ -345,9 +352,7 @@ async def submit_command(request: web.Request) -> web.Response:
     body = await _body(request, models.Submit)
     link = gateway.links[device_id]
     args = gateway.command_args(device_id, body.args or {})
-    # The device's driver validates op and args now, so a bad command fails at once (422)
-    # rather than being stored and failing on delivery.
-    link.driver.build_request(0, body.op, args, body.idempotency_key)
+    await _check_deliverable(gateway, link, body.op, args, body.idempotency_key)
     command = await gateway.outbox.submit(
         device_id,
         body.op,
@@ -370,12 +375,35 @@ async def submit_command(request: web.Request) -> web.Response:
         note = f"queued: {waiting.message}"
     else:
         note = "queued for delivery now"
-    accepted = {
-        "command": gateway.command_json(command),
-        "device_presence": presence,
-        "note": note,
-    }
-    return _answer(models.SubmitAccepted, accepted, status=202)
+    # The command's own fields, as GET /api/commands/{id} answers them, and what happens next.
+    accepted = {**gateway.command_json(command), "device_presence": presence, "note": note}
+    response = _answer(models.SubmitAccepted, accepted, status=202)
+    response.headers["Location"] = _command_url(command.id)
+    return response
+
+
+def _command_url(command_id: str) -> str:
+    return "/api/commands/" + urllib.parse.quote(command_id, safe="")
+
+
+_ID_STANDIN: Final = "0" * 32
+"""A command's id (32 hex digits), which its requests carry as the key when it has none."""
+
+
+async def _check_deliverable(
+    gateway: Gateway, link: Link[Any], op: str, args: dict[str, Any], key: str | None
+) -> None:
+    """Refuse (InvalidRequestError: 422, nothing stored) a command that could never be
+    delivered, rather than store it to fail on delivery: the checks of the device's driver
+    (op and args, as the largest sequence number and the key it goes out with encode), or
+    of the executor that delivers the op (a firmware transfer: its ``ota.*`` requests on
+    this link, its args, the image file)."""
+    executor = gateway.outbox.executors.get(op)
+    if isinstance(executor, FirmwareTransfer):
+        await executor.check(link, args)
+    elif executor is None:
+        seq = (1 << link.driver.seq_bits) - 1
+        link.driver.build_request(seq, op, args, key or _ID_STANDIN)
 
 
 async def reconnect_device(request: web.Request) -> web.Response:
@@ -400,17 +428,49 @@ async def list_commands(request: web.Request) -> web.Response:
     return _answer(models.CommandList, {"commands": [gateway.command_json(c) for c in commands]})
 
 
+async def _named(gateway: Gateway, name: str) -> Command:
+    """The command ``name`` names: its whole id, or a prefix of at least MIN_ID_PREFIX hex
+    digits (any case) that starts exactly one command's id. Raises CommandNotFoundError
+    (404), and InvalidRequestError (422) listing the ids a prefix of several starts."""
+    try:
+        return await gateway.outbox.get(name)
+    except CommandNotFoundError:
+        prefix = name.lower()
+        if not re.fullmatch("[0-9a-f]+", prefix):
+            raise
+        shortest = models.MIN_ID_PREFIX
+        if len(prefix) < shortest:
+            raise CommandNotFoundError(
+                f"no command {name!r} (an id prefix needs at least {shortest} hex digits)"
+            ) from None
+    ids = await gateway.store.ids_with_prefix(prefix, limit=PREFIX_MATCHES_SHOWN + 1)
+    if not ids:
+        raise CommandNotFoundError(f"no command {name!r}, nor one whose id starts with it")
+    if len(ids) > 1:
+        many = (
+            f"more than {PREFIX_MATCHES_SHOWN} commands, among them"
+            if len(ids) > PREFIX_MATCHES_SHOWN
+            else f"{len(ids)} commands:"
+        )
+        shown = ", ".join(ids[:PREFIX_MATCHES_SHOWN])
+        raise InvalidRequestError(
+            f"{name!r} is ambiguous: it starts the ids of {many} {shown}; give more of the id"
+        )
+    return await gateway.outbox.get(ids[0])
+
+
 async def get_command(request: web.Request) -> web.Response:
     _authorize_read(request)
     gateway = request.app[GATEWAY_KEY]
-    command = await gateway.outbox.get(request.match_info["command"])
+    command = await _named(gateway, request.match_info["command"])
     return _answer(models.Command, gateway.command_json(command))
 
 
 async def cancel_command(request: web.Request) -> web.Response:
     _authorize(request)
     gateway = request.app[GATEWAY_KEY]
-    command = await gateway.outbox.cancel(request.match_info["command"])
+    command = await _named(gateway, request.match_info["command"])
+    command = await gateway.outbox.cancel(command.id)
     return _answer(models.Command, gateway.command_json(command))
 
 

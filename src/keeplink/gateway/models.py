@@ -49,6 +49,8 @@ __all__ = [
 ]
 
 MAX_PRIORITY: Final = 2**31 - 1
+MIN_ID_PREFIX: Final = 6
+"""The shortest prefix of a command's id (hex digits) the API takes for the whole id."""
 MAX_TEXT: Final = 256
 """Longest op, key and idempotency key accepted (characters)."""
 
@@ -208,9 +210,10 @@ class CommandList(_Answer):
     commands: list[Command]
 
 
-class SubmitAccepted(_Answer):
-    command: Command
-    device_presence: str
+class SubmitAccepted(Command):
+    """The stored command, as ``GET /api/commands/{id}`` answers it, with what happens next."""
+
+    device_presence: str = Field(description="the device's presence at submit")
     note: str = Field(description="what happens next, in words")
 
 
@@ -419,9 +422,21 @@ def _query(model: type[BaseModel]) -> list[dict[str, Any]]:
     ]
 
 
+def _located(response: dict[str, Any]) -> dict[str, Any]:
+    """A 202 answer with the ``Location`` of the command it stored."""
+    ((status, body),) = response.items()
+    location = {
+        "description": "the stored command's own URL: /api/commands/{id}",
+        "schema": {"type": "string"},
+    }
+    return {status: {**body, "headers": {"Location": location}}}
+
+
 _AUTH: Final = ("401", "missing or bad token")
 _BAD: Final = ("400", "malformed JSON or request")
 _CAP: Final = ("413", "body too large")
+_NO_COMMAND: Final = ("404", "unknown command: no command's id is this or starts with this prefix")
+_AMBIGUOUS: Final = ("422", "the prefix starts more than one command's id (listed in the message)")
 
 
 def openapi() -> dict[str, Any]:
@@ -432,7 +447,16 @@ def openapi() -> dict[str, Any]:
     )
     read: list[dict[str, list[str]]] = [{"bearer": []}, {}]
     device = {"name": "device", "in": "path", "required": True, "schema": {"type": "string"}}
-    command = {"name": "command", "in": "path", "required": True, "schema": {"type": "string"}}
+    command = {
+        "name": "command",
+        "in": "path",
+        "required": True,
+        "description": (
+            f"the command's id, or a prefix of it of at least {MIN_ID_PREFIX} hex digits "
+            "that starts no other command's id"
+        ),
+        "schema": {"type": "string"},
+    }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -487,13 +511,21 @@ def openapi() -> dict[str, Any]:
                             "application/json": {"schema": {"$ref": "#/components/schemas/Submit"}}
                         },
                     },
-                    "responses": _json("202", "SubmitAccepted", "stored; queued while away")
+                    "responses": _located(
+                        _json("202", "SubmitAccepted", "stored; queued while away")
+                    )
                     | _errors(
                         _BAD,
                         _AUTH,
                         ("404", "unknown device"),
                         _CAP,
-                        ("422", "invalid op or args"),
+                        (
+                            "422",
+                            "invalid op or args, or a command that could never be delivered "
+                            "(the device's driver cannot carry it; a firmware image that is "
+                            "not a readable file, or not of the given size): the message says "
+                            "why, and nothing was stored",
+                        ),
                         ("429", "the device's queue is full (queue_full)"),
                         ("503", "the store is unavailable or busy; nothing was stored"),
                     ),
@@ -527,14 +559,14 @@ def openapi() -> dict[str, Any]:
                     "summary": "One command",
                     "security": read,
                     "responses": _json("200", "Command", "the command")
-                    | _errors(_AUTH, ("404", "unknown command")),
+                    | _errors(_AUTH, _NO_COMMAND, _AMBIGUOUS),
                 },
                 "delete": {
                     "summary": "Cancel a queued or in-flight command",
                     "security": [{"bearer": []}],
                     "responses": _json("200", "Command", "the cancelled command")
                     | _errors(
-                        _AUTH, ("404", "unknown command"), ("409", "the command is already final")
+                        _AUTH, _NO_COMMAND, ("409", "the command is already final"), _AMBIGUOUS
                     ),
                 },
             },

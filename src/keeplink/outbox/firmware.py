@@ -1,11 +1,12 @@
 """Firmware transfer over the jsonline ``ota.*`` ops, as an outbox executor.
 
 A firmware command is a durable command like any other (``op="firmware"``, args
-``{"path", "sha256", "size"}``), queued for an offline device and delivered when it is
-present. Delivery streams the image as ``ota.chunk`` requests with a window in flight,
-announces progress, and after a drop waits for the link to come back and resumes from the
-offset the device reports in ``ota.begin``: bytes it already holds are never sent again.
-The device verifies the hash on ``ota.end``.
+``{"path", "sha256"}`` and optionally ``"size"``), queued for an offline device and
+delivered when it is present; :meth:`FirmwareTransfer.check` refuses at submit one that
+could never be delivered. Delivery streams the image as ``ota.chunk`` requests with a
+window in flight, announces progress, and after a drop waits for the link to come back and
+resumes from the offset the device reports in ``ota.begin``: bytes it already holds are
+never sent again. The device verifies the hash on ``ota.end``.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import collections
 import hashlib
 import logging
 import os
+import re
+import stat
+from collections.abc import Mapping
 from typing import Any, Final
 
 from keeplink._clock import deadline
 from keeplink._core.commands import Command
 from keeplink._core.dispatch import PreconditionResult
-from keeplink._core.errors import ConfigError, KeeplinkError
+from keeplink._core.errors import ConfigError, InvalidRequestError, KeeplinkError
 from keeplink._core.outcomes import Acknowledged, Outcome, Rejected
 from keeplink._link import Link
 from keeplink.outbox._outbox import DeliveryContext
@@ -37,6 +41,40 @@ small enough that a drop re-sends little."""
 DEFAULT_WINDOW: Final = 2
 """Chunks in flight. After a drop at most ``window × chunk_size`` bytes are sent again (what
 was written past the cut); 2 × 4 KiB keeps that to 8 KiB while still pipelining."""
+
+
+_SHA256: Final = re.compile("[0-9a-f]{64}")
+
+
+def _args_problem(args: Mapping[str, Any]) -> str | None:
+    """What makes a firmware command's args unusable (one line), or None."""
+    path, digest, size = args.get("path"), args.get("sha256"), args.get("size")
+    if path is None:
+        return "args.path is required: the image file to send"
+    if not isinstance(path, str) or not path:
+        return f"args.path must be a non-empty string, got {path!r}"
+    if digest is None:
+        return "args.sha256 is required: the image's SHA-256, 64 lowercase hex digits"
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        return f"args.sha256 must be 64 lowercase hex digits, got {digest!r:.80}"
+    if "size" in args and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        return f"args.size must be the image's size in bytes, an integer >= 0, got {size!r:.80}"
+    return None
+
+
+def _image_problem(path: str, size: object) -> str | None:
+    """Whether the image can be read now (and has ``size`` bytes, if that is an int)."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            return f"the image {path} is not a regular file"
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        return f"cannot read the image {path}: {exc.strerror or exc}"
+    if isinstance(size, int) and info.st_size != size:
+        return f"the image {path} has {info.st_size} bytes, not args.size = {size}"
+    return None
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:
@@ -92,10 +130,43 @@ class FirmwareTransfer:
         self.resume_within_s = resume_within_s
         self.max_resumes = max_resumes
 
+    async def check(self, link: Link[Any], args: Mapping[str, Any]) -> None:
+        """At submit, for a firmware command to go through ``link``: raise
+        InvalidRequestError, naming the problem, when it could never be delivered: the
+        link's driver cannot carry the transfer's ``ota.*`` requests (its own checks say
+        why), the args are not ``path`` and ``sha256`` (and ``size``, if given) of the right
+        types, or the image is not a readable file (of ``size`` bytes, if given).
+
+        The image is not hashed here: that reads all of it, in the submit's time, and the
+        delivery hashes it anyway (the file may change while the command waits)."""
+        driver = link.driver
+        seq = (1 << driver.seq_bits) - 1  # the widest sequence number a request carries
+        chunk = base64.b64encode(bytes(self.chunk_size)).decode("ascii")
+        for op, example in (
+            ("ota.begin", {"size": 0, "sha256": "0" * 64}),
+            ("ota.chunk", {"offset": 0, "data": chunk}),
+            ("ota.end", {}),
+        ):
+            try:
+                driver.build_request(seq, op, example, None)
+            except InvalidRequestError as exc:
+                raise InvalidRequestError(
+                    f"firmware: the {driver.name} driver cannot carry the transfer's {op} "
+                    f"requests ({exc.message})"
+                ) from None
+        problem = _args_problem(args)
+        if problem is None:
+            path: str = args["path"]
+            problem = await asyncio.to_thread(_image_problem, path, args.get("size"))
+        if problem is not None:
+            raise InvalidRequestError(f"firmware: {problem}")
+
     async def __call__(self, link: Link[Any], command: Command, ctx: DeliveryContext) -> Outcome:
-        path, digest = command.args.get("path"), command.args.get("sha256")
-        if not isinstance(path, str) or not isinstance(digest, str):
-            return Rejected(seq=0, code="invalid_request", message="needs args path and sha256")
+        problem = _args_problem(command.args)
+        if problem is not None:
+            return Rejected(seq=0, code="invalid_request", message=f"firmware: {problem}")
+        path: str = command.args["path"]
+        digest: str = command.args["sha256"]
         try:
             data = await asyncio.to_thread(_read, path)
         except OSError as exc:

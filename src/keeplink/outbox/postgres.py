@@ -52,6 +52,7 @@ from keeplink.outbox.store import (
     device_from_row,
     duplicate_id,
     encode_writes,
+    id_prefix_bounds,
     recovered,
     state_values,
 )
@@ -907,6 +908,19 @@ class PostgresStore(CommandStore):
             names,
         )
         return {row[0]: device_from_row(tuple(row)) for row in rows}
+
+    async def ids_with_prefix(self, prefix: str, *, limit: int = 10) -> builtins.list[str]:
+        low, high = id_prefix_bounds(prefix)
+        limit = check_limit(limit)
+        # A range scan of the ids' unique index (in the column's collation, which orders
+        # hex digits as they sort); the prefix test keeps exactly the matches.
+        params: builtins.list[Any] = [low, len(low), limit]
+        sql = "SELECT id FROM commands WHERE id >= $1 AND left(id, $2) = $1"
+        if high is not None:
+            params.append(high)
+            sql += " AND id < $4"
+        sql += ' ORDER BY id COLLATE "C" LIMIT $3'
+        return [row[0] for row in await self._fetch(sql, *params)]
 
     async def get_device(self, device: str) -> DeviceRecord | None:
         rows = await self._fetch(

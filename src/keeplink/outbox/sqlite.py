@@ -64,6 +64,7 @@ from keeplink.outbox.store import (
     device_from_row,
     duplicate_id,
     encode_writes,
+    id_prefix_bounds,
     recovered,
     state_values,
 )
@@ -900,6 +901,20 @@ class SqliteStore(CommandStore):
         return await self._run(lambda conn: _write(conn, work))
 
     # ------------------------------------------------------------------ devices
+
+    async def ids_with_prefix(self, prefix: str, *, limit: int = 10) -> builtins.list[str]:
+        low, high = id_prefix_bounds(prefix)
+        limit = check_limit(limit)
+        # A range scan of the ids' unique index; the prefix test keeps exactly the matches.
+        sql = "SELECT id FROM commands WHERE id >= ?"
+        params: list[Any] = [low]
+        if high is not None:
+            sql += " AND id < ?"
+            params.append(high)
+        sql += " AND substr(id, 1, ?) = ? ORDER BY id LIMIT ?"
+        params += [len(low), low, limit]
+        rows = await self._run(lambda conn: conn.execute(sql, params).fetchall())
+        return [row[0] for row in rows]
 
     async def get_device(self, device: str) -> DeviceRecord | None:
         sql = f"SELECT {', '.join(DEVICE_COLUMNS)} FROM devices WHERE device = ?"

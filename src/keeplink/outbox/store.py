@@ -21,6 +21,7 @@ import builtins
 import itertools
 import json
 import math
+import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -47,6 +48,7 @@ __all__ = [
     "command_values",
     "device_from_row",
     "device_values",
+    "id_prefix_bounds",
     "recovered",
 ]
 
@@ -251,6 +253,21 @@ class CommandStore(Protocol):
         records = {device: await self.get_device(device) for device in devices}
         return {device: record for device, record in records.items() if record is not None}
 
+    async def ids_with_prefix(self, prefix: str, *, limit: int = 10) -> builtins.list[str]:
+        """The ids of the commands whose id starts with ``prefix`` (lowercase hex digits, as
+        the ids keeplink makes are), sorted, at most ``limit`` (1..10000) of them.
+
+        The stores of this package answer from their index of ids. This default, for a
+        store of another kind that inherits it, reads every command."""
+        prefix = check_id_prefix(prefix)
+        limit = check_limit(limit)
+        found: builtins.list[str] = []
+        after = 0
+        while page := await self.list(limit=LIST_LIMIT_MAX, after_seq=after):
+            found += [c.id for c in page if c.id.startswith(prefix)]
+            after = page[-1].seq
+        return sorted(found)[:limit]
+
     async def __aenter__(self) -> Self:
         """``async with store:`` opens it, and closes it at the end."""
         await self.open()
@@ -314,6 +331,28 @@ def check_after_seq(after_seq: object) -> int:
     if isinstance(after_seq, bool) or not isinstance(after_seq, int):
         raise InvalidRequestError(f"after_seq must be an integer, got {after_seq!r}")
     return max(after_seq, 0)
+
+
+_HEX: Final = "0123456789abcdef"
+
+
+def check_id_prefix(prefix: object) -> str:
+    if not isinstance(prefix, str) or not re.fullmatch("[0-9a-f]+", prefix):
+        raise InvalidRequestError(f"an id prefix is lowercase hex digits, got {prefix!r}")
+    return prefix
+
+
+def id_prefix_bounds(prefix: str) -> tuple[str, str | None]:
+    """``[low, high)`` for a range scan of an index of ids: every id that starts with the
+    hex ``prefix`` sorts in it. ``high`` is the prefix without its trailing ``f`` digits
+    and with its last digit raised by one (``abf`` → ``ac``, ``a9`` → ``aa``; ``None``
+    for a prefix of only ``f``), never the next character (``9`` → ``:``): collations
+    other than C order punctuation differently, hex digits alike. The range may hold ids
+    of other shapes; a query keeps only those that start with the prefix."""
+    head = check_id_prefix(prefix).rstrip("f")
+    if not head:
+        return prefix, None
+    return prefix, head[:-1] + _HEX[_HEX.index(head[-1]) + 1]
 
 
 def check_str(name: str, value: object) -> str:
@@ -835,6 +874,12 @@ class MemoryStore(CommandStore):
         for row in rows:
             self._put_row(row)
         return [command_from_row(row) for row in rows]
+
+    async def ids_with_prefix(self, prefix: str, *, limit: int = 10) -> builtins.list[str]:
+        self._check_open()
+        prefix = check_id_prefix(prefix)
+        limit = check_limit(limit)
+        return sorted(i for i in self._rows if i.startswith(prefix))[:limit]
 
     async def get_device(self, device: str) -> DeviceRecord | None:
         self._check_open()
