@@ -614,7 +614,7 @@ def test_incoming_messages_decode_by_topic() -> None:
         (b'{"cid":1,"ok":true,"result":{"v":1e400}}', "too large for a double"),
         (b'{"cid":1,"ok":true,"result":{"v":NaN}}', "NaN is not JSON"),
         (b'{"cid":1,"ok":false,"code":"\\ud800"}', "unpaired UTF-16 surrogate"),
-        (b'{"cid":1,"ok":true,"result":' + b'[' * 70 + b']' * 70 + b"}", "nested deeper"),
+        (b'{"cid":1,"ok":true,"result":' + b"[" * 70 + b"]" * 70 + b"}", "nested deeper"),
     ):
         decoded = driver.decode("a/resp", unstorable)
         assert isinstance(decoded, Malformed) and why in decoded.reason, (unstorable, decoded)
