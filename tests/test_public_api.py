@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import time
 
 import keeplink
 import keeplink.drivers
@@ -27,6 +28,7 @@ EXPECTED = {
     "enum_or_none", "Correlator", "SequenceExhaustedError", "Slot", "SlotPool",
     "SlotPoolStatistics", "CommandNotFoundError", "ConflictError", "PreconditionFailedError",
     "DeviceMismatchError", "QueueFullError", "StoreBusyError", "StatePush", "WaitTimeoutError",
+    "WallClock",
 }  # fmt: skip
 
 
@@ -60,6 +62,24 @@ async def test_a_state_push_is_matched_by_its_public_name(
     assert keeplink.StatePush is keeplink.drivers.StatePush
     assert keeplink.StatePush.__doc__ and "FrameReceived" in keeplink.StatePush.__doc__
     assert "StatePush" in keeplink.drivers.__all__
+
+
+async def test_the_outboxs_wall_clock_is_public_for_a_presence_tracker_it_shares() -> None:
+    """A PresenceTracker handed to an Outbox stamps the ``online_since`` that the outbox's
+    ``min_online`` compares with its own (wall-clock) time, so it must run on a wall clock
+    too: ``keeplink.WallClock``, the outbox's default."""
+    from keeplink.outbox import MemoryStore, Outbox
+    from keeplink.presence import PresenceTracker, Source
+
+    assert isinstance(Outbox(MemoryStore()).clock, keeplink.WallClock)
+    tracker = PresenceTracker(clock=keeplink.WallClock(), debounce_online_s=0)
+    try:
+        before = time.time()
+        tracker.report("hall", Source.MDNS, True)
+        since = tracker.online_since("hall")
+        assert since is not None and before <= since <= time.time()
+    finally:
+        tracker.close()
 
 
 def test_the_package_is_typed() -> None:

@@ -4,7 +4,7 @@ The public API is what ``__all__`` lists; everything in ``keeplink._*`` is priva
 """
 
 from keeplink._channel import Codec, StreamChannel
-from keeplink._clock import SystemClock, VirtualClock, deadline, sleep_until
+from keeplink._clock import SystemClock, VirtualClock, WallClock, deadline, sleep_until
 from keeplink._core.backoff import Backoff
 from keeplink._core.classify import MESSAGE_MARKERS, classify, error_from_code
 from keeplink._core.clock import Clock, Timer
@@ -126,6 +126,7 @@ __all__ = [
     "Unavailable",
     "VirtualClock",
     "WaitTimeoutError",
+    "WallClock",
     "__version__",
     "classify",
     "deadline",

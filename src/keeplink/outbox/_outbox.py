@@ -194,9 +194,11 @@ class _Device:
 class Outbox:
     """Durable commands for devices that come and go.
 
-    Configuration is keyword-only. ``clock`` must be a wall clock (epoch seconds; the
-    default) because deadlines outlive the process; tests pass a VirtualClock started at a
-    realistic epoch. ``presence`` defaults to a tracker on the same clock; attach a link per
+    Configuration is keyword-only. ``clock`` must be a wall clock (epoch seconds: the
+    default, :class:`keeplink.WallClock`) because deadlines outlive the process; tests pass a
+    VirtualClock started at a realistic epoch. ``presence`` defaults to a tracker on the same
+    clock (``outbox.presence``); a tracker of your own must run on it too, since its
+    ``online_since`` is compared with the outbox's time (``min_online``). Attach a link per
     device with :meth:`attach` (its state feeds presence as the highest-precedence source).
     ``retry_after_s`` is the delay before an attempt that failed on a live link (a lost ack)
     is made again in the same cycle, jittered down to half of it; ``rng`` draws that jitter.
