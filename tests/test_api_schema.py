@@ -242,6 +242,8 @@ def test_openapi_document_names_every_route(api: Api) -> None:
         ("/api/devices/{device}", "get"),
         ("/api/devices/{device}/commands", "post"),
         ("/api/devices/{device}/reconnect", "post"),
+        ("/api/devices/{device}/resume", "post"),
+        ("/api/devices/{device}/history", "get"),
         ("/api/commands", "get"),
         ("/api/commands/{command}", "get"),
         ("/api/commands/{command}", "delete"),

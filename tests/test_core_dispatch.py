@@ -745,7 +745,7 @@ def test_the_last_failed_cycle_in_a_row_parks_delivery() -> None:
         failed_cycle=CYCLE,
         parked_reason=(
             "delivery parked: 3 delivery cycles in a row failed "
-            "(last error [timeout] no reply within 5s); retrying after 300s, or call resume()"
+            "(last error [timeout] no reply within 5s); retrying after 300s, or when resumed"
         ),
         parked_until=1300.0,
     )
@@ -755,7 +755,7 @@ def test_a_breaker_of_one_parks_at_the_first_failed_cycle() -> None:
     parked = breaker(device(), FAILURE, attempt_cycle=CYCLE, now=NOW, breaker_cycles=1, park_s=2.5)
     assert parked.parked_reason == (
         "delivery parked: 1 delivery cycles in a row failed "
-        "(last error [timeout] no reply within 5s); retrying after 2.5s, or call resume()"
+        "(last error [timeout] no reply within 5s); retrying after 2.5s, or when resumed"
     )
     assert parked.parked_until == 1002.5
 

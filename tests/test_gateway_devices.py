@@ -16,8 +16,10 @@ import pytest
 
 from helpers import IO_BOUND_S, eventually
 from keeplink import ConfigError, LinkState
+from keeplink._core.commands import DeviceRecord
 from keeplink.gateway.config import parse_config
 from keeplink.gateway.server import Server
+from keeplink.outbox import SqliteStore
 from keeplink.testing import DeviceSimulator
 
 TOKEN = "gateway-devices-token"
@@ -348,3 +350,52 @@ async def eventually_async(predicate: Any) -> None:
     async with asyncio.timeout(IO_BOUND_S):
         while not await predicate():  # noqa: ASYNC110 - polls the live API
             await asyncio.sleep(0.02)
+
+
+async def test_a_parked_device_is_resumed_on_request(tmp_path: Any) -> None:
+    """The breaker parked the device (its reason says to resume it, or wait): POST
+    /api/devices/{id}/resume delivers now; a device not parked is left alone."""
+    db = tmp_path / "keeplink.db"
+    async with SqliteStore(db) as store:  # parked before this gateway started, for a day
+        await store.put_device(
+            DeviceRecord(
+                device="dev1",
+                failed_cycles=5,
+                parked_reason="delivery parked: 5 delivery cycles in a row failed",
+                parked_until=time.time() + 86_400,
+            )
+        )
+    async with DeviceSimulator(device_id="dev1") as sim:
+        device = {"id": "dev1", "driver": "jsonline", "port": sim.port, "backoff": FAST}
+        config = parse_config(
+            {
+                "gateway": {"listen": "127.0.0.1:0", "store": f"sqlite:///{db}", "token": TOKEN},
+                "devices": [device],
+            }
+        )
+        server = Server(config, token=TOKEN)
+        await server.start()
+        try:
+            async with aiohttp.ClientSession(base_url=server.url) as http:
+                view = await get(http, "/api/devices/dev1")
+                assert view["parked"]["reason"].startswith("delivery parked"), view
+                answer = await submit(http, "dev1")
+                await eventually(lambda: server.gateway.links["dev1"].state is LinkState.CONNECTED)
+                await asyncio.sleep(0.3)
+                assert sim.applied == []  # parked: nothing goes out
+                assert await command_state(http, answer["id"]) == "queued"
+
+                assert (await post(http, "/api/devices/dev1/resume", headers={}))[0] == 401
+                assert (await post(http, "/api/devices/nope/resume"))[0] == 404
+                status, body = await post(http, "/api/devices/dev1/resume")
+                assert (status, body["resumed"]) == (202, True), body
+                assert body["device"]["parked"] is None
+                await eventually(lambda: bool(sim.applied))
+                status, body = await post(http, "/api/devices/dev1/resume")
+                assert (status, body["resumed"]) == (202, False)
+                assert "not parked" in body["note"]
+        finally:
+            await server.stop()
+    async with SqliteStore(db) as store:  # and it stays resumed
+        record = await store.get_device("dev1")
+        assert record is not None and record.parked_reason is None

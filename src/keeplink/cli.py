@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from keeplink.cli_client import add_client_commands
     except ImportError:  # the core install: no aiohttp, so no gateway and no client
-        for name in ("devices", "send", "commands", "cancel", "reconnect"):
+        for name in ("devices", "send", "commands", "cancel", "reconnect", "resume"):
             sub.add_parser(name, help=f"(needs {GATEWAY_EXTRA})")
     else:
         add_client_commands(sub)

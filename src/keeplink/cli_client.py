@@ -1,4 +1,5 @@
-"""The gateway from a shell: ``keeplink devices | send | commands | cancel | reconnect``.
+"""The gateway from a shell: ``keeplink devices | send | commands | cancel | reconnect |
+resume``.
 
 These commands mirror the HTTP API of a running ``keeplink serve``. Options every one of
 them takes (after the command name):
@@ -22,6 +23,7 @@ Commands::
     keeplink commands [--device D] [--state S[,S...]] [--limit N]
     keeplink cancel ID      (ID: the id, or a unique prefix of it of at least 6 hex digits)
     keeplink reconnect DEVICE
+    keeplink resume DEVICE
 
 ``send`` arguments are ``k=v`` pairs; ``v`` is JSON if it parses as JSON (``21.5``,
 ``true``, ``"x"``, ``{"a":1}``), else the plain string. ``send`` prints the command id and
@@ -34,13 +36,15 @@ op or args the device's driver cannot carry, a firmware image the gateway cannot
 refused at once and nothing is stored: exit 1 with the gateway's reason. ``reconnect``
 makes a failed link (a refused token, a device that named another id) try again now, or a
 link waiting out a backoff skip the rest of the wait, once the device or its config is
-fixed.
+fixed. ``resume`` delivers to a device whose deliveries the breaker parked (after repeated
+failed delivery cycles) now, instead of at the end of the park.
 
 Exit codes, for scripts:
 
 ==  ==========================================================================================
 0   ok (``send``: the command is stored; ``send --wait``: it succeeded; ``cancel``: it is
-    cancelled; ``reconnect``: the link tries again now, or is already up)
+    cancelled; ``reconnect``: the link tries again now, or is already up; ``resume``:
+    delivery resumes, or was not parked)
 1   the command ended other than succeeded (failed, rejected, expired, cancelled,
     superseded; for ``cancel``: it finished before it could be cancelled), or the gateway
     answered another error
@@ -105,7 +109,7 @@ EXIT_NOT_FOUND: Final = 5
 EXIT_WAIT_TIMEOUT: Final = 6
 EXIT_INTERRUPTED: Final = 130
 
-CLIENT_COMMANDS: Final = frozenset({"devices", "send", "commands", "cancel", "reconnect"})
+CLIENT_COMMANDS: Final = frozenset({"devices", "send", "commands", "cancel", "reconnect", "resume"})
 COMMAND_STATES: Final = (
     "queued",
     "sending",
@@ -236,9 +240,9 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def add_client_commands(subparsers: Any) -> None:
-    """Register ``devices``, ``send``, ``commands``, ``cancel`` and ``reconnect`` on an argparse
-    ``add_subparsers()`` object. Run the parsed result with :func:`run_client_command`
-    when ``args.command in CLIENT_COMMANDS``."""
+    """Register ``devices``, ``send``, ``commands``, ``cancel``, ``reconnect`` and ``resume``
+    on an argparse ``add_subparsers()`` object. Run the parsed result with
+    :func:`run_client_command` when ``args.command in CLIENT_COMMANDS``."""
     common = _common_options()
     epilog = (
         "exit codes: 0 ok, 1 command not succeeded or gateway error, 2 bad usage, "
@@ -309,6 +313,18 @@ def add_client_commands(subparsers: Any) -> None:
         epilog=epilog,
     )
     reconnect.add_argument("device", metavar="DEVICE")
+
+    resume = subparsers.add_parser(
+        "resume",
+        parents=[common],
+        help="deliver to a parked device now",
+        description=(
+            "After repeated failed delivery cycles the gateway parks a device's deliveries "
+            "for a while (its view shows why and until when): deliver to it now instead."
+        ),
+        epilog=epilog,
+    )
+    resume.add_argument("device", metavar="DEVICE")
 
 
 # ---------------------------------------------------------------------------- output
@@ -589,6 +605,15 @@ async def _reconnect(client: GatewayClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _resume(client: GatewayClient, args: argparse.Namespace) -> int:
+    answer = await client.resume(args.device)
+    if args.json:
+        _print_json(answer)
+    else:
+        print(f"{args.device}: {answer.get('note')}", flush=True)
+    return EXIT_OK
+
+
 def _report_final(command: dict[str, Any], *, as_json: bool) -> int:
     state = command.get("state")
     if as_json:
@@ -673,6 +698,7 @@ _HANDLERS: Final = {
     "commands": _commands,
     "cancel": _cancel,
     "reconnect": _reconnect,
+    "resume": _resume,
 }
 
 

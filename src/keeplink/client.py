@@ -239,6 +239,13 @@ class GatewayClient:
         )
         return result
 
+    async def resume(self, device_id: str) -> dict[str, Any]:
+        """``POST /api/devices/{id}/resume``: ``{"resumed", "note", "device"}``."""
+        result: dict[str, Any] = await self.request(
+            "POST", f"/api/devices/{_seg(device_id)}/resume"
+        )
+        return result
+
     async def commands(
         self, *, device: str | None = None, state: str | None = None, limit: int | None = None
     ) -> dict[str, Any]:

@@ -410,7 +410,7 @@ def breaker(
             parked_reason=(
                 f"delivery parked: {failed} delivery cycles in a row failed "
                 f"(last error [{error.code}] {error.message}); retrying after "
-                f"{park_s:g}s, or call resume()"
+                f"{park_s:g}s, or when resumed"
             ),
             parked_until=now + park_s,
         )

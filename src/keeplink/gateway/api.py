@@ -413,6 +413,13 @@ async def reconnect_device(request: web.Request) -> web.Response:
     return _answer(models.Reconnected, answer, status=202)
 
 
+async def resume_device(request: web.Request) -> web.Response:
+    """Deliver to a parked device now (202 with what was done)."""
+    _authorize(request)
+    answer = await request.app[GATEWAY_KEY].resume(request.match_info["device"])
+    return _answer(models.Resumed, answer, status=202)
+
+
 async def list_commands(request: web.Request) -> web.Response:
     _authorize_read(request)
     gateway = request.app[GATEWAY_KEY]
@@ -764,6 +771,7 @@ def build_app(gateway: Gateway, *, token: str) -> web.Application:
     app.router.add_get("/api/devices/{device}/history", device_history, expect_handler=_expect)
     app.router.add_post("/api/devices/{device}/commands", submit_command, expect_handler=_expect)
     app.router.add_post("/api/devices/{device}/reconnect", reconnect_device, expect_handler=_expect)
+    app.router.add_post("/api/devices/{device}/resume", resume_device, expect_handler=_expect)
     app.router.add_get("/api/commands", list_commands, expect_handler=_expect)
     app.router.add_get("/api/commands/{command}", get_command, expect_handler=_expect)
     app.router.add_delete("/api/commands/{command}", cancel_command, expect_handler=_expect)

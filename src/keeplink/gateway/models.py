@@ -279,6 +279,12 @@ class Reconnected(_Answer):
     device: Device
 
 
+class Resumed(_Answer):
+    resumed: bool = Field(description="true: delivery was parked and resumes now")
+    note: str
+    device: Device
+
+
 class DeviceList(_Answer):
     devices: list[Device]
 
@@ -537,6 +543,19 @@ def openapi() -> dict[str, Any]:
                     "summary": "Make a failed or backing-off link try again now",
                     "security": [{"bearer": []}],
                     "responses": _json("202", "Reconnected", "what was done")
+                    | _errors(
+                        _AUTH,
+                        ("404", "unknown device"),
+                        ("409", "another node of the fleet owns the device"),
+                    ),
+                },
+            },
+            "/api/devices/{device}/resume": {
+                "parameters": [device],
+                "post": {
+                    "summary": "Deliver to a parked device now instead of at the end of its park",
+                    "security": [{"bearer": []}],
+                    "responses": _json("202", "Resumed", "what was done")
                     | _errors(
                         _AUTH,
                         ("404", "unknown device"),

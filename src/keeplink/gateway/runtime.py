@@ -839,6 +839,33 @@ class Gateway:
         _log.info("gateway: reconnect of %r requested: %s", device_id, action)
         return {"reconnect": action, "note": note, "device": await self.device_view(device_id)}
 
+    async def resume(self, device_id: str) -> dict[str, Any]:
+        """Deliver to a device the breaker parked (after repeated failed delivery cycles)
+        now, instead of at the end of its park. A device that is not parked is left alone.
+
+        Returns ``{"resumed": bool, "note", "device"}`` (the device view afterwards).
+        Raises DeviceNotFoundError, and ConflictError in a fleet when another node owns
+        the device (its deliveries run there).
+        """
+        self.device(device_id)
+        if self.fleet is not None and not self.fleet.owns(device_id):
+            owner = await self.owner_of(device_id)
+            where = f"node {owner!r}" if owner is not None else "no node yet"
+            raise ConflictError(
+                f"device {device_id!r} is delivered to by {where}, not this one "
+                f"({self.config.node!r}); send the resume there"
+            )
+        record = await self.outbox.device_record(device_id)
+        if record.parked_reason is None:
+            note = "nothing to do: delivery to the device is not parked"
+            resumed = False
+        else:
+            await self.outbox.resume(device_id)
+            note = "delivery resumes now; the failed-cycle count starts again from 0"
+            resumed = True
+        _log.info("gateway: resume of %r requested: %s", device_id, note)
+        return {"resumed": resumed, "note": note, "device": await self.device_view(device_id)}
+
     def history_view(self, device_id: str, *, hours: int) -> dict[str, Any]:
         """The device's last ``hours`` as this node remembers them (the API's
         DeviceHistory)."""
