@@ -399,3 +399,16 @@ async def test_a_parked_device_is_resumed_on_request(tmp_path: Any) -> None:
     async with SqliteStore(db) as store:  # and it stays resumed
         record = await store.get_device("dev1")
         assert record is not None and record.parked_reason is None
+
+
+async def test_presence_and_the_outbox_keep_one_clock() -> None:
+    """The outbox compares when a device came online (presence's clock) with its own time
+    (a wall clock: deadlines outlive the process), so both must be one clock; the gateway's
+    tracker ran on the monotonic clock, which put every device online for decades."""
+    async with DeviceSimulator(device_id="dev1") as sim:
+        async with gateway({"id": "dev1", "port": sim.port}) as (server, _):
+            presence, outbox = server.gateway.presence, server.gateway.outbox
+            await eventually(lambda: presence.presence("dev1").value == "online")
+            since = presence.online_since("dev1")
+            assert since is not None
+            assert 0 <= outbox.clock.now() - since < IO_BOUND_S

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from keeplink._clock import WallClock
 from keeplink._core.commands import Command, CommandState, DeviceRecord
 from keeplink._core.errors import (
     ConfigError,
@@ -200,7 +201,9 @@ class Gateway:
             self.store = open_store(config.store, base=base_dir)
         except ConfigError as exc:
             raise ConfigError(f"{config.source}: gateway.store: {exc.message}") from exc
+        clock = WallClock()  # one clock: the outbox compares presence's times with its own
         self.presence = PresenceTracker(
+            clock=clock,
             debounce_online_s=DEFAULT_DEBOUNCE_ONLINE_S,
             debounce_offline_s=DEFAULT_DEBOUNCE_OFFLINE_S,
         )
@@ -216,6 +219,7 @@ class Gateway:
         """What other nodes said of the devices they own (presence, link state)."""
         self.outbox = Outbox(
             self.store,
+            clock=clock,
             presence=self.presence,
             executors={"firmware": FirmwareTransfer()},
             preconditions={"image_matches": image_matches},
