@@ -68,7 +68,9 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Final, TextIO
@@ -734,13 +736,36 @@ async def run_client_command(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
 
+INTERRUPT_GRACE_S: Final = 3.0
+"""After Ctrl-C, how long the client may take to close its connections before it exits
+anyway (a command already sent is stored by the gateway: nothing here needs saving)."""
+
+
 def run_client(args: argparse.Namespace) -> int:
-    """:func:`run_client_command` in a fresh event loop; Ctrl-C exits 130."""
+    """:func:`run_client_command` in a fresh event loop; Ctrl-C exits 130, within
+    INTERRUPT_GRACE_S whatever the connections being closed are doing."""
+
+    def interrupted(_signum: int, _frame: object) -> None:
+        def give_up() -> None:
+            print("\nkeeplink: interrupted", file=sys.stderr, flush=True)
+            os._exit(EXIT_INTERRUPTED)
+
+        watchdog = threading.Timer(INTERRUPT_GRACE_S, give_up)
+        watchdog.daemon = True
+        watchdog.start()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, interrupted) if main else None
     try:
         return asyncio.run(run_client_command(args))
     except KeyboardInterrupt:
         print("\nkeeplink: interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
