@@ -761,6 +761,7 @@ class SqliteStore(CommandStore):
                 worker.stop()
                 if worker.opened.done() and worker.opened.exception() is not None:
                     await asyncio.shield(worker.stopped)
+                    worker.join()  # it is returning: gone at once, not a moment later
                 raise
             self._worker = worker
             self._status = "open"
