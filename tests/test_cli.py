@@ -69,9 +69,11 @@ async def test_demo_shows_each_device_in_its_expected_state_within_30_s(tmp_path
     assert "summary:" in out.decode()
 
 
-async def test_sim_subcommand_serves_a_device_a_link_can_reach() -> None:
+@pytest.mark.parametrize("flags", [[], ["-v"]], ids=["plain", "verbose"])
+async def test_sim_subcommand_serves_a_device_a_link_can_reach(flags: list[str]) -> None:
+    """``keeplink sim``, and ``keeplink -v sim`` (the global flag first) logs at DEBUG."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "keeplink", "sim", "--device-id", "cli-sim", "--token", "t",
+        sys.executable, "-m", "keeplink", *flags, "sim", "--device-id", "cli-sim", "--token", "t",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -85,8 +87,9 @@ async def test_sim_subcommand_serves_a_device_a_link_can_reach() -> None:
         assert info.device_id == "cli-sim"
     finally:
         proc.terminate()
-        await proc.communicate()
+        _, err = await proc.communicate()
     assert proc.returncode == 0
+    assert ("DEBUG" in err.decode()) == bool(flags), err
 
 
 async def test_bad_usage_exits_2() -> None:

@@ -276,6 +276,11 @@ BAD_CONFIGS: dict[str, tuple[str, str, str]] = {
         "devices[1].hub_slots",
         "hub 'ble' has one slot pool, made with devices\\[0\\]'s hub_slots \\(2\\)",
     ),
+    "backoff-factor-below-one": (
+        GW + DEV + "[devices.backoff]\nfactor = 0.5\n",
+        "devices[0].backoff.factor",
+        "must be a number >= 1, got 0.5",
+    ),
     "not-toml": ("[gateway\n", "not valid TOML", "line 1"),
 }
 

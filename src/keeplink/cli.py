@@ -175,7 +175,15 @@ async def run_demo(duration: float | None, *, port: int, store: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    verbose = False
+    while args_list[:1] and args_list[0] in ("-v", "--verbose") and "sim" in args_list:
+        verbose = True  # `keeplink -v sim ...`: the global flag before the simulator's own
+        args_list.pop(0)
     if args_list[:1] == ["sim"]:
+        if verbose:
+            logging.basicConfig(
+                level=logging.DEBUG, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+            )
         return sim_main(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(args_list)

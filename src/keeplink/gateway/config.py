@@ -296,6 +296,20 @@ class _Checker:
             self.fail(key, f"must be a number of seconds, 0 or more, got {value!r}")
         return float(value)
 
+    def factor(self, key: str, default: float) -> float:
+        """A growth factor: a finite number, at least 1."""
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or not value >= 1
+        ):
+            self.fail(key, f"must be a number >= 1, got {value!r}")
+        return float(value)
+
     def seconds(self, key: str, default: float | None, *, allow_none: bool = False) -> float | None:
         if key not in self.table:
             return default
@@ -428,7 +442,7 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
             backoff = Backoff(
                 initial_s=b.seconds("initial_s", 1.0) or 1.0,
                 cap_s=b.seconds("cap_s", 60.0) or 60.0,
-                factor=b.seconds("factor", 2.0) or 2.0,
+                factor=b.factor("factor", 2.0),
                 terminal_retry_s=auth_retry_s,
             )
         except ConfigError as exc:
