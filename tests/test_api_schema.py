@@ -210,7 +210,8 @@ def test_unknown_endpoints_and_methods_answer_the_error_shape(api: Api) -> None:
 
 
 def check_response(response: requests.Response, what: str) -> None:
-    """Never a 5xx; an error always has the ``{code, message}`` shape; JSON otherwise."""
+    """Never a 5xx; an error always has the ``{code, message}`` shape; JSON otherwise
+    (but for the two answers that are not: the metrics' text and the dashboard's page)."""
     status = response.status_code
     assert status < 500, f"{what} -> {status}: {response.text[:500]}"
     if status >= 400:
@@ -218,6 +219,8 @@ def check_response(response: requests.Response, what: str) -> None:
         assert isinstance(body, dict), (what, body)
         assert isinstance(body.get("code"), str) and body["code"], (what, body)
         assert isinstance(body.get("message"), str), (what, body)
+    elif what.startswith(("GET /metrics ", "GET / ")):
+        assert response.text, what  # Prometheus text, the dashboard's HTML
     else:
         response.json()
 
@@ -249,6 +252,9 @@ def test_openapi_document_names_every_route(api: Api) -> None:
         ("/api/commands/{command}", "delete"),
         ("/api/events", "get"),
         ("/healthz", "get"),
+        ("/metrics", "get"),
+        ("/api/openapi.json", "get"),
+        ("/", "get"),
     ]:
         assert method in paths[path], (path, method)
 

@@ -604,5 +604,40 @@ def openapi() -> dict[str, Any]:
                     "responses": _json("200", "Health", "ok or degraded, with the reason"),
                 }
             },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics of this node (text exposition format)",
+                    "security": read,
+                    "responses": {
+                        "200": {
+                            "description": "the metrics",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    }
+                    | _errors(_AUTH),
+                }
+            },
+            "/api/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {
+                        "200": {
+                            "description": "the OpenAPI 3.1 document of the API",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+            "/": {
+                "get": {
+                    "summary": "The dashboard (one HTML page; gzipped when the client takes it)",
+                    "responses": {
+                        "200": {
+                            "description": "the page",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
         },
     }
