@@ -30,6 +30,7 @@ ROWS = [
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(330)  # about 50 s alone; a loaded machine takes longer (bounded at 300)
 async def test_the_quick_benchmark_prints_every_row() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench", "--quick", cwd=ROOT,

@@ -114,6 +114,7 @@ async def run_child(db: Path, sim: DeviceSimulator, *, kill_after: float | None)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(180)  # 15-25 s alone; bounded for a loaded machine
 async def test_sigkill_at_random_points_loses_nothing_and_applies_nothing_twice(
     tmp_path: Path,
 ) -> None:
@@ -195,6 +196,7 @@ async def run_submitting_child(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(180)  # 15-25 s alone; bounded for a loaded machine
 async def test_sigkill_mid_group_commit_loses_no_returned_submit(tmp_path: Path) -> None:
     """32 producers submit while the dispatcher delivers, so every commit carries many
     callers' writes; a SIGKILL at a random moment must lose none that returned."""
