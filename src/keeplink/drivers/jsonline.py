@@ -29,6 +29,7 @@ from typing import Any, Final
 
 from keeplink._channel import StreamChannel, open_stream_channel
 from keeplink._core.classify import error_from_code
+from keeplink._core.correlation import SEQUENCE_WIDTHS
 from keeplink._core.errors import (
     ConfigError,
     DeviceMismatchError,
@@ -55,7 +56,7 @@ from keeplink._driver import FrameChannel, HeartbeatReply, Reply, SessionInfo
 
 __all__ = ["JsonLineCodec", "JsonLineDriver", "StatePush"]
 
-SEQ_WIDTHS: Final = (8, 16, 32)
+SEQ_WIDTHS: Final = SEQUENCE_WIDTHS  # the widths the correlator takes
 _SHOWN_ID: Final = 64  # characters of a peer's claimed id put in a message: enough to spot it
 
 
