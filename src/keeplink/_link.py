@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
 from keeplink._channel import CLOSING_ERRORS, PushChannel
-from keeplink._clock import SystemClock, deadline, sleep_until
+from keeplink._clock import SystemClock, Wakeable, deadline, sleep_until
 from keeplink._core.backoff import Backoff
 from keeplink._core.classify import broken_from
 from keeplink._core.clock import Clock, Timer
@@ -261,7 +261,7 @@ class Link(Generic[F]):
         self._supervisor: asyncio.Task[None] | None = None
         self._stop_requested = False
         self._session: _Session[F] | None = None
-        self._wake: asyncio.Future[None] | None = None
+        self._backoff_wait = Wakeable()
         self._attempt = 0
         self._retry_at: float | None = None
         self._last_error: KeeplinkError | None = None
@@ -362,11 +362,9 @@ class Link(Generic[F]):
         Returns True if a wait was cut short. Does nothing in any other state: in particular it
         never cancels a connect or a handshake in progress.
         """
-        wake = self._wake
-        if self._state is _S.BACKOFF and wake is not None and not wake.done():
+        if self._state is _S.BACKOFF and self._backoff_wait.waiting:
             _log.debug("link %r: %s skips the backoff wait", self.name, reason)
-            wake.set_result(None)
-            return True
+            return self._backoff_wait.wake()
         return False
 
     def stop_soon(self) -> None:
@@ -849,20 +847,7 @@ class Link(Generic[F]):
         return delay
 
     async def _wait_backoff(self, until: float) -> None:
-        loop = asyncio.get_running_loop()
-        wake: asyncio.Future[None] = loop.create_future()
-        self._wake = wake
-
-        def expire() -> None:
-            if not wake.done():
-                wake.set_result(None)
-
-        timer = self.clock.call_at(until, expire)
-        try:
-            await wake
-        finally:
-            timer.cancel()
-            self._wake = None
+        await self._backoff_wait.sleep_until(self.clock, until)
 
     async def _attempt_once(self) -> KeeplinkError:
         """One connect + handshake + session. Returns why it ended; raises only to stop."""

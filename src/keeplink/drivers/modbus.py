@@ -80,7 +80,8 @@ from pymodbus.pdu.register_message import (
 )
 
 from keeplink._channel import StreamChannel, open_stream_channel
-from keeplink._core.clock import Clock, Timer
+from keeplink._clock import Wakeable
+from keeplink._core.clock import Clock
 from keeplink._core.errors import ConfigError, ErrorCode, InvalidRequestError
 from keeplink._core.jsonline import Malformed
 from keeplink._core.outcomes import Acknowledged, Rejected, TimedOut
@@ -818,7 +819,7 @@ class UnitProbe:
         self.rounds = 0
         """Completed probe rounds (every unit tried once)."""
         self._task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Future[None] | None = None
+        self._pause = Wakeable()
         self._again = False  # probe_now() during a round: start the next one at once
         self._unsubscribe: Callable[[], None] | None = None
         self._logged_errors: set[type[BaseException]] = set()
@@ -836,9 +837,7 @@ class UnitProbe:
         """Probe every unit now: cut the current wait short, or start the next round as soon
         as the current one ends."""
         self._again = True
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
+        self._pause.wake()
 
     async def close(self) -> None:
         """Stop probing and wait until the probe task is gone. Idempotent. Claims already
@@ -900,19 +899,9 @@ class UnitProbe:
         if self._again:
             self._again = False
             return
-        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._wake = wake
-
-        def expire() -> None:
-            if not wake.done():
-                wake.set_result(None)
-
-        timer: Timer = self.clock.call_at(when, expire)
         try:
-            await wake
+            await self._pause.sleep_until(self.clock, when)
         finally:
-            timer.cancel()
-            self._wake = None
             self._again = False
 
     def _note_error(self, target: ProbeTarget, exc: Exception) -> None:
