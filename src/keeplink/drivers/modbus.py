@@ -86,6 +86,7 @@ from keeplink._core.errors import ConfigError, ErrorCode, InvalidRequestError
 from keeplink._core.jsonline import Malformed
 from keeplink._core.outcomes import Acknowledged, Rejected, TimedOut
 from keeplink._core.presence import Source
+from keeplink._core.requests import is_key
 from keeplink._core.states import LinkState
 from keeplink._driver import FrameChannel, HeartbeatReply, Reply, SessionInfo
 from keeplink._events import LinkEvent, LinkStateChanged
@@ -507,7 +508,7 @@ class ModbusDriver:
             raise InvalidRequestError(
                 f"modbus {op}: args must be a mapping, got {type(args).__name__}"
             )
-        if key is not None and (not isinstance(key, str) or not key):
+        if not is_key(key):
             raise InvalidRequestError(f"modbus {op}: key must be a non-empty string or None")
         missing = spec.required.difference(args)
         if missing:
