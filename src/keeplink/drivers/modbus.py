@@ -91,6 +91,7 @@ from keeplink._core.states import LinkState
 from keeplink._driver import FrameChannel, HeartbeatReply, Reply, SessionInfo
 from keeplink._events import LinkEvent, LinkStateChanged
 from keeplink._link import LIVENESS_RATIO, Link
+from keeplink._logs import Repeats
 from keeplink._slots import SlotPool
 
 __all__ = [
@@ -823,7 +824,7 @@ class UnitProbe:
         self._pause = Wakeable()
         self._again = False  # probe_now() during a round: start the next one at once
         self._unsubscribe: Callable[[], None] | None = None
-        self._logged_errors: set[type[BaseException]] = set()
+        self._errors_logged: Repeats[type[BaseException]] = Repeats()
 
     def start(self) -> None:
         """Start probing (non-blocking). Idempotent while running."""
@@ -906,10 +907,9 @@ class UnitProbe:
             self._again = False
 
     def _note_error(self, target: ProbeTarget, exc: Exception) -> None:
-        if type(exc) in self._logged_errors:
+        if not self._errors_logged.first(type(exc)):
             _log.debug("unit probe %r: %s failed again: %r", self.link.name, target.device, exc)
             return
-        self._logged_errors.add(type(exc))
         _log.error(
             "unit probe %r: probing %s failed unexpectedly",
             self.link.name,
