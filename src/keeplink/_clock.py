@@ -5,8 +5,8 @@ when a test says so (``await clock.advance(5)``), so reconnect schedules, heartb
 deadlines can be asserted exactly while real sockets carry the bytes.
 
 :func:`sleep_until` (:class:`Wakeable` when a wake may cut it short) and :func:`deadline`
-are what the rest of keeplink uses instead of
-``asyncio.sleep`` and ``asyncio.timeout``: they go through whichever clock was injected.
+are what the rest of keeplink uses instead of ``asyncio.sleep`` and ``asyncio.timeout``:
+they go through whichever clock was injected.
 """
 
 from __future__ import annotations
