@@ -29,8 +29,8 @@ from keeplink import LinkState
 from keeplink.gateway.config import parse_config
 from keeplink.gateway.runtime import Gateway
 from keeplink.presence import Source
-from keeplink.testing import DeviceSimulator
-from mdns_netns_script import bring_up_loopback, emit, free_port
+from keeplink.testing import DeviceSimulator, free_port
+from mdns_netns_script import bring_up_loopback, emit
 
 SERVICE_TYPE = "_keeplink._tcp.local."
 BACKOFF_S = 300.0

@@ -28,7 +28,7 @@ from keeplink import Backoff, Link, LinkState
 from keeplink.drivers import JsonLineDriver
 from keeplink.mdns import MdnsPresence
 from keeplink.presence import Presence, PresenceTracker, Source
-from keeplink.testing import DeviceSimulator
+from keeplink.testing import DeviceSimulator, free_port
 
 SERVICE_TYPE = "_keeplink._tcp.local."
 DEVICE = "hall-thermostat"
@@ -49,13 +49,6 @@ def bring_up_loopback() -> None:
     # zeroconf sends with IP_MULTICAST_IF set to 127.0.0.1, which does not need a route; the
     # route is for everything else, so 224.0.0.251 never looks unreachable from in here.
     subprocess.run(["ip", "route", "add", "224.0.0.0/4", "dev", "lo"], check=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def scenario() -> None:

@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
+from keeplink.testing import free_port
+
 __all__ = ["MOSQUITTO", "Mosquitto", "mosquitto_binary"]
 
 MOSQUITTO: Final = "mosquitto"
@@ -45,13 +47,6 @@ def mosquitto_binary() -> str | None:
         return found
     fallback = Path("/usr/sbin/mosquitto")
     return str(fallback) if fallback.exists() else None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Mosquitto:
@@ -92,7 +87,7 @@ class Mosquitto:
             self._start_on(self.port)
             return
         for attempt in range(PORT_TRIES):
-            port = _free_port()
+            port = free_port()
             try:
                 self._start_on(port)
             except RuntimeError:

@@ -12,7 +12,8 @@ import requests
 from keeplink._core.commands import new_command
 from keeplink.outbox import SqliteStore
 from keeplink.outbox.store import Insert
-from test_gateway_e2e import Procs, free_port, procs, write_config  # noqa: F401
+from keeplink.testing import free_port
+from test_gateway_e2e import Procs, procs, write_config  # noqa: F401
 
 COMMANDS = 20_000
 

@@ -27,7 +27,8 @@ import keeplink.cli
 from keeplink._core.commands import new_command
 from keeplink.gateway.config import parse_config
 from keeplink.gateway.server import Server
-from test_gateway_e2e import START_BOUND_S, TOKEN, Procs, free_port, write_config
+from keeplink.testing import free_port
+from test_gateway_e2e import START_BOUND_S, TOKEN, Procs, write_config
 
 CLI_BOUND_S = 60.0
 

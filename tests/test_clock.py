@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from keeplink import VirtualClock, deadline, sleep_until
+from keeplink._clock import Wakeable
 
 
 async def test_timers_fire_in_deadline_order_and_time_is_exact(
@@ -86,3 +87,30 @@ async def test_advance_to_next_jumps_to_the_soonest_deadline(virtual_clock: Virt
 async def test_time_never_goes_backwards(virtual_clock: VirtualClock) -> None:
     with pytest.raises(ValueError, match="backwards"):
         await virtual_clock.advance(-1)
+
+
+async def test_a_wake_cuts_a_wakeable_wait_short(virtual_clock: VirtualClock) -> None:
+    wait = Wakeable()
+    assert not wait.wake()  # nothing waits: nothing to cut, and nothing remembered
+    task = asyncio.create_task(wait.sleep_until(virtual_clock, 10))
+    await virtual_clock.advance(3)
+    assert wait.waiting and not task.done()
+    assert wait.wake()
+    await task
+    assert virtual_clock.now() == 3
+    assert not wait.waiting and virtual_clock.live_timers == 0
+    task = asyncio.create_task(wait.sleep_until(virtual_clock, 5))
+    await virtual_clock.advance(2)  # the earlier wake did not carry over
+    await task
+    assert virtual_clock.now() == 5
+
+
+async def test_a_cancelled_wakeable_wait_leaves_no_timer(virtual_clock: VirtualClock) -> None:
+    wait = Wakeable()
+    task = asyncio.create_task(wait.sleep_until(virtual_clock, 10))
+    await virtual_clock.settle()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not wait.waiting and not wait.wake()
+    assert virtual_clock.live_timers == 0

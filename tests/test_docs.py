@@ -5,6 +5,9 @@
   keys are read from the parser's own declarations, never from a list copied here.
 - Every frame type the jsonline decoder dispatches on has a section in
   ``docs/protocol.md``. The types are read from the decoder's source.
+- The error-code table in ``docs/protocol.md`` says of each code what the code does with
+  it: the reconnect class of a refused ``hello`` (``error_class_of``) and whether a refusing
+  ``ack`` is retried (``RETRYABLE_REJECTIONS``).
 - Nothing in ``docs/``, ``README.md`` or ``src/`` points outside the repository: no
   references to documents it does not contain, no links that do not resolve inside it.
 """
@@ -17,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from keeplink._core.errors import ConfigError
+from keeplink._core.dispatch import RETRYABLE_REJECTIONS
+from keeplink._core.errors import ConfigError, ErrorClass, ErrorCode, error_class_of
 from keeplink.gateway import config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,3 +203,37 @@ def test_every_relative_link_resolves_inside_the_repository() -> None:
             elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
                 broken.append(f"{path.relative_to(ROOT)}: {target} (no such heading)")
     assert not broken, "links that do not resolve inside the repository:\n" + "\n".join(broken)
+
+
+# ---------------------------------------------------------------------------- error codes
+
+_CLASS_WORDS = {
+    "terminal": ErrorClass.TERMINAL,
+    "resource exhausted": ErrorClass.RESOURCE_EXHAUSTED,
+    "absent": ErrorClass.ABSENT,
+    "transient": ErrorClass.TRANSIENT,
+}
+
+
+def _error_code_rows() -> dict[str, tuple[str, str]]:
+    """``code -> (as a refused hello, in a refusing ack)`` from docs/protocol.md's table."""
+    rows: dict[str, tuple[str, str]] = {}
+    lines = (DOCS / "protocol.md").read_text("utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| code | meaning |"))
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if cells[0].startswith("`"):  # not "*anything else*": a device's own code
+            rows[cells[0].strip("`")] = (cells[-2], cells[-1])
+    return rows
+
+
+def test_the_error_code_table_says_what_the_code_does() -> None:
+    rows = _error_code_rows()
+    assert sorted(rows) == sorted(code.value for code in ErrorCode)
+    for code in ErrorCode:
+        hello, ack = rows[code.value]
+        word = next(w for w in _CLASS_WORDS if hello.startswith(w))
+        assert _CLASS_WORDS[word] is error_class_of(code), code
+        assert ack == ("retried" if code.value in RETRYABLE_REJECTIONS else "rejected"), code

@@ -44,7 +44,7 @@ from keeplink._slots import SlotPool
 from keeplink.drivers import JsonLineDriver
 from keeplink.outbox import MemoryStore, Outbox
 from keeplink.presence import PresenceTracker
-from keeplink.testing import DeviceSimulator, FaultProxy
+from keeplink.testing import DeviceSimulator, FaultProxy, free_port
 
 S = LinkState
 Producer = Callable[[], Awaitable[KeeplinkError]]
@@ -59,17 +59,9 @@ def produces(code: ErrorCode) -> Callable[[Producer], Producer]:
     return register
 
 
-async def free_port() -> int:
-    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    port = int(server.sockets[0].getsockname()[1])
-    server.close()
-    await server.wait_closed()
-    return port
-
-
 @produces(ErrorCode.CONNECTION_FAILED)
 async def refused_connect() -> KeeplinkError:
-    driver = JsonLineDriver(host="127.0.0.1", port=await free_port())
+    driver = JsonLineDriver(host="127.0.0.1", port=free_port())
     with pytest.raises(LinkBrokenError) as info:
         await driver.open()
     assert isinstance(info.value.__cause__, ConnectionRefusedError)
@@ -371,7 +363,7 @@ async def database_not_there() -> KeeplinkError:
     from keeplink import StoreUnavailableError
     from keeplink.outbox.postgres import PostgresStore
 
-    port = await free_port()  # nothing listens here: the database server is down
+    port = free_port()  # nothing listens here: the database server is down
     store = PostgresStore(f"postgresql://keeplink@127.0.0.1:{port}/keeplink")
     with pytest.raises(StoreUnavailableError) as info:
         await store.open()
@@ -431,7 +423,7 @@ async def test_a_real_failure_produces_the_code(code: ErrorCode) -> None:
 
 async def test_classify_goes_by_type_for_real_exceptions() -> None:
     with pytest.raises(ConnectionRefusedError) as refused:
-        await asyncio.open_connection("127.0.0.1", await free_port())
+        await asyncio.open_connection("127.0.0.1", free_port())
     assert classify(refused.value) is ErrorCode.CONNECTION_FAILED
     with pytest.raises(TimeoutError) as timeout:
         async with asyncio.timeout(0):

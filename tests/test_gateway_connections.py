@@ -25,8 +25,9 @@ from keeplink.gateway.listener import (
     client_ceiling,
 )
 from keeplink.gateway.server import Server
+from keeplink.testing import free_port
 from test_gateway_e2e import TOKEN as E2E_TOKEN
-from test_gateway_e2e import Procs, free_port, procs, write_config  # noqa: F401
+from test_gateway_e2e import Procs, procs, write_config  # noqa: F401
 
 TOKEN = "connections-token-01"
 HEADER_S = 0.5

@@ -26,6 +26,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from keeplink.testing import free_port
+
 TOKEN = "e2e-token-0123456789"
 START_BOUND_S = 30.0
 """A safety bound for a subprocess to start or stop (slow CI machines), never a timing rule."""
@@ -33,13 +35,6 @@ DELIVERY_BOUND_S = 30.0
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (for a device that starts later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_config(

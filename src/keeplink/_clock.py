@@ -4,8 +4,9 @@
 when a test says so (``await clock.advance(5)``), so reconnect schedules, heartbeats and
 deadlines can be asserted exactly while real sockets carry the bytes.
 
-:func:`sleep_until` and :func:`deadline` are what the rest of keeplink uses instead of
-``asyncio.sleep`` and ``asyncio.timeout``: they go through whichever clock was injected.
+:func:`sleep_until` (:class:`Wakeable` when a wake may cut it short) and :func:`deadline`
+are what the rest of keeplink uses instead of ``asyncio.sleep`` and ``asyncio.timeout``:
+they go through whichever clock was injected.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from types import TracebackType
 
 from keeplink._core.clock import Clock, Timer
 
-__all__ = ["SystemClock", "VirtualClock", "WallClock", "deadline", "sleep_until"]
+__all__ = ["SystemClock", "VirtualClock", "Wakeable", "WallClock", "deadline", "sleep_until"]
 
 
 class SystemClock:
@@ -164,18 +165,49 @@ class VirtualClock:
 
 async def sleep_until(clock: Clock, when: float) -> None:
     """Sleep until ``clock.now() >= when``. Cancellation removes the timer."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
+    await Wakeable().sleep_until(clock, when)
 
-    def wake() -> None:
-        if not fut.done():
-            fut.set_result(None)
 
-    timer = clock.call_at(when, wake)
-    try:
-        await fut
-    finally:
-        timer.cancel()
+class Wakeable:
+    """A wait on a clock that a wake can cut short: ``await w.sleep_until(clock, when)``
+    returns at ``when`` or as soon as ``w.wake()`` is called, whichever comes first.
+
+    One wait at a time. Cancellation removes the timer. A wake while nothing waits does
+    nothing (it is not remembered for the next wait).
+    """
+
+    __slots__ = ("_fut",)
+
+    def __init__(self) -> None:
+        self._fut: asyncio.Future[None] | None = None
+
+    @property
+    def waiting(self) -> bool:
+        """True while a wait is in progress and not yet woken."""
+        return self._fut is not None and not self._fut.done()
+
+    def wake(self) -> bool:
+        """Cut the current wait short. Returns True if there was one to cut."""
+        fut = self._fut
+        if fut is None or fut.done():
+            return False
+        fut.set_result(None)
+        return True
+
+    async def sleep_until(self, clock: Clock, when: float) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._fut = fut
+
+        def expire() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        timer = clock.call_at(when, expire)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._fut = None
 
 
 class deadline:

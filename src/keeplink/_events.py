@@ -9,6 +9,7 @@ from typing import Any, Generic, TypeAlias, TypeVar
 
 from keeplink._core.errors import ErrorInfo
 from keeplink._core.states import LinkState
+from keeplink._logs import Repeats
 
 __all__ = [
     "ErrorInfo",
@@ -83,7 +84,7 @@ class EventHub(Generic[E]):
     def __init__(self, owner: str) -> None:
         self._owner = owner
         self._subscribers: list[Callable[[E], object]] = []
-        self._failed: set[int] = set()
+        self._failed: Repeats[int] = Repeats()  # by id(callback)
         self.subscriber_errors = 0
 
     def subscribe(self, callback: Callable[[E], object]) -> Callable[[], None]:
@@ -108,11 +109,9 @@ class EventHub(Generic[E]):
                 # Deliberately broad: a subscriber's bug must not reach the publisher (the
                 # link supervisor). It is counted and logged, first time with a traceback.
                 self.subscriber_errors += 1
-                key = id(callback)
-                if key in self._failed:
+                if not self._failed.first(id(callback)):
                     _log.debug("%s: event subscriber %r raised again", self._owner, callback)
                 else:
-                    self._failed.add(key)
                     _log.exception(
                         "%s: event subscriber %r raised on %s; the link carries on",
                         self._owner,

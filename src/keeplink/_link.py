@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
 from keeplink._channel import CLOSING_ERRORS, PushChannel
-from keeplink._clock import SystemClock, deadline, sleep_until
+from keeplink._clock import SystemClock, Wakeable, deadline, sleep_until
 from keeplink._core.backoff import Backoff
 from keeplink._core.classify import broken_from
 from keeplink._core.clock import Clock, Timer
@@ -60,6 +60,7 @@ from keeplink._events import (
     ProtocolErrorSeen,
     SideDataReceived,
 )
+from keeplink._logs import Repeats
 from keeplink._slots import Slot, SlotPool
 
 __all__ = ["Link", "LinkStatistics"]
@@ -261,15 +262,16 @@ class Link(Generic[F]):
         self._supervisor: asyncio.Task[None] | None = None
         self._stop_requested = False
         self._session: _Session[F] | None = None
-        self._wake: asyncio.Future[None] | None = None
+        self._backoff_wait = Wakeable()
         self._attempt = 0
         self._retry_at: float | None = None
         self._last_error: KeeplinkError | None = None
         self._terminal_error: KeeplinkError | None = None
         self._peer_answers_heartbeat = driver.heartbeat_reply is HeartbeatReply.EXPECTED
-        self._logged_failure_code: str | None = None
-        self._logged_internal: set[type[BaseException]] = set()
-        self._protocol_errors_logged = False
+        # The first failure of a kind at WARNING (ERROR for our own bugs), repeats at DEBUG.
+        self._failures_logged: Repeats[str] = Repeats(latest_only=True)  # by wire code
+        self._internal_logged: Repeats[type[BaseException]] = Repeats()
+        self._malformed_logged: Repeats[ErrorCode] = Repeats()
 
         bits = driver.seq_bits
         window = min(driver.max_in_flight, 1 << bits)
@@ -362,11 +364,9 @@ class Link(Generic[F]):
         Returns True if a wait was cut short. Does nothing in any other state: in particular it
         never cancels a connect or a handshake in progress.
         """
-        wake = self._wake
-        if self._state is _S.BACKOFF and wake is not None and not wake.done():
+        if self._state is _S.BACKOFF and self._backoff_wait.waiting:
             _log.debug("link %r: %s skips the backoff wait", self.name, reason)
-            wake.set_result(None)
-            return True
+            return self._backoff_wait.wake()
         return False
 
     def stop_soon(self) -> None:
@@ -849,20 +849,7 @@ class Link(Generic[F]):
         return delay
 
     async def _wait_backoff(self, until: float) -> None:
-        loop = asyncio.get_running_loop()
-        wake: asyncio.Future[None] = loop.create_future()
-        self._wake = wake
-
-        def expire() -> None:
-            if not wake.done():
-                wake.set_result(None)
-
-        timer = self.clock.call_at(until, expire)
-        try:
-            await wake
-        finally:
-            timer.cancel()
-            self._wake = None
+        await self._backoff_wait.sleep_until(self.clock, until)
 
     async def _attempt_once(self) -> KeeplinkError:
         """One connect + handshake + session. Returns why it ended; raises only to stop."""
@@ -921,8 +908,7 @@ class Link(Generic[F]):
         if not connected:
             self._failed_attempts += 1
         self._last_error = error
-        if error.wire_code != self._logged_failure_code:
-            self._logged_failure_code = error.wire_code
+        if self._failures_logged.first(error.wire_code):
             _log.warning("link %r: %s [%s]", self.name, error.message, error.wire_code)
         else:
             _log.debug("link %r: again: %s [%s]", self.name, error.message, error.wire_code)
@@ -930,10 +916,9 @@ class Link(Generic[F]):
 
     def _note_internal(self, exc: BaseException, where: str) -> None:
         self._internal_errors += 1
-        if type(exc) in self._logged_internal:
+        if not self._internal_logged.first(type(exc)):
             _log.debug("link %r: unexpected error in %s again: %r", self.name, where, exc)
         else:
-            self._logged_internal.add(type(exc))
             _log.error(
                 "link %r: unexpected error in %s; reconnecting", self.name, where, exc_info=exc
             )
@@ -944,10 +929,9 @@ class Link(Generic[F]):
         now = self.clock.now()
         session = _Session(channel, info, now)
         self._session = session
-        recovered = self._logged_failure_code is not None
+        recovered = self._failures_logged.recovered()
         self._attempt = 0  # reset only here: after a completed handshake, never a bare connect
         self._connects += 1
-        self._logged_failure_code = None
         if recovered:
             _log.info("link %r: connected again (%s)", self.name, info.device_id or "?")
         else:
@@ -992,7 +976,7 @@ class Link(Generic[F]):
         self._disconnects += 1
         self._last_error = reason
         _log.warning("link %r: lost: %s [%s]", self.name, reason.message, reason.wire_code)
-        self._logged_failure_code = reason.wire_code
+        self._failures_logged.note(reason.wire_code)
         self._advance(_S.LOST, error=reason)
         return reason
 
@@ -1043,8 +1027,7 @@ class Link(Generic[F]):
     def _on_malformed(self, item: Malformed) -> None:
         self._protocol_errors += 1
         self._last_malformed = (item, self.clock.now())
-        if not self._protocol_errors_logged:
-            self._protocol_errors_logged = True
+        if self._malformed_logged.first(ErrorCode.PROTOCOL_ERROR):
             _log.warning(
                 "link %r: dropped malformed input from the peer: %s (sample %r) [%s]",
                 self.name,

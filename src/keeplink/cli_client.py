@@ -75,6 +75,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Final, TextIO
 
+from keeplink._core.commands import CommandState
 from keeplink.client import (
     DEFAULT_URL,
     FINAL_STATES,
@@ -112,16 +113,7 @@ EXIT_WAIT_TIMEOUT: Final = 6
 EXIT_INTERRUPTED: Final = 130
 
 CLIENT_COMMANDS: Final = frozenset({"devices", "send", "commands", "cancel", "reconnect", "resume"})
-COMMAND_STATES: Final = (
-    "queued",
-    "sending",
-    "succeeded",
-    "failed",
-    "rejected",
-    "expired",
-    "cancelled",
-    "superseded",
-)
+COMMAND_STATES: Final[tuple[str, ...]] = tuple(state.value for state in CommandState)
 DEFAULT_TIMEOUT_S: Final = 10.0
 DEFAULT_WAIT_TIMEOUT_S: Final = 300.0
 ERROR_WIDTH: Final = 48

@@ -29,6 +29,7 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
+from keeplink._core import commands
 from keeplink._core.errors import ErrorCode, KeeplinkError
 
 __all__ = [
@@ -41,10 +42,9 @@ __all__ = [
 ]
 
 DEFAULT_URL: Final = "http://127.0.0.1:8470"
-FINAL_STATES: Final = frozenset(
-    {"succeeded", "failed", "rejected", "expired", "cancelled", "superseded"}
-)
-"""Command states that never change again (the API's spelling)."""
+FINAL_STATES: Final[frozenset[str]] = frozenset(state.value for state in commands.FINAL_STATES)
+"""Command states that never change again (the API's spelling): the outbox's own
+:data:`keeplink.outbox.FINAL_STATES`, as the plain strings the API sends."""
 
 _RECONNECT_DELAY_S: Final = 0.5
 

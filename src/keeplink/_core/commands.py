@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from keeplink._core.errors import ErrorInfo, InvalidRequestError
+from keeplink._core.requests import is_key, is_name
 from keeplink._core.states import IllegalTransitionError
 
 __all__ = [
@@ -135,17 +136,15 @@ def new_command(
     precondition_args: Mapping[str, Any] | None = None,
 ) -> Command:
     """A new queued command. Raises InvalidRequestError for arguments that make no sense."""
-    if not isinstance(device, str) or not device:
+    if not is_name(device):
         raise InvalidRequestError(f"device must be a non-empty string, got {device!r}")
-    if not isinstance(op, str) or not op:
+    if not is_name(op):
         raise InvalidRequestError(f"op must be a non-empty string, got {op!r}")
     if args is not None and not isinstance(args, Mapping):
         raise InvalidRequestError(f"args must be an object, got {type(args).__name__}")
-    if key is not None and (not isinstance(key, str) or not key):
+    if not is_key(key):
         raise InvalidRequestError(f"key must be a non-empty string, got {key!r}")
-    if idempotency_key is not None and (
-        not isinstance(idempotency_key, str) or not idempotency_key
-    ):
+    if not is_key(idempotency_key):
         raise InvalidRequestError(
             f"idempotency_key must be a non-empty string, got {idempotency_key!r}"
         )

@@ -23,6 +23,7 @@ from typing import Final, Generic, TypeVar
 from keeplink._core.errors import ErrorCode, KeeplinkError
 
 __all__ = [
+    "SEQUENCE_WIDTHS",
     "Correlator",
     "CorrelatorStatistics",
     "Pending",
@@ -31,7 +32,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-_SEQUENCE_WIDTHS: Final[tuple[int, ...]] = (8, 16, 32)
+SEQUENCE_WIDTHS: Final[tuple[int, ...]] = (8, 16, 32)
 # The widths devices put on the wire: a byte, a short or a word. Anything else is a typo.
 
 _COMPACT_MIN_STALE: Final = 64
@@ -110,8 +111,8 @@ class Correlator(Generic[T]):
     def __init__(
         self, *, bits: int = 32, max_in_flight: int | None = None, name: str = "link"
     ) -> None:
-        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in _SEQUENCE_WIDTHS:
-            raise ValueError(f"bits must be one of {_SEQUENCE_WIDTHS}, got {bits!r}")
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SEQUENCE_WIDTHS:
+            raise ValueError(f"bits must be one of {SEQUENCE_WIDTHS}, got {bits!r}")
         modulus = 1 << bits
         if max_in_flight is None:
             max_in_flight = modulus

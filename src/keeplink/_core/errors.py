@@ -159,8 +159,9 @@ class KeeplinkError(Exception):
         return f"[{self.wire_code}] {self.message}"
 
     def to_wire(self) -> dict[str, str]:
-        """The ``{"code", "message"}`` shape used by the API, events and jsonline frames."""
-        return {"code": self.wire_code, "message": self.message}
+        """The ``{"code", "message"}`` shape used by the API, events and jsonline frames
+        (:meth:`ErrorInfo.to_wire`), with the message as it is."""
+        return ErrorInfo(code=self.wire_code, message=self.message).to_wire()
 
 
 class LinkClosedError(KeeplinkError):
@@ -325,6 +326,11 @@ class ErrorInfo:
         surrogate: a peer's words may carry either), the message at most MAX_MESSAGE
         characters."""
         return cls(code=printable(exc.wire_code, 64), message=printable(exc.message, MAX_MESSAGE))
+
+    def to_wire(self) -> dict[str, str]:
+        """The one JSON shape of an error: ``{"code", "message"}``, as the HTTP API answers
+        it and the gateway's events and device views carry it."""
+        return {"code": self.code, "message": self.message}
 
 
 MAX_MESSAGE: Final = 1000

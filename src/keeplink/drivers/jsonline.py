@@ -29,10 +29,10 @@ from typing import Any, Final
 
 from keeplink._channel import StreamChannel, open_stream_channel
 from keeplink._core.classify import error_from_code
+from keeplink._core.correlation import SEQUENCE_WIDTHS
 from keeplink._core.errors import (
     ConfigError,
     DeviceMismatchError,
-    InvalidRequestError,
     ProtocolError,
 )
 from keeplink._core.jsonline import (
@@ -51,11 +51,12 @@ from keeplink._core.jsonline import (
     encode_frame,
     encoded_request,
 )
+from keeplink._core.requests import check_request
 from keeplink._driver import FrameChannel, HeartbeatReply, Reply, SessionInfo
 
 __all__ = ["JsonLineCodec", "JsonLineDriver", "StatePush"]
 
-SEQ_WIDTHS: Final = (8, 16, 32)
+SEQ_WIDTHS: Final = SEQUENCE_WIDTHS  # the widths the correlator takes
 _SHOWN_ID: Final = 64  # characters of a peer's claimed id put in a message: enough to spot it
 
 
@@ -163,14 +164,7 @@ class JsonLineDriver:
         return isinstance(frame, Pong)
 
     def build_request(self, seq: int, op: str, args: Mapping[str, Any], key: str | None) -> Frame:
-        if not isinstance(op, str) or not op:
-            raise InvalidRequestError(f"op must be a non-empty string, got {op!r}")
-        if not isinstance(args, Mapping):
-            raise InvalidRequestError(f"args must be a mapping, got {type(args).__name__}")
-        if any(not isinstance(k, str) for k in args):
-            raise InvalidRequestError("args keys must be strings")
-        if key is not None and (not isinstance(key, str) or not key):
-            raise InvalidRequestError(f"key must be a non-empty string or None, got {key!r}")
+        check_request(op, args, key)
         # Encoded once, here: a value JSON cannot carry fails now, before anything is sent.
         return encoded_request(seq, op, dict(args), key, max_line=MAX_LINE)
 

@@ -80,15 +80,18 @@ from pymodbus.pdu.register_message import (
 )
 
 from keeplink._channel import StreamChannel, open_stream_channel
-from keeplink._core.clock import Clock, Timer
+from keeplink._clock import Wakeable
+from keeplink._core.clock import Clock
 from keeplink._core.errors import ConfigError, ErrorCode, InvalidRequestError
 from keeplink._core.jsonline import Malformed
 from keeplink._core.outcomes import Acknowledged, Rejected, TimedOut
 from keeplink._core.presence import Source
+from keeplink._core.requests import is_key
 from keeplink._core.states import LinkState
 from keeplink._driver import FrameChannel, HeartbeatReply, Reply, SessionInfo
 from keeplink._events import LinkEvent, LinkStateChanged
 from keeplink._link import LIVENESS_RATIO, Link
+from keeplink._logs import Repeats
 from keeplink._slots import SlotPool
 
 __all__ = [
@@ -506,7 +509,7 @@ class ModbusDriver:
             raise InvalidRequestError(
                 f"modbus {op}: args must be a mapping, got {type(args).__name__}"
             )
-        if key is not None and (not isinstance(key, str) or not key):
+        if not is_key(key):
             raise InvalidRequestError(f"modbus {op}: key must be a non-empty string or None")
         missing = spec.required.difference(args)
         if missing:
@@ -818,10 +821,10 @@ class UnitProbe:
         self.rounds = 0
         """Completed probe rounds (every unit tried once)."""
         self._task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Future[None] | None = None
+        self._pause = Wakeable()
         self._again = False  # probe_now() during a round: start the next one at once
         self._unsubscribe: Callable[[], None] | None = None
-        self._logged_errors: set[type[BaseException]] = set()
+        self._errors_logged: Repeats[type[BaseException]] = Repeats()
 
     def start(self) -> None:
         """Start probing (non-blocking). Idempotent while running."""
@@ -836,9 +839,7 @@ class UnitProbe:
         """Probe every unit now: cut the current wait short, or start the next round as soon
         as the current one ends."""
         self._again = True
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
+        self._pause.wake()
 
     async def close(self) -> None:
         """Stop probing and wait until the probe task is gone. Idempotent. Claims already
@@ -900,26 +901,15 @@ class UnitProbe:
         if self._again:
             self._again = False
             return
-        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._wake = wake
-
-        def expire() -> None:
-            if not wake.done():
-                wake.set_result(None)
-
-        timer: Timer = self.clock.call_at(when, expire)
         try:
-            await wake
+            await self._pause.sleep_until(self.clock, when)
         finally:
-            timer.cancel()
-            self._wake = None
             self._again = False
 
     def _note_error(self, target: ProbeTarget, exc: Exception) -> None:
-        if type(exc) in self._logged_errors:
+        if not self._errors_logged.first(type(exc)):
             _log.debug("unit probe %r: %s failed again: %r", self.link.name, target.device, exc)
             return
-        self._logged_errors.add(type(exc))
         _log.error(
             "unit probe %r: probing %s failed unexpectedly",
             self.link.name,

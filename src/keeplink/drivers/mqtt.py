@@ -87,6 +87,7 @@ from keeplink._core.errors import (
 )
 from keeplink._core.jsonline import Malformed, load_object
 from keeplink._core.presence import Source
+from keeplink._core.requests import check_request
 from keeplink._driver import FrameChannel, HeartbeatReply, Reply, SessionInfo
 
 __all__ = [
@@ -739,14 +740,7 @@ class MqttDriver:
     ) -> MqttFrame:
         """The command for ``args["device"]``. Raises InvalidRequestError (nothing sent) for
         a missing or unknown device, a bad op or key, or args JSON cannot carry."""
-        if not isinstance(op, str) or not op:
-            raise InvalidRequestError(f"op must be a non-empty string, got {op!r}")
-        if not isinstance(args, Mapping):
-            raise InvalidRequestError(f"args must be a mapping, got {type(args).__name__}")
-        if any(not isinstance(k, str) for k in args):
-            raise InvalidRequestError("args keys must be strings")
-        if key is not None and (not isinstance(key, str) or not key):
-            raise InvalidRequestError(f"key must be a non-empty string or None, got {key!r}")
+        check_request(op, args, key)
         if "device" not in args:
             raise InvalidRequestError(
                 f"mqtt: args must name the device (args['device']), one of {sorted(self.devices)}"

@@ -41,6 +41,7 @@ from keeplink._core.errors import (
     AuthError,
     CommandNotFoundError,
     ErrorCode,
+    ErrorInfo,
     InvalidRequestError,
     KeeplinkError,
 )
@@ -88,7 +89,7 @@ _M = TypeVar("_M", bound=BaseModel)
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"code": code, "message": message}, status=status)
+    return web.json_response(ErrorInfo(code=code, message=message).to_wire(), status=status)
 
 
 def _answer(model: type[BaseModel], value: Any, *, status: int = 200) -> web.Response:

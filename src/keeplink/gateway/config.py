@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from keeplink._core.backoff import Backoff
+from keeplink._core.correlation import SEQUENCE_WIDTHS
 from keeplink._core.errors import ConfigError
 
 __all__ = [
@@ -429,7 +430,7 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
     if port is None:
         c.fail("port", "is required")
     seq_bits = c.integer("seq_bits", 32 if driver == "jsonline" else 16, 8, 32)
-    if seq_bits not in (8, 16, 32):
+    if seq_bits not in SEQUENCE_WIDTHS:
         c.fail("seq_bits", f"must be 8, 16 or 32, got {seq_bits!r}")
     auth_retry_s = c.seconds("auth_retry_s", None)
     backoff = Backoff(terminal_retry_s=auth_retry_s)

@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from keeplink._core.errors import ErrorInfo
+
 __all__ = [
     "BUCKET_S",
     "HOURS_KEPT",
@@ -440,7 +442,7 @@ class History:
                     "state": state,
                     "start": start,
                     "end": end,
-                    "error": {"code": error[0], "message": error[1]} if error else None,
+                    "error": ErrorInfo(*error).to_wire() if error else None,
                 }
             )
 
@@ -487,7 +489,7 @@ def _outage(start: Change, end: float | None, *, until: float = 0.0) -> dict[str
         "end": end,
         "duration_s": round((end if end is not None else until) - start.at, 3),
         "state": start.new,
-        "error": {"code": error[0], "message": error[1]} if error else None,
+        "error": ErrorInfo(*error).to_wire() if error else None,
     }
 
 

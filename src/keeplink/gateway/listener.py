@@ -31,7 +31,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from keeplink._core.errors import ErrorCode
+from keeplink._core.errors import ErrorCode, ErrorInfo
 
 __all__ = [
     "ACCEPT_ERRNOS",
@@ -122,11 +122,11 @@ def accept_error_handler(
 
 def _refusal(max_clients: int) -> bytes:
     body = json.dumps(
-        {
-            "code": ErrorCode.OUT_OF_CONNECTION_SLOTS.value,
-            "message": f"the gateway serves at most {max_clients} client connections at once "
+        ErrorInfo(
+            code=ErrorCode.OUT_OF_CONNECTION_SLOTS.value,
+            message=f"the gateway serves at most {max_clients} client connections at once "
             "(gateway.max_clients); try again later",
-        }
+        ).to_wire()
     ).encode()
     head = (
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -143,10 +143,10 @@ def _json_error(status: int, text: str) -> bytes:
     detail = next((line.strip() for line in text.splitlines() if line.strip()), "")
     detail = detail.rstrip(":")
     body = json.dumps(
-        {
-            "code": ErrorCode.INVALID_REQUEST.value,
-            "message": f"the request could not be parsed: {detail or 'bad request'}"[:300],
-        }
+        ErrorInfo(
+            code=ErrorCode.INVALID_REQUEST.value,
+            message=f"the request could not be parsed: {detail or 'bad request'}"[:300],
+        ).to_wire()
     ).encode()
     reason = "Bad Request" if status == 400 else "Client Error"
     head = (

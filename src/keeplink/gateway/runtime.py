@@ -181,11 +181,7 @@ def command_json(command: Command, *, waiting: Waiting | None = None) -> dict[st
         "created_at": command.created_at,
         "updated_at": command.updated_at,
         "expires_at": command.expires_at,
-        "last_error": (
-            {"code": command.last_error.code, "message": command.last_error.message}
-            if command.last_error is not None
-            else None
-        ),
+        "last_error": (command.last_error.to_wire() if command.last_error is not None else None),
         "result": dict(command.result) if command.result is not None else None,
         "waiting": waiting_json(waiting),
     }
@@ -560,11 +556,7 @@ class Gateway:
                 "device": event.link,
                 "old": event.old.value,
                 "new": event.new.value,
-                "error": (
-                    {"code": event.error.code, "message": event.error.message}
-                    if event.error is not None
-                    else None
-                ),
+                "error": (event.error.to_wire() if event.error is not None else None),
                 "retry_in_s": retry_in,
             }
         )
@@ -629,7 +621,7 @@ class Gateway:
                 "presence": self.presence.presence(device).value,
                 "link": {
                     "state": stats.state.value if stats else "idle",
-                    "last_error": {"code": last.code, "message": last.message} if last else None,
+                    "last_error": last.to_wire() if last else None,
                 },
             },
         )
@@ -699,7 +691,7 @@ class Gateway:
                 "connects": stats.connects if stats else 0,
                 "disconnects": stats.disconnects if stats else 0,
                 "retry_in_s": retry_in,
-                "last_error": {"code": last.code, "message": last.message} if last else None,
+                "last_error": last.to_wire() if last else None,
                 "firmware": stats.session.firmware if stats and stats.session else None,
                 "protocol_errors": _protocol_errors_json(link, stats),
                 "late_replies": _late_replies_json(link, stats),

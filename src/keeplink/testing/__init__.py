@@ -3,10 +3,13 @@
 - :class:`DeviceSimulator`: a jsonline device on loopback with real devices' bad habits.
 - :class:`FaultProxy`: a TCP proxy that injects the network's bad habits at run time.
 - :class:`VirtualClock`: exact, repeatable time for every timeout and backoff.
+- :func:`free_port`: a loopback TCP port that was free a moment ago, for a server that
+  starts (or restarts) later on a port known in advance.
 - ``keeplink.testing.pytest_plugin``: a ``virtual_clock`` fixture and a leak check.
 """
 
 from keeplink._clock import VirtualClock
+from keeplink.testing._ports import free_port
 from keeplink.testing.faultproxy import FaultProxy, ProxyStatistics
 from keeplink.testing.sim import AppliedCommand, DeviceSimulator, SimStatistics
 
@@ -17,4 +20,5 @@ __all__ = [
     "ProxyStatistics",
     "SimStatistics",
     "VirtualClock",
+    "free_port",
 ]

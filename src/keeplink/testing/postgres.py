@@ -21,11 +21,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Final
+
+from keeplink.testing._ports import free_port
 
 __all__ = ["PostgresServer", "postgres_bindir"]
 
@@ -53,13 +54,6 @@ def postgres_bindir() -> Path | None:
         if (candidate / "pg_ctl").exists():
             return candidate
     return None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class PostgresServer:
@@ -112,7 +106,7 @@ class PostgresServer:
         the log's tail if it does not start."""
         self._prepare()
         if self.port is None:
-            self.port = _free_port()
+            self.port = free_port()
         options = (
             f"-p {self.port} -k {self.sockets} -c listen_addresses={self.host} "
             "-c max_connections=200 -c shared_buffers=32MB"
