@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from helpers import eventually, io_settle
+from helpers import connected, eventually, io_settle
 from keeplink import Backoff, Link, VirtualClock
 from keeplink._core.commands import Command, CommandState
 from keeplink._core.errors import ConflictError, ErrorCode, InvalidRequestError
@@ -346,11 +346,88 @@ async def test_a_lost_ack_uses_up_exactly_max_attempts_then_fails(rig: Rig) -> N
         if attempt < 3:
             await eventually(lambda: rig.store.peek(command.id).state is Q.QUEUED)
             await rig.clock.advance(RETRY_AFTER_S)
-    done = await final(rig, command.id)
-    assert done.state is Q.FAILED
-    assert done.attempts == 3
-    assert rig.sim.received_keys[done.idempotency_key] == 3
+    await eventually(lambda: rig.store.peek(command.id).state is not Q.SENDING)
+    done = rig.store.peek(command.id)
+    sent = rig.sim.received_keys[done.idempotency_key]
+    assert (done.state, done.attempts, sent) == (Q.FAILED, 3, 3), (
+        f"max_attempts=3: {done.state.value} after {done.attempts} attempts, sent {sent} times"
+    )
     assert done.last_error is not None and "gave up after 3 attempts" in done.last_error.message
+
+
+@pytest.mark.parametrize(("max_attempts", "after_restart"), [(2, Q.FAILED), (3, Q.SUCCEEDED)])
+async def test_a_restart_during_the_last_attempt_fails_after_exactly_max_attempts(
+    tmp_path: Path, max_attempts: int, after_restart: CommandState
+) -> None:
+    """Two deliveries, no ack, then a restart while the second is in flight: with two
+    attempts allowed the recovered command has used them all (failed, never sent a third
+    time); with three it goes out once more."""
+    clock = VirtualClock(start=EPOCH)
+    path = tmp_path / "o.db"
+
+    async def up(sim: DeviceSimulator) -> tuple[Outbox, Link[Any], list[Command]]:
+        presence = PresenceTracker(clock=clock, debounce_online_s=1, debounce_offline_s=2)
+        outbox = Outbox(
+            SqliteStore(path),
+            clock=clock,
+            presence=presence,
+            request_timeout_s=5,
+            retry_after_s=RETRY_AFTER_S,
+            rng=lambda: 1.0,
+        )
+        link = Link(
+            JsonLineDriver(host=sim.host, port=sim.port),
+            name="valve",
+            clock=clock,
+            heartbeat_s=None,
+            rng=lambda: 1.0,
+        )
+        recovered = await outbox.start()
+        await outbox.attach("valve", link)
+        link.start()
+        await connected(link)
+        await clock.advance(1)
+        await eventually(lambda: presence.presence("valve").value == "online")
+        return outbox, link, recovered
+
+    async def down(outbox: Outbox, link: Link[Any]) -> None:
+        await link.stop()
+        await outbox.close()
+        outbox.presence.close()
+
+    async with DeviceSimulator(device_id="valve", clock=clock, drop_acks=True) as sim:
+        outbox, link, _ = await up(sim)
+        events: list[object] = []
+        outbox.subscribe(events.append)
+        queued = lambda: sum(  # noqa: E731
+            1 for e in events if isinstance(e, CommandStateChanged) and e.command.state is Q.QUEUED
+        )
+        try:
+            command = await outbox.submit("valve", "set", {"n": 1}, max_attempts=max_attempts)
+            await eventually(lambda: sim.statistics().requests == 1, what="first delivery")
+            await clock.advance(5)  # times out
+            await eventually(lambda: queued() == 2, what="back in the queue")  # submit + retry
+            await clock.advance(RETRY_AFTER_S)
+            await eventually(lambda: sim.statistics().requests == 2, what="second delivery")
+        finally:
+            await down(outbox, link)  # the second attempt stays sending, as a crash leaves it
+        sim.drop_acks = False
+        outbox, link, recovered = await up(sim)
+        try:
+            assert [(c.id, c.attempts) for c in recovered] == [(command.id, 2)]
+            async with asyncio.timeout(10):
+                done = await outbox.wait(command.id)
+            await io_settle()
+        finally:
+            await down(outbox, link)
+    sent = sim.received_keys[command.idempotency_key]
+    assert (done.state, done.attempts, sent) == (after_restart, max_attempts, max_attempts), (
+        f"max_attempts={max_attempts}: {done.state.value} after {done.attempts} attempts, "
+        f"the device received it {sent} times"
+    )
+    if after_restart is Q.FAILED:
+        assert done.last_error is not None
+        assert "attempts exhausted (2 of 2)" in done.last_error.message, done.last_error
 
 
 # ---------------------------------------------------------------------------- sleepy device
