@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -618,6 +620,38 @@ async def test_concurrent_submits_with_one_key_leave_the_newest(tmp_path: Path) 
         await outbox.close()
         presence.close()
     assert states == {Q.SUPERSEDED, Q.QUEUED}  # never both superseded
+
+
+@pytest.mark.parametrize("key", [None, "target"])
+async def test_a_submitted_command_is_committed_when_submit_returns(
+    tmp_path: Path, key: str | None
+) -> None:
+    """Durable means on disk, readable by another connection, the moment submit returns:
+    read before anything else runs on the loop (the store's worker must not still hold
+    it), then through a second store as a restarted gateway would."""
+    clock = VirtualClock(start=EPOCH)
+    presence = PresenceTracker(clock=clock)
+    path = tmp_path / "o.db"
+    outbox = Outbox(SqliteStore(path), clock=clock, presence=presence)
+    await outbox.start()
+    try:
+        command = await outbox.submit("valve", "set", {"target": 20}, key=key)
+        with contextlib.closing(sqlite3.connect(path)) as other:  # no await in between
+            row = other.execute(
+                "SELECT device, state, args FROM commands WHERE id = ?", (command.id,)
+            ).fetchone()
+        assert row == ("valve", "queued", '{"target":20}'), (
+            f"submit returned {command.id}, but another connection reads {row!r}"
+        )
+        second = SqliteStore(path)
+        await second.open()
+        try:
+            assert await second.get(command.id) == command
+        finally:
+            await second.close()
+    finally:
+        await outbox.close()
+        presence.close()
 
 
 class SlowCommits(StaleReads):
