@@ -7,15 +7,15 @@ import contextlib
 import gc
 import sqlite3
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers import connected, eventually, io_settle
-from keeplink import Backoff, Link, VirtualClock
+from helpers import IO_BOUND_S, connected, eventually, io_settle
+from keeplink import Backoff, Link, LinkState, VirtualClock
 from keeplink._core.commands import Command, CommandState
 from keeplink._core.errors import ConflictError, ErrorCode, InvalidRequestError
 from keeplink.drivers import JsonLineDriver
@@ -29,7 +29,7 @@ from keeplink.outbox import (
     WaitReason,
 )
 from keeplink.outbox.store import Update, Write, WriteResult, command_from_row
-from keeplink.presence import PresenceTracker
+from keeplink.presence import Presence, PresenceTracker
 from keeplink.testing import DeviceSimulator, FaultProxy
 
 Q = CommandState
@@ -132,14 +132,35 @@ async def rig() -> AsyncIterator[Rig]:
                     assert event.command.last_error.code in codes, event.command.last_error
 
 
+async def connect(rig: Rig) -> None:
+    """Wait for the link to connect. Connecting is real I/O, but a retry waits on the
+    virtual clock: when the link is in backoff, step the clock to its next timer (the
+    retry) instead of waiting in real time for a timer no one will fire."""
+    async with asyncio.timeout(IO_BOUND_S):
+        while rig.link.state is not LinkState.CONNECTED:
+            if rig.link.state is LinkState.BACKOFF and rig.clock.next_deadline() is not None:
+                await rig.clock.advance_to_next()
+            else:
+                await asyncio.sleep(0.001)  # noqa: ASYNC110 - polls the effects of real I/O
+
+
 async def online(rig: Rig) -> None:
     """Bring the link up and let presence announce it (1 s debounce)."""
-    if rig.link.state.value == "idle":
+    if rig.link.state is LinkState.IDLE:
         rig.link.start()
-    async with asyncio.timeout(10):
-        await rig.link.wait_connected()
+    await connect(rig)
     await rig.clock.advance(1)
-    await eventually(lambda: rig.outbox.presence.presence("valve").value == "online")
+    presence = rig.outbox.presence
+    assert presence.presence("valve") is Presence.ONLINE, presence.claims("valve")
+
+
+async def dropped(rig: Rig, drop: Callable[[], object]) -> None:
+    """Drop the connection with ``drop()`` and wait (real I/O, the virtual clock still)
+    until the link has seen it: only then may virtual time move on, or the drop would land
+    after the debounce the test meant to run."""
+    before = rig.link.statistics().disconnects
+    drop()
+    await eventually(lambda: rig.link.statistics().disconnects > before, what="the link saw it")
 
 
 async def final(rig: Rig, command_id: str) -> Command:
@@ -251,7 +272,7 @@ async def test_a_rejected_command_is_never_retried(rig: Rig) -> None:
     done = await final(rig, command.id)
     assert done.state is Q.REJECTED
     assert (done.attempts, done.last_error.code if done.last_error else None) == (1, "rejected")
-    rig.sim.drop_connections()  # a new presence cycle: still not retried
+    await dropped(rig, rig.sim.drop_connections)  # a new presence cycle: still not retried
     await rig.clock.advance(5)
     await online(rig)
     assert rig.sim.statistics().requests == 1
@@ -546,10 +567,13 @@ async def test_a_presence_cycle_that_begins_during_a_delivery_is_not_missed(rig:
     c = await rig.outbox.submit("valve", "set", {"c": 1}, max_attempts=10, priority=1)
     await eventually(lambda: rig.sim.statistics().requests == 2)
     sent_c = rig.clock.now()  # C is in flight until sent_c + 5 ...
-    rig.proxy.set_down(True)  # ... when the device goes away (offline after 2 s) ...
+    await dropped(rig, rig.proxy.set_down)  # ... when the device goes away (offline after 2 s)
     await rig.clock.advance(2.5)
+    assert rig.outbox.presence.presence("valve") is Presence.OFFLINE
     rig.sim.drop_acks = False
     rig.proxy.set_down(False)  # ... and comes back: reconnect at the next 1 s retry
+    await connect(rig)
+    assert rig.clock.now() <= sent_c + 3.5, rig.clock.now() - sent_c
     await rig.clock.advance_to(sent_c + 4.5)  # online again (1 s debounce): a new cycle
     assert rig.outbox.presence.cycle("valve") == 2
     assert (await rig.outbox.get(c.id)).state is Q.SENDING  # begun while C is in flight
@@ -586,7 +610,7 @@ async def test_cancel_racing_the_end_of_an_attempt_still_cancels(rig: Rig) -> No
     gate.set()  # ... and only then does the stale "sending" reach cancel()
     assert (await asyncio.wait_for(cancel, 10)).state is Q.CANCELLED
     rig.sim.drop_acks = False
-    rig.sim.drop_connections()  # a new presence cycle must not deliver it again
+    await dropped(rig, rig.sim.drop_connections)  # a new cycle must not deliver it again
     await rig.clock.advance(5)
     await online(rig)
     assert rig.sim.received_keys[command.idempotency_key] == 1
