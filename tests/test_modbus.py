@@ -527,9 +527,7 @@ async def test_a_write_echo_with_the_wrong_address_or_value_never_acknowledges()
         async with link:
             await connected(link)
             args = {"unit": 1, "address": 10, "value": 7}
-            outcomes = [
-                await link.request("write_register", args, timeout=0.3) for _ in range(3)
-            ]
+            outcomes = [await link.request("write_register", args, timeout=0.3) for _ in range(3)]
             stats = link.statistics()
     wrong_address, wrong_value, right = outcomes
     assert not isinstance(wrong_address, Acknowledged), f"echo of address 11: {wrong_address}"

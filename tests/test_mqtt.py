@@ -36,13 +36,13 @@ from keeplink._core.jsonline import Malformed
 from keeplink._core.outcomes import Acknowledged, Rejected, TimedOut
 from keeplink._driver import Reply
 from keeplink.drivers.mqtt import (
-    _session_error,
     Availability,
     Delivered,
     Message,
     MqttDriver,
     Publish,
     Response,
+    _session_error,
 )
 from keeplink.outbox import CommandState, MemoryStore, Outbox
 from keeplink.presence import Presence, PresenceTracker, Source

@@ -141,7 +141,7 @@ async def connect(rig: Rig) -> None:
             if rig.link.state is LinkState.BACKOFF and rig.clock.next_deadline() is not None:
                 await rig.clock.advance_to_next()
             else:
-                await asyncio.sleep(0.001)  # noqa: ASYNC110 - polls the effects of real I/O
+                await asyncio.sleep(0.001)  # real I/O: the connect and the handshake
 
 
 async def online(rig: Rig) -> None:
