@@ -307,11 +307,44 @@ def test_schema_generated_requests_never_5xx(api: Api, schema: schemathesis.Base
         check_response(response, f"{label} {case.body!r:.300}\n{case.as_curl_command()}")
 
     run()
-    # The run reached past the front door: stored commands, and validation answers.
-    reached = {(method, status) for method, _, status in statuses}
-    assert ("POST", 202) in reached, statuses
-    assert ("POST", 422) in reached, statuses
-    assert ("GET", 200) in reached, statuses
+    # Whether a random run reaches past the front door is luck: the explicit cases below
+    # show that cases made from this schema do. Here, only that nothing was a 5xx.
+    assert sum(statuses.values()) >= 1, statuses
+
+
+def test_schema_made_cases_reach_the_store_and_the_validation(
+    api: Api, schema: schemathesis.BaseSchema
+) -> None:
+    """Requests built from the served schema, one per answer past the front door: a stored
+    command (202), each kind of body the validation refuses (422), a command read (200),
+    listed (200) and cancelled (200, then 409)."""
+    command_id = api.submit("attic", {"op": "set"}).json()["id"]
+    submit = schema["/api/devices/{device}/commands"]["POST"]
+    one = schema["/api/commands/{command}"]
+    listing = schema["/api/commands"]["GET"]
+    attic = {"device": "attic"}
+    command = {"command": command_id}
+    cases: list[tuple[Any, int]] = [
+        (submit.Case(path_parameters=attic, body={"op": "set"}), 202),
+        (submit.Case(path_parameters=attic, body={"op": "set", "args": {"n": 1}}), 202),
+        (submit.Case(path_parameters=attic, body={}), 422),
+        (submit.Case(path_parameters=attic, body={"op": 5}), 422),
+        (submit.Case(path_parameters=attic, body={"op": "set", "max_attempts": 0}), 422),
+        (submit.Case(path_parameters=attic, body={"op": "set", "surprise": 1}), 422),
+        (submit.Case(path_parameters=attic, body=[]), 422),
+        (one["GET"].Case(path_parameters=command), 200),
+        (listing.Case(query=attic), 200),
+        (one["DELETE"].Case(path_parameters=command), 200),
+        (one["DELETE"].Case(path_parameters=command), 409),
+    ]
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    for case, status in cases:
+        response = case.call(
+            base_url=api.url, session=api.http, headers=headers, timeout=HTTP_TIMEOUT_S
+        )
+        what = f"{case.method} {case.formatted_path} {case.body!r:.300}"
+        check_response(response, what)
+        assert response.status_code == status, f"{what} -> {response.status_code}, not {status}"
 
 
 # A hypothesis fuzzer for what no schema describes.

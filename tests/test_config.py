@@ -330,6 +330,15 @@ async def test_a_missing_config_file_is_one_line_and_exit_2(tmp_path: Path) -> N
                                 "file: No such file or directory"]  # fmt: skip
 
 
+def test_two_devices_with_one_id_are_refused_naming_the_second() -> None:
+    hall = {"id": "hall", "driver": "jsonline", "port": 7001}
+    other = {"id": "hall", "driver": "modbus", "port": 502, "unit": 1}
+    devices = [hall, {**hall, "id": "porch"}, other]
+    with pytest.raises(ConfigError) as caught:  # two [[devices]] with one id are refused
+        parse_config({"devices": devices}, source="keeplink.toml")
+    assert caught.value.message == "keeplink.toml: devices[2].id: duplicate id 'hall'"
+
+
 def test_new_keys_default_to_no_read_token_no_ttl_and_10000_queued() -> None:
     config = parse_config({"devices": [{"id": "hall", "driver": "jsonline", "port": 7001}]})
     assert config.read_token is None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
+import socket
 from typing import Any
 
 import pytest
@@ -27,6 +29,7 @@ from keeplink import (
     enum_or_none,
     sleep_until,
 )
+from keeplink._core.jsonline import Ack, Welcome, encode_frame
 from keeplink.drivers import JsonLineDriver
 from keeplink.testing import DeviceSimulator, FaultProxy
 from linkfixtures import TOKEN, LinkFactory
@@ -147,6 +150,91 @@ async def test_a_thousand_concurrent_requests_on_an_8_bit_link_all_resolve_corre
         assert len(set(seqs[start : start + 200])) == 200
     assert sim.statistics().max_outstanding == 200
     assert link.statistics().requests_in_flight == 0
+
+
+class AckOnFirstBytes:
+    """A raw JSON-lines peer that answers before it has read the requests: once the first
+    request's opening bytes show its seq, it acks it and the ``count - 1`` numbered after
+    it (concurrent requests take consecutive numbers), then reads nothing more until
+    ``release`` is set. Its receive buffer is tiny, so the client's writes back up."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.replied = asyncio.Event()
+        self.release = asyncio.Event()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> AckOnFirstBytes:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        listener = self._server.sockets[0]
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # accepted ones inherit
+        self.port = listener.getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self.release.set()
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await reader.readline()  # hello
+            writer.write(encode_frame(Welcome(device="hall")))
+            head = await reader.readuntil(b',"op":')
+            match = re.search(rb'"seq":(\d+)', head)
+            assert match is not None, head
+            first = int(match.group(1))
+            for seq in range(first, first + self.count):
+                writer.write(encode_frame(Ack(seq=seq, ok=True, result={"n": seq})))
+            self.replied.set()
+            await self.release.wait()
+            while await reader.read(1 << 16):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+            self._tasks.discard(task)
+
+
+async def test_an_ack_arriving_while_its_request_is_still_being_written_resolves_it() -> None:
+    """The waiter is registered before the write: a device may answer from a request's first
+    bytes while the rest of it (and of the requests around it) is still on its way."""
+    count = 160
+    blob = "x" * 60_000  # 9.6 MB: more than loopback socket buffers (up to 4 MB) hold
+    async with AckOnFirstBytes(count) as peer:
+        driver = JsonLineDriver(host="127.0.0.1", port=peer.port, max_in_flight=count)
+        link = Link(driver, name="eager", heartbeat_s=None)
+        async with link:
+            await connected(link)
+            base = link.statistics().frames_in
+            tasks = [
+                asyncio.create_task(link.request("put", {"blob": blob}, timeout=30))
+                for _ in range(count)
+            ]
+            await eventually(lambda: link.statistics().frames_in == base + count, what="acks in")
+            writing = sum(1 for t in tasks if not t.done())
+            late = link.statistics().late_replies
+            assert late == 0, (
+                f"{late} of {count} acks arrived while their requests were being written "
+                f"and were dropped as late ({writing} requests still writing)"
+            )
+            # The point of the test: some requests had their ack before their write ended.
+            assert writing > 0, "every write finished before the acks came; test is moot"
+            peer.release.set()
+            outcomes = await asyncio.gather(*tasks)
+    assert all(isinstance(o, Acknowledged) for o in outcomes), outcomes
+    assert sorted(o.result["n"] for o in outcomes if isinstance(o, Acknowledged)) == sorted(
+        o.seq for o in outcomes if isinstance(o, Acknowledged)
+    )
 
 
 async def test_an_ack_on_the_new_session_after_a_reconnect_resolves_the_request(

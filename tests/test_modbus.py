@@ -395,13 +395,18 @@ async def test_the_link_recovers_on_its_own_when_the_gateway_restarts(gateway: G
 class RawGateway:
     """A hand-made Modbus TCP peer on a raw asyncio server: it answers every holding
     register read with ``[n] * count`` (n counts requests), after whatever noise
-    ``noise(n, pdu)`` gives, and may hold replies back to send them last-first (``batch``)."""
+    ``noise(n, pdu)`` gives, and may hold replies back to send them last-first (``batch``).
+    ``answer(n, pdu)``, if given, makes the reply instead (to writes, say)."""
 
     def __init__(
-        self, noise: Callable[[int, ModbusPDU], bytes] = lambda n, pdu: b"", batch: int = 1
+        self,
+        noise: Callable[[int, ModbusPDU], bytes] = lambda n, pdu: b"",
+        batch: int = 1,
+        answer: Callable[[int, ModbusPDU], ModbusPDU] | None = None,
     ) -> None:
         self.noise = noise
         self.batch = batch
+        self.answer = answer
         self.port = 0
         self.served = 0
         self._server: asyncio.Server | None = None
@@ -437,10 +442,14 @@ class RawGateway:
                     if pdu is None:
                         break
                     self.served += 1
-                    reply = ReadHoldingRegistersResponse(
-                        registers=[self.served] * pdu.count,
-                        dev_id=pdu.dev_id,
-                        transaction_id=pdu.transaction_id,
+                    reply = (
+                        self.answer(self.served, pdu)
+                        if self.answer is not None
+                        else ReadHoldingRegistersResponse(
+                            registers=[self.served] * pdu.count,
+                            dev_id=pdu.dev_id,
+                            transaction_id=pdu.transaction_id,
+                        )
                     )
                     held.append(self.noise(self.served, pdu) + self._framer.buildFrame(reply))
                     if len(held) == self.batch:
@@ -500,6 +509,31 @@ async def test_replies_out_of_order_resolve_their_own_requests() -> None:
     for n, outcome in enumerate(outcomes, start=1):
         assert isinstance(outcome, Acknowledged)
         assert outcome.result == {"registers": [n] * n}
+
+
+def _echo_one_off(n: int, pdu: ModbusPDU) -> ModbusPDU:
+    """Echo a single register write, with the address one off on the first, the value one
+    off on the second, and right on the third."""
+    address = pdu.address + (n == 1)
+    value = pdu.registers[0] + (n == 2)
+    return WriteSingleRegisterResponse(
+        address=address, registers=[value], dev_id=pdu.dev_id, transaction_id=pdu.transaction_id
+    )
+
+
+async def test_a_write_echo_with_the_wrong_address_or_value_never_acknowledges() -> None:
+    async with RawGateway(answer=_echo_one_off) as peer:
+        link = modbus_link(HOST, peer.port)
+        async with link:
+            await connected(link)
+            args = {"unit": 1, "address": 10, "value": 7}
+            outcomes = [await link.request("write_register", args, timeout=0.3) for _ in range(3)]
+            stats = link.statistics()
+    wrong_address, wrong_value, right = outcomes
+    assert not isinstance(wrong_address, Acknowledged), f"echo of address 11: {wrong_address}"
+    assert not isinstance(wrong_value, Acknowledged), f"echo of value 8: {wrong_value}"
+    assert isinstance(right, Acknowledged) and right.result == {"address": 10, "value": 7}, right
+    assert stats.protocol_errors == 2, stats
 
 
 # ------------------------------------------------------------------------------ validation
@@ -987,3 +1021,71 @@ def test_typed_writes_encode_like_pymodbus_and_reads_decode_back(
     assert isinstance(item, ModbusResponse)
     reply = DRIVER.match_reply(item)
     assert reply is not None and reply.result["values"] == values
+
+
+def _write(tid: int, op: str, **args: Any) -> ModbusRequest:
+    return DRIVER.build_request(tid, op, {"unit": 1, "address": 10, **args}, None)
+
+
+# (request, an echo that does not repeat it, what is wrong). A write is acknowledged by an
+# echo of its address and value (single) or count (multiple): anything else is not proof.
+BAD_ECHOES: dict[str, tuple[ModbusRequest, ModbusPDU, str]] = {
+    "register-address": (
+        _write(1, "write_register", value=7),
+        WriteSingleRegisterResponse(address=11, registers=[7], dev_id=1, transaction_id=1),
+        "address 11",
+    ),
+    "register-value": (
+        _write(1, "write_register", value=7),
+        WriteSingleRegisterResponse(address=10, registers=[8], dev_id=1, transaction_id=1),
+        "value 8",
+    ),
+    "coil-address": (
+        _write(1, "write_coil", value=True),
+        WriteSingleCoilResponse(address=9, bits=[True], dev_id=1, transaction_id=1),
+        "address 9",
+    ),
+    "coil-value": (
+        _write(1, "write_coil", value=True),
+        WriteSingleCoilResponse(address=10, bits=[False], dev_id=1, transaction_id=1),
+        "value 0",
+    ),
+    "registers-count": (
+        _write(1, "write_registers", values=[1, 2, 3]),
+        WriteMultipleRegistersResponse(address=10, count=2, dev_id=1, transaction_id=1),
+        "count 2",
+    ),
+    "coils-address": (
+        _write(1, "write_coils", values=[True, False]),
+        WriteMultipleCoilsResponse(address=0, count=2, dev_id=1, transaction_id=1),
+        "address 0",
+    ),
+}
+
+
+@pytest.mark.parametrize(("request_", "echo", "problem"), BAD_ECHOES.values(), ids=BAD_ECHOES)
+def test_a_write_echo_that_does_not_repeat_the_write_is_malformed(
+    request_: ModbusRequest, echo: ModbusPDU, problem: str
+) -> None:
+    codec = ModbusCodec()
+    codec.encode(request_)
+    [item] = codec.feed(PYMODBUS.buildFrame(echo))
+    assert isinstance(item, Malformed), (
+        f"{request_.op} echoed with {problem} was taken as its reply: "
+        f"{DRIVER.match_reply(item) if isinstance(item, ModbusResponse) else item}"
+    )
+    assert problem in item.reason, item.reason
+    # The transaction stays open: the real echo still settles it.
+    right = {
+        "write_register": WriteSingleRegisterResponse(
+            address=10, registers=[7], dev_id=1, transaction_id=1
+        ),
+        "write_coil": WriteSingleCoilResponse(address=10, bits=[True], dev_id=1, transaction_id=1),
+        "write_registers": WriteMultipleRegistersResponse(
+            address=10, count=3, dev_id=1, transaction_id=1
+        ),
+        "write_coils": WriteMultipleCoilsResponse(address=10, count=2, dev_id=1, transaction_id=1),
+    }[request_.op]
+    [reply] = codec.feed(PYMODBUS.buildFrame(right))
+    assert isinstance(reply, ModbusResponse), reply
+    assert DRIVER.match_reply(reply) is not None

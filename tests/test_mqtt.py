@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import inspect
 import json
 import os
@@ -23,6 +24,7 @@ import pytest
 
 from helpers import IO_BOUND_S, eventually, until_state
 from keeplink import Backoff, Link, LinkState
+from keeplink._core.classify import classify
 from keeplink._core.errors import (
     AuthError,
     ConfigError,
@@ -40,6 +42,7 @@ from keeplink.drivers.mqtt import (
     MqttDriver,
     Publish,
     Response,
+    _session_error,
 )
 from keeplink.outbox import CommandState, MemoryStore, Outbox
 from keeplink.presence import Presence, PresenceTracker, Source
@@ -623,6 +626,68 @@ def test_incoming_messages_decode_by_topic() -> None:
     assert driver.match_reply(reply) == Reply(
         seq=7, ok=False, code="busy", message="x", side={"rssi": -60}
     )
+
+
+def test_a_reply_id_outside_the_sequence_width_is_malformed_not_matched() -> None:
+    driver = MqttDriver(
+        "127.0.0.1", 1883, client_id="gw", devices=["a"], response_topic="{device}/resp"
+    )
+    top = (1 << driver.seq_bits) - 1
+    edge = driver.decode("a/resp", b'{"cid":%d,"ok":true}' % top)
+    assert isinstance(edge, Response) and edge.cid == top, edge
+    # 2**bits + 7 taken modulo the width would settle request 7: it must match nothing.
+    for cid in (top + 1, top + 1 + 7, 1 << 64):
+        decoded = driver.decode("a/resp", b'{"cid":%d,"ok":true}' % cid)
+        assert isinstance(decoded, Malformed), (
+            f"cid {cid} is outside the {driver.seq_bits}-bit sequence width, yet decoded "
+            f"as {decoded!r}"
+        )
+        assert "bad cid" in decoded.reason, decoded
+
+
+def _mqtt_error_after(cause: OSError) -> aiomqtt.MqttError:
+    """An MqttError raised the way aiomqtt raises a failed connect: ``from None``, with the
+    socket's OSError as its context."""
+    try:
+        try:
+            raise cause
+        except OSError:
+            raise aiomqtt.MqttError("connect failed") from None
+    except aiomqtt.MqttError as exc:
+        return exc
+
+
+UNREACHABLE = (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN)
+
+
+@pytest.mark.parametrize("number", UNREACHABLE, ids=lambda n: errno.errorcode[n])
+def test_an_unreachable_broker_is_a_connection_failure_not_an_absent_device(number: int) -> None:
+    cause = OSError(number, os.strerror(number))
+    # For a device's own link an unreachable host means the device is away...
+    assert classify(cause) == ErrorCode.DEVICE_UNAVAILABLE
+    # ...but a broker is infrastructure: connecting to it and losing it are retried failures.
+    driver = MqttDriver("127.0.0.1", 1883, client_id="gw", devices=["a"])
+    err = driver._connect_error(_mqtt_error_after(cause))
+    assert isinstance(err, LinkBrokenError), f"connect {errno.errorcode[number]}: {err!r}"
+    assert err.code == ErrorCode.CONNECTION_FAILED, (
+        f"an unreachable broker ({errno.errorcode[number]}) must be connection_failed, "
+        f"not {err.code}"
+    )
+    assert errno.errorcode[number] in err.message, err.message
+    lost = aiomqtt.MqttError("lost")
+    lost.__cause__ = cause
+    ended = _session_error(lost, "127.0.0.1:1883")
+    assert isinstance(ended, LinkBrokenError) and ended.code == ErrorCode.CONNECTION_FAILED, (
+        f"session lost with {errno.errorcode[number]}: {ended!r} ({ended.code})"
+    )
+
+
+def test_a_broker_connect_timing_out_is_a_timeout() -> None:
+    cause = OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
+    assert classify(cause) == ErrorCode.TIMEOUT
+    driver = MqttDriver("127.0.0.1", 1883, client_id="gw", devices=["a"])
+    err = driver._connect_error(_mqtt_error_after(cause))
+    assert err.code == ErrorCode.TIMEOUT, f"connect ETIMEDOUT: {err!r} ({err.code})"
 
 
 def test_requests_encode_with_a_serializer_and_resolve_by_mode() -> None:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import sqlite3
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers import eventually, io_settle
-from keeplink import Backoff, Link, VirtualClock
+from helpers import IO_BOUND_S, connected, eventually, io_settle
+from keeplink import Backoff, Link, LinkState, VirtualClock
 from keeplink._core.commands import Command, CommandState
 from keeplink._core.errors import ConflictError, ErrorCode, InvalidRequestError
 from keeplink.drivers import JsonLineDriver
@@ -27,7 +29,7 @@ from keeplink.outbox import (
     WaitReason,
 )
 from keeplink.outbox.store import Update, Write, WriteResult, command_from_row
-from keeplink.presence import PresenceTracker
+from keeplink.presence import Presence, PresenceTracker
 from keeplink.testing import DeviceSimulator, FaultProxy
 
 Q = CommandState
@@ -130,14 +132,35 @@ async def rig() -> AsyncIterator[Rig]:
                     assert event.command.last_error.code in codes, event.command.last_error
 
 
+async def connect(rig: Rig) -> None:
+    """Wait for the link to connect. Connecting is real I/O, but a retry waits on the
+    virtual clock: when the link is in backoff, step the clock to its next timer (the
+    retry) instead of waiting in real time for a timer no one will fire."""
+    async with asyncio.timeout(IO_BOUND_S):
+        while rig.link.state is not LinkState.CONNECTED:
+            if rig.link.state is LinkState.BACKOFF and rig.clock.next_deadline() is not None:
+                await rig.clock.advance_to_next()
+            else:
+                await asyncio.sleep(0.001)  # real I/O: the connect and the handshake
+
+
 async def online(rig: Rig) -> None:
     """Bring the link up and let presence announce it (1 s debounce)."""
-    if rig.link.state.value == "idle":
+    if rig.link.state is LinkState.IDLE:
         rig.link.start()
-    async with asyncio.timeout(10):
-        await rig.link.wait_connected()
+    await connect(rig)
     await rig.clock.advance(1)
-    await eventually(lambda: rig.outbox.presence.presence("valve").value == "online")
+    presence = rig.outbox.presence
+    assert presence.presence("valve") is Presence.ONLINE, presence.claims("valve")
+
+
+async def dropped(rig: Rig, drop: Callable[[], object]) -> None:
+    """Drop the connection with ``drop()`` and wait (real I/O, the virtual clock still)
+    until the link has seen it: only then may virtual time move on, or the drop would land
+    after the debounce the test meant to run."""
+    before = rig.link.statistics().disconnects
+    drop()
+    await eventually(lambda: rig.link.statistics().disconnects > before, what="the link saw it")
 
 
 async def final(rig: Rig, command_id: str) -> Command:
@@ -249,7 +272,7 @@ async def test_a_rejected_command_is_never_retried(rig: Rig) -> None:
     done = await final(rig, command.id)
     assert done.state is Q.REJECTED
     assert (done.attempts, done.last_error.code if done.last_error else None) == (1, "rejected")
-    rig.sim.drop_connections()  # a new presence cycle: still not retried
+    await dropped(rig, rig.sim.drop_connections)  # a new presence cycle: still not retried
     await rig.clock.advance(5)
     await online(rig)
     assert rig.sim.statistics().requests == 1
@@ -346,11 +369,88 @@ async def test_a_lost_ack_uses_up_exactly_max_attempts_then_fails(rig: Rig) -> N
         if attempt < 3:
             await eventually(lambda: rig.store.peek(command.id).state is Q.QUEUED)
             await rig.clock.advance(RETRY_AFTER_S)
-    done = await final(rig, command.id)
-    assert done.state is Q.FAILED
-    assert done.attempts == 3
-    assert rig.sim.received_keys[done.idempotency_key] == 3
+    await eventually(lambda: rig.store.peek(command.id).state is not Q.SENDING)
+    done = rig.store.peek(command.id)
+    sent = rig.sim.received_keys[done.idempotency_key]
+    assert (done.state, done.attempts, sent) == (Q.FAILED, 3, 3), (
+        f"max_attempts=3: {done.state.value} after {done.attempts} attempts, sent {sent} times"
+    )
     assert done.last_error is not None and "gave up after 3 attempts" in done.last_error.message
+
+
+@pytest.mark.parametrize(("max_attempts", "after_restart"), [(2, Q.FAILED), (3, Q.SUCCEEDED)])
+async def test_a_restart_during_the_last_attempt_fails_after_exactly_max_attempts(
+    tmp_path: Path, max_attempts: int, after_restart: CommandState
+) -> None:
+    """Two deliveries, no ack, then a restart while the second is in flight: with two
+    attempts allowed the recovered command has used them all (failed, never sent a third
+    time); with three it goes out once more."""
+    clock = VirtualClock(start=EPOCH)
+    path = tmp_path / "o.db"
+
+    async def up(sim: DeviceSimulator) -> tuple[Outbox, Link[Any], list[Command]]:
+        presence = PresenceTracker(clock=clock, debounce_online_s=1, debounce_offline_s=2)
+        outbox = Outbox(
+            SqliteStore(path),
+            clock=clock,
+            presence=presence,
+            request_timeout_s=5,
+            retry_after_s=RETRY_AFTER_S,
+            rng=lambda: 1.0,
+        )
+        link = Link(
+            JsonLineDriver(host=sim.host, port=sim.port),
+            name="valve",
+            clock=clock,
+            heartbeat_s=None,
+            rng=lambda: 1.0,
+        )
+        recovered = await outbox.start()
+        await outbox.attach("valve", link)
+        link.start()
+        await connected(link)
+        await clock.advance(1)
+        await eventually(lambda: presence.presence("valve").value == "online")
+        return outbox, link, recovered
+
+    async def down(outbox: Outbox, link: Link[Any]) -> None:
+        await link.stop()
+        await outbox.close()
+        outbox.presence.close()
+
+    async with DeviceSimulator(device_id="valve", clock=clock, drop_acks=True) as sim:
+        outbox, link, _ = await up(sim)
+        events: list[object] = []
+        outbox.subscribe(events.append)
+        queued = lambda: sum(  # noqa: E731
+            1 for e in events if isinstance(e, CommandStateChanged) and e.command.state is Q.QUEUED
+        )
+        try:
+            command = await outbox.submit("valve", "set", {"n": 1}, max_attempts=max_attempts)
+            await eventually(lambda: sim.statistics().requests == 1, what="first delivery")
+            await clock.advance(5)  # times out
+            await eventually(lambda: queued() == 2, what="back in the queue")  # submit + retry
+            await clock.advance(RETRY_AFTER_S)
+            await eventually(lambda: sim.statistics().requests == 2, what="second delivery")
+        finally:
+            await down(outbox, link)  # the second attempt stays sending, as a crash leaves it
+        sim.drop_acks = False
+        outbox, link, recovered = await up(sim)
+        try:
+            assert [(c.id, c.attempts) for c in recovered] == [(command.id, 2)]
+            async with asyncio.timeout(10):
+                done = await outbox.wait(command.id)
+            await io_settle()
+        finally:
+            await down(outbox, link)
+    sent = sim.received_keys[command.idempotency_key]
+    assert (done.state, done.attempts, sent) == (after_restart, max_attempts, max_attempts), (
+        f"max_attempts={max_attempts}: {done.state.value} after {done.attempts} attempts, "
+        f"the device received it {sent} times"
+    )
+    if after_restart is Q.FAILED:
+        assert done.last_error is not None
+        assert "attempts exhausted (2 of 2)" in done.last_error.message, done.last_error
 
 
 # ---------------------------------------------------------------------------- sleepy device
@@ -467,10 +567,13 @@ async def test_a_presence_cycle_that_begins_during_a_delivery_is_not_missed(rig:
     c = await rig.outbox.submit("valve", "set", {"c": 1}, max_attempts=10, priority=1)
     await eventually(lambda: rig.sim.statistics().requests == 2)
     sent_c = rig.clock.now()  # C is in flight until sent_c + 5 ...
-    rig.proxy.set_down(True)  # ... when the device goes away (offline after 2 s) ...
+    await dropped(rig, rig.proxy.set_down)  # ... when the device goes away (offline after 2 s)
     await rig.clock.advance(2.5)
+    assert rig.outbox.presence.presence("valve") is Presence.OFFLINE
     rig.sim.drop_acks = False
     rig.proxy.set_down(False)  # ... and comes back: reconnect at the next 1 s retry
+    await connect(rig)
+    assert rig.clock.now() <= sent_c + 3.5, rig.clock.now() - sent_c
     await rig.clock.advance_to(sent_c + 4.5)  # online again (1 s debounce): a new cycle
     assert rig.outbox.presence.cycle("valve") == 2
     assert (await rig.outbox.get(c.id)).state is Q.SENDING  # begun while C is in flight
@@ -507,7 +610,7 @@ async def test_cancel_racing_the_end_of_an_attempt_still_cancels(rig: Rig) -> No
     gate.set()  # ... and only then does the stale "sending" reach cancel()
     assert (await asyncio.wait_for(cancel, 10)).state is Q.CANCELLED
     rig.sim.drop_acks = False
-    rig.sim.drop_connections()  # a new presence cycle must not deliver it again
+    await dropped(rig, rig.sim.drop_connections)  # a new cycle must not deliver it again
     await rig.clock.advance(5)
     await online(rig)
     assert rig.sim.received_keys[command.idempotency_key] == 1
@@ -541,6 +644,38 @@ async def test_concurrent_submits_with_one_key_leave_the_newest(tmp_path: Path) 
         await outbox.close()
         presence.close()
     assert states == {Q.SUPERSEDED, Q.QUEUED}  # never both superseded
+
+
+@pytest.mark.parametrize("key", [None, "target"])
+async def test_a_submitted_command_is_committed_when_submit_returns(
+    tmp_path: Path, key: str | None
+) -> None:
+    """Durable means on disk, readable by another connection, the moment submit returns:
+    read before anything else runs on the loop (the store's worker must not still hold
+    it), then through a second store as a restarted gateway would."""
+    clock = VirtualClock(start=EPOCH)
+    presence = PresenceTracker(clock=clock)
+    path = tmp_path / "o.db"
+    outbox = Outbox(SqliteStore(path), clock=clock, presence=presence)
+    await outbox.start()
+    try:
+        command = await outbox.submit("valve", "set", {"target": 20}, key=key)
+        with contextlib.closing(sqlite3.connect(path)) as other:  # no await in between
+            row = other.execute(
+                "SELECT device, state, args FROM commands WHERE id = ?", (command.id,)
+            ).fetchone()
+        assert row == ("valve", "queued", '{"target":20}'), (
+            f"submit returned {command.id}, but another connection reads {row!r}"
+        )
+        second = SqliteStore(path)
+        await second.open()
+        try:
+            assert await second.get(command.id) == command
+        finally:
+            await second.close()
+    finally:
+        await outbox.close()
+        presence.close()
 
 
 class SlowCommits(StaleReads):

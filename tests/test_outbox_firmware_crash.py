@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import os
 import random
@@ -85,6 +86,73 @@ async def test_a_firmware_image_resumes_from_the_devices_offset_after_each_reset
     offsets = [p.offset for p in progress]
     assert offsets == sorted(offsets)  # progress only moves forward
     assert {p.resumes for p in progress} >= set(range(resumes))
+
+
+async def test_each_resume_starts_at_exactly_the_offset_the_device_reported(
+    tmp_path: Path,
+) -> None:
+    """Not one byte before it (re-sending what the device holds) nor after it (a gap): on
+    every connection, the first chunk starts where ``ota.begin`` said the device stands,
+    and each next chunk where the previous one ended."""
+    chunk = 4096
+    image = random.Random(11).randbytes(24 * chunk + 100)
+    path = tmp_path / "fw.bin"
+    path.write_bytes(image)
+    digest = hashlib.sha256(image).hexdigest()
+    async with DeviceSimulator(device_id="ota") as sim:
+        async with FaultProxy(sim.host, sim.port, name="ota") as proxy:
+            proxy.set_reset_after(5 * chunk * 4 // 3, direction="up")  # ~5 chunks a connection
+            presence = PresenceTracker(debounce_online_s=0.0, debounce_offline_s=0.0)
+            outbox = Outbox(
+                SqliteStore(tmp_path / "outbox.db"),
+                presence=presence,
+                executors={"firmware": FirmwareTransfer(chunk_size=chunk)},
+            )
+            link = Link(
+                JsonLineDriver(host=proxy.host, port=proxy.port),
+                name="ota",
+                heartbeat_s=None,
+                backoff=Backoff(initial_s=0.01, cap_s=0.05),
+            )
+            await outbox.start()
+            try:
+                await outbox.attach("ota", link)
+                link.start()
+                command = await outbox.submit(
+                    "ota", "firmware", {"path": str(path), "sha256": digest, "size": len(image)}
+                )
+                async with asyncio.timeout(60):
+                    done = await outbox.wait(command.id)
+            finally:
+                await link.stop()
+                await outbox.close()
+                presence.close()
+    assert done.state is Q.SUCCEEDED, done.last_error
+    assert sim.firmware_images == [image]
+    assert done.result is not None and done.result["resumes"] >= 3, done.result
+    # Replay what the device applied, in order: what it held at each ota.begin is the
+    # offset it reported there.
+    held = 0
+    expected: dict[int, int] = {}  # connection -> where its next chunk must start
+    starts: list[tuple[int, int, int]] = []  # (connection, reported, first chunk offset)
+    for step in sim.applied:
+        if step.op == "ota.begin":
+            expected[step.connection] = held
+            starts.append((step.connection, held, -1))
+        elif step.op == "ota.chunk":
+            offset, size = step.args["offset"], len(base64.b64decode(step.args["data"]))
+            want = expected[step.connection]
+            if starts and starts[-1][0] == step.connection and starts[-1][2] == -1:
+                starts[-1] = (step.connection, want, offset)
+            assert offset == want, (
+                f"connection {step.connection}: a chunk at offset {offset}, where the "
+                f"device stood at {want} (it reported {starts[-1][1]} at ota.begin)"
+            )
+            held = offset + size
+            expected[step.connection] = held
+    resumed = [s for s in starts[1:] if s[2] != -1]
+    assert len(resumed) >= 3, starts  # the check above ran on several resumes
+    assert all(reported > 0 for _, reported, _ in resumed), starts
 
 
 async def run_child(db: Path, sim: DeviceSimulator, *, kill_after: float | None) -> str:

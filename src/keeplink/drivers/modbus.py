@@ -264,7 +264,8 @@ class ModbusCodec:
     item (counted and dropped by the link), never an exception: bytes that are not an MBAP
     header are skipped up to the next place a header could start; a well-framed reply to a
     transaction this channel never sent, whose PDU does not decode, or that does not fit
-    its request (other unit, other function, wrong length) is dropped whole. A request
+    its request (other unit, other function, wrong length, a write echo that does not
+    repeat the address and value or count sent) is dropped whole. A request
     whose reply never comes in a usable shape times out at the link.
 
     A reply after its request's deadline still decodes (the codec does not know about
@@ -387,6 +388,11 @@ def _mismatch(request: ModbusRequest, unit: int, pdu: ModbusPDU, pdu_bytes: byte
             return f"{len(pdu_bytes) - 2} data bytes for {request.count} requested, want {want}"
     elif pdu.address != request.address:
         return f"write echo for address {pdu.address}, sent to {request.address}"
+    elif pdu_bytes[3:] != request.adu[10:12]:
+        # The echo repeats the value (single writes) or the count (multiple) sent.
+        what = "value" if function in (5, 6) else "count"
+        echoed = int.from_bytes(pdu_bytes[3:5])
+        return f"write echo of {what} {echoed}, sent {int.from_bytes(request.adu[10:12])}"
     return None
 
 
