@@ -39,6 +39,18 @@ def test_the_export_list_is_pinned() -> None:
         assert hasattr(keeplink, name), name
 
 
+TESTING = {
+    "AppliedCommand", "DeviceSimulator", "FaultProxy", "MemoryChannel", "PeerRequest",
+    "ProxyStatistics", "ScriptedDriver", "ScriptedPeer", "SimStatistics", "VirtualClock",
+    "free_port",
+}  # fmt: skip
+
+
+def test_the_testing_export_list_is_pinned() -> None:
+    assert set(keeplink.testing.__all__) == TESTING
+    assert len(keeplink.testing.__all__) == len(TESTING), "duplicates in __all__"
+
+
 def test_subpackages_export_what_they_list() -> None:
     for module in (keeplink.drivers, keeplink.testing):
         for name in module.__all__:
