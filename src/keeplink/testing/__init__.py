@@ -10,6 +10,8 @@
 - :func:`free_port`: a loopback TCP port that was free a moment ago, for a server that
   starts (or restarts) later on a port known in advance.
 - ``keeplink.testing.pytest_plugin``: a ``virtual_clock`` fixture and a leak check.
+- ``keeplink.testing.modbus``: a pymodbus gateway on loopback with misbehaving units
+  (imported on its own: it needs pymodbus).
 - ``keeplink.testing.store_suite``: the conformance tests every command store must pass,
   for a store of your own (imported on its own: it needs pytest and hypothesis).
 """
