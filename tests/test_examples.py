@@ -42,8 +42,8 @@ from keeplink import AuthError, Backoff, Link, LinkState, VirtualClock  # noqa: 
 from keeplink.outbox import CommandState, SqliteStore  # noqa: E402
 from keeplink.testing import DeviceSimulator, FaultProxy  # noqa: E402
 from keeplink.testing.modbus import INPUT_VALUE, ModbusGateway  # noqa: E402
+from keeplink.testing.mqtt import mqtt_device_on  # noqa: E402
 from mosquitto import Mosquitto  # noqa: E402
-from test_mqtt import broker, device_on  # noqa: E402,F401
 
 Q = CommandState
 EPOCH = 1_700_000_000.0
@@ -502,7 +502,7 @@ async def test_mqtt_plugs_come_and_go_and_get_their_commands_when_there(
         queued = await plugs.switch("plug-1", True, wait_s=0.2)
         assert queued.state is Q.QUEUED  # nobody there: it waits, stored
 
-        async with device_on("plug-1", network.host, network.port, respond=True) as plug:
+        async with mqtt_device_on("plug-1", network.host, network.port, respond=True) as plug:
             async with asyncio.timeout(IO_BOUND_S):
                 done = await plugs.outbox.wait(queued.id)
             assert done.state is Q.SUCCEEDED
@@ -532,7 +532,7 @@ async def test_the_mqtt_program_switches_a_plug_that_is_there(
     assert broker.port is not None
     argv = ["--port", str(broker.port), "--plug", "plug-1", "--on", "--wait", "5"]
     args = mqtt_example.build_parser().parse_args([*argv, "--db", str(tmp_path / "p.db")])
-    async with device_on("plug-1", broker.host, broker.port) as plug:
+    async with mqtt_device_on("plug-1", broker.host, broker.port) as plug:
         await plug.wait_online()
         states = await mqtt_example.run(args)  # no response topic: done at the PUBACK
     assert states == {"plug-1": Q.SUCCEEDED}

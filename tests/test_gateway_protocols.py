@@ -18,8 +18,8 @@ pytest.importorskip("aiomqtt")
 from keeplink.gateway.config import ConfigError, parse_config
 from keeplink.gateway.server import Server
 from keeplink.testing.modbus import ModbusGateway
+from keeplink.testing.mqtt import FakeMqttDevice
 from mosquitto import Mosquitto
-from test_mqtt import FakeDevice, broker  # noqa: F401  (the fixture)
 
 TOKEN = "protocols-token-0123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -83,7 +83,7 @@ async def test_modbus_units_and_an_mqtt_device_through_the_gateway(
     gateway = gateway_server.gateway
     assert gateway.links["boiler"] is gateway.links["pump"]  # one link to the Modbus gateway
     modbus_server.offline.add(2)  # the pump is away: its gateway answers exception 11
-    device = FakeDevice("plug", broker.host, broker.port)
+    device = FakeMqttDevice("plug", broker.host, broker.port)
     async with aiohttp.ClientSession() as http:
         # Modbus: the unit id comes from the config; presence from the unit probe.
         await eventually(lambda: gateway.presence_of("boiler").value == "online")
