@@ -3,8 +3,9 @@ exception responses, restarts, malformed replies, slot sharing, unit presence an
 
 Each test starts its own :class:`~keeplink.testing.modbus.ModbusGateway` (a pymodbus
 ``ModbusTcpServer`` on 127.0.0.1 and a free port, with units 1..3 behind it) and stops it
-afterwards. The codec is also tested on
-its own, sans-IO, with replies encoded by pymodbus itself.
+afterwards; the bytes no real gateway sends come from a
+:class:`~keeplink.testing.modbus.RawModbusGateway`. The codec is also tested on its own,
+sans-IO, with replies encoded by pymodbus itself.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import itertools
 import math
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -71,7 +72,13 @@ from keeplink.drivers.modbus import (
 )
 from keeplink.outbox import CommandState, MemoryStore, Outbox
 from keeplink.presence import Presence, PresenceTracker, Source
-from keeplink.testing.modbus import INPUT_VALUE, REGISTERS, UNITS, ModbusGateway
+from keeplink.testing.modbus import (
+    INPUT_VALUE,
+    REGISTERS,
+    UNITS,
+    ModbusGateway,
+    RawModbusGateway,
+)
 
 S = LinkState
 HOST = "127.0.0.1"
@@ -275,76 +282,6 @@ async def test_the_link_recovers_on_its_own_when_the_gateway_restarts(
 # ------------------------------------------------------------------------------ malformed
 
 
-class RawGateway:
-    """A hand-made Modbus TCP peer on a raw asyncio server: it answers every holding
-    register read with ``[n] * count`` (n counts requests), after whatever noise
-    ``noise(n, pdu)`` gives, and may hold replies back to send them last-first (``batch``).
-    ``answer(n, pdu)``, if given, makes the reply instead (to writes, say)."""
-
-    def __init__(
-        self,
-        noise: Callable[[int, ModbusPDU], bytes] = lambda n, pdu: b"",
-        batch: int = 1,
-        answer: Callable[[int, ModbusPDU], ModbusPDU] | None = None,
-    ) -> None:
-        self.noise = noise
-        self.batch = batch
-        self.answer = answer
-        self.port = 0
-        self.served = 0
-        self._server: asyncio.Server | None = None
-        self._framer = FramerSocket(DecodePDU(is_server=True))
-        self._conns: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> RawGateway:
-        self._server = await asyncio.start_server(self._serve, HOST, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._conns:
-            task.cancel()
-        if self._conns:
-            await asyncio.wait(self._conns)
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._conns.add(task)
-        buf = b""
-        held: list[bytes] = []
-        try:
-            while data := await reader.read(4096):
-                buf += data
-                while True:
-                    used, pdu = self._framer.handleFrame(buf, 0, 0)
-                    buf = buf[used:]
-                    if pdu is None:
-                        break
-                    self.served += 1
-                    reply = (
-                        self.answer(self.served, pdu)
-                        if self.answer is not None
-                        else ReadHoldingRegistersResponse(
-                            registers=[self.served] * pdu.count,
-                            dev_id=pdu.dev_id,
-                            transaction_id=pdu.transaction_id,
-                        )
-                    )
-                    held.append(self.noise(self.served, pdu) + self._framer.buildFrame(reply))
-                    if len(held) == self.batch:
-                        writer.write(b"".join(reversed(held)))
-                        held.clear()
-        except (asyncio.CancelledError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            self._conns.discard(task)
-
-
 # Noise no frame may die of: text with no zero byte in it (so no MBAP header can hide
 # inside), a frame for a transaction never sent, and a mangled reply for the request in
 # flight (an odd byte count) that must leave its transaction open for the real reply.
@@ -361,7 +298,7 @@ def noise_for(n: int, pdu: ModbusPDU) -> bytes:
 
 
 async def test_malformed_bytes_from_the_peer_are_counted_not_fatal() -> None:
-    async with RawGateway(noise=noise_for) as peer:
+    async with RawModbusGateway(noise=noise_for) as peer:
         link = modbus_link(HOST, peer.port)
         async with link:
             await connected(link)
@@ -377,7 +314,7 @@ async def test_malformed_bytes_from_the_peer_are_counted_not_fatal() -> None:
 
 
 async def test_replies_out_of_order_resolve_their_own_requests() -> None:
-    async with RawGateway(batch=4) as peer:
+    async with RawModbusGateway(batch=4) as peer:
         link = modbus_link(HOST, peer.port, max_in_flight=4)
         async with link:
             await connected(link)
@@ -405,7 +342,7 @@ def _echo_one_off(n: int, pdu: ModbusPDU) -> ModbusPDU:
 
 
 async def test_a_write_echo_with_the_wrong_address_or_value_never_acknowledges() -> None:
-    async with RawGateway(answer=_echo_one_off) as peer:
+    async with RawModbusGateway(answer=_echo_one_off) as peer:
         link = modbus_link(HOST, peer.port)
         async with link:
             await connected(link)

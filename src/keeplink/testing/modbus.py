@@ -8,6 +8,8 @@
 
 It needs pymodbus (keeplink's ``modbus`` extra). Every unit has 64 coils (off), 64 discrete
 inputs (on), 200 holding registers (0) and 200 input registers (``INPUT_VALUE``).
+:class:`RawModbusGateway` is a hand-made peer for the bytes no real gateway sends: noise,
+replies out of order, replies made up by the test.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import asyncio
 import collections
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 try:
     from pymodbus.constants import ExcCodes
-    from pymodbus.pdu import ModbusPDU
+    from pymodbus.framer import FramerSocket
+    from pymodbus.pdu import DecodePDU, ModbusPDU
+    from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
     from pymodbus.server import ModbusTcpServer
     from pymodbus.simulator import DataType, SimData, SimDevice
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -29,7 +33,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "keeplink.testing.modbus needs pymodbus: pip install 'keeplink[modbus]'"
     ) from exc
 
-__all__ = ["BITS", "INPUT_VALUE", "REGISTERS", "UNITS", "ModbusGateway"]
+__all__ = ["BITS", "INPUT_VALUE", "REGISTERS", "UNITS", "ModbusGateway", "RawModbusGateway"]
 
 HOST: Final = "127.0.0.1"
 UNITS: Final = (1, 2, 3)
@@ -150,3 +154,75 @@ class ModbusGateway:
         if sending and pdu.function_code in (5, 6, 15, 16):  # a write acknowledged: applied
             self.applied[pdu.dev_id] += 1
         return pdu
+
+
+class RawModbusGateway:
+    """A hand-made Modbus TCP peer on a raw asyncio server, for the bytes a real gateway
+    would never send: it answers every holding register read with ``[n] * count`` (n counts
+    requests), after whatever noise ``noise(n, pdu)`` gives, and may hold replies back to
+    send them last-first (``batch``). ``answer(n, pdu)``, if given, makes the reply instead
+    (to writes, say). ``async with`` starts and stops it, on a free port (``port``);
+    ``served`` counts the requests it decoded."""
+
+    def __init__(
+        self,
+        noise: Callable[[int, ModbusPDU], bytes] = lambda n, pdu: b"",
+        batch: int = 1,
+        answer: Callable[[int, ModbusPDU], ModbusPDU] | None = None,
+    ) -> None:
+        self.noise = noise
+        self.batch = batch
+        self.answer = answer
+        self.port = 0
+        self.served = 0
+        self._server: asyncio.Server | None = None
+        self._framer = FramerSocket(DecodePDU(is_server=True))
+        self._conns: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> RawModbusGateway:
+        self._server = await asyncio.start_server(self._serve, HOST, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._conns:
+            task.cancel()
+        if self._conns:
+            await asyncio.wait(self._conns)
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        buf = b""
+        held: list[bytes] = []
+        try:
+            while data := await reader.read(4096):
+                buf += data
+                while True:
+                    used, pdu = self._framer.handleFrame(buf, 0, 0)
+                    buf = buf[used:]
+                    if pdu is None:
+                        break
+                    self.served += 1
+                    reply = (
+                        self.answer(self.served, pdu)
+                        if self.answer is not None
+                        else ReadHoldingRegistersResponse(
+                            registers=[self.served] * pdu.count,
+                            dev_id=pdu.dev_id,
+                            transaction_id=pdu.transaction_id,
+                        )
+                    )
+                    held.append(self.noise(self.served, pdu) + self._framer.buildFrame(reply))
+                    if len(held) == self.batch:
+                        writer.write(b"".join(reversed(held)))
+                        held.clear()
+        except (asyncio.CancelledError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self._conns.discard(task)
