@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import pathlib
+import sys
 import time
+
+import pytest
 
 import keeplink
 import keeplink.drivers
@@ -178,3 +182,20 @@ def test_the_core_never_touches_sockets_clocks_or_the_event_loop() -> None:
 
 # classify() recognises asyncio's and socket's exception *types*; it never does I/O.
 ALLOWED_CORE = {("asyncio", "classify.py"), ("socket", "classify.py")}
+
+
+@pytest.mark.parametrize(
+    ("module", "needs"),
+    [
+        ("keeplink.testing.store_suite", "hypothesis"),
+        ("keeplink.testing.modbus", "pymodbus"),
+        ("keeplink.testing.mqtt", "aiomqtt"),
+    ],
+)
+def test_an_optional_testing_module_says_what_it_needs(
+    monkeypatch: pytest.MonkeyPatch, module: str, needs: str
+) -> None:
+    monkeypatch.setitem(sys.modules, needs, None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    with pytest.raises(ImportError, match=f"{module} needs {needs}"):
+        importlib.import_module(module)
