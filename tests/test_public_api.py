@@ -195,7 +195,8 @@ ALLOWED_CORE = {("asyncio", "classify.py"), ("socket", "classify.py")}
 def test_an_optional_testing_module_says_what_it_needs(
     monkeypatch: pytest.MonkeyPatch, module: str, needs: str
 ) -> None:
-    monkeypatch.setitem(sys.modules, needs, None)  # as if it were not installed
+    for name in [needs, *(n for n in sys.modules if n.startswith(needs + "."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
     monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(ImportError, match=f"{module} needs {needs}"):
         importlib.import_module(module)
