@@ -23,6 +23,7 @@ import pytest  # noqa: E402
 
 from keeplink.testing.postgres import PostgresServer, postgres_bindir  # noqa: E402
 from linkfixtures import make_link, proxy, sim  # noqa: E402,F401  (fixtures for every test)
+from mosquitto import Mosquitto, require_mosquitto  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +45,15 @@ def postgres_server() -> Iterator[PostgresServer]:
     finally:
         server.stop(mode="immediate")
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A mosquitto broker of the test's own, on a free loopback port."""
+    require_mosquitto()
+    mosquitto = Mosquitto(tmp_path / "broker")
+    mosquitto.start()
+    try:
+        yield mosquitto
+    finally:
+        mosquitto.stop()

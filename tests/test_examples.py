@@ -3,7 +3,7 @@
 - The thermostat client and the integration against :class:`DeviceSimulator` on loopback;
   what is timed (debounce, reconnects) runs on a :class:`VirtualClock` started at an epoch
   time (the outbox wants one), while real sockets carry the bytes.
-- The Modbus example against a real pymodbus server (``test_modbus.Gateway``).
+- The Modbus example against a real pymodbus server (``keeplink.testing.modbus``).
 - The MQTT example against a real Mosquitto (``tests/mosquitto.py``; skipped only where the
   broker is not installed, as the MQTT driver's own tests are).
 
@@ -41,13 +41,26 @@ from helpers import IO_BOUND_S, eventually, io_settle  # noqa: E402
 from keeplink import AuthError, Backoff, Link, LinkState, VirtualClock  # noqa: E402
 from keeplink.outbox import CommandState, SqliteStore  # noqa: E402
 from keeplink.testing import DeviceSimulator, FaultProxy  # noqa: E402
+from keeplink.testing.modbus import INPUT_VALUE, ModbusGateway  # noqa: E402
+from keeplink.testing.mqtt import mqtt_device_on  # noqa: E402
 from mosquitto import Mosquitto  # noqa: E402
-from test_modbus import INPUT_VALUE, Gateway, gateway  # noqa: E402,F401
-from test_mqtt import broker, device_on  # noqa: E402,F401
 
 Q = CommandState
 EPOCH = 1_700_000_000.0
 DEVICE = "hall-thermostat"
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[ModbusGateway]:
+    """A pymodbus gateway on a free port, stopped after the test."""
+    gw = ModbusGateway()
+    await gw.start()
+    try:
+        yield gw
+    finally:
+        await gw.stop()
+
+
 TOKEN = "s3cret"
 HEARTBEAT_S = 30.0
 BACKOFF = Backoff(initial_s=1, cap_s=4)
@@ -431,7 +444,7 @@ async def test_the_integration_program_prints_diagnostics_without_the_token(
 
 
 async def test_the_modbus_example_writes_and_reads_back_each_present_unit(
-    gateway: Gateway, capsys: pytest.CaptureFixture[str]
+    gateway: ModbusGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
     report = await modbus_example.run("127.0.0.1", gateway.port, [1, 2, 9], setpoint=45.5)
     for unit in (1, 2):
@@ -489,7 +502,7 @@ async def test_mqtt_plugs_come_and_go_and_get_their_commands_when_there(
         queued = await plugs.switch("plug-1", True, wait_s=0.2)
         assert queued.state is Q.QUEUED  # nobody there: it waits, stored
 
-        async with device_on("plug-1", network.host, network.port, respond=True) as plug:
+        async with mqtt_device_on("plug-1", network.host, network.port, respond=True) as plug:
             async with asyncio.timeout(IO_BOUND_S):
                 done = await plugs.outbox.wait(queued.id)
             assert done.state is Q.SUCCEEDED
@@ -519,7 +532,7 @@ async def test_the_mqtt_program_switches_a_plug_that_is_there(
     assert broker.port is not None
     argv = ["--port", str(broker.port), "--plug", "plug-1", "--on", "--wait", "5"]
     args = mqtt_example.build_parser().parse_args([*argv, "--db", str(tmp_path / "p.db")])
-    async with device_on("plug-1", broker.host, broker.port) as plug:
+    async with mqtt_device_on("plug-1", broker.host, broker.port) as plug:
         await plug.wait_online()
         states = await mqtt_example.run(args)  # no response topic: done at the PUBACK
     assert states == {"plug-1": Q.SUCCEEDED}

@@ -17,18 +17,28 @@ pytest.importorskip("aiomqtt")
 
 from keeplink.gateway.config import ConfigError, parse_config
 from keeplink.gateway.server import Server
+from keeplink.testing.modbus import ModbusGateway
+from keeplink.testing.mqtt import FakeMqttDevice
 from mosquitto import Mosquitto
-from test_modbus import Gateway as ModbusServer
-from test_modbus import gateway as modbus_server  # noqa: F401  (the fixture)
-from test_mqtt import FakeDevice, broker  # noqa: F401  (the fixture)
 
 TOKEN = "protocols-token-0123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
+async def modbus_server() -> AsyncIterator[ModbusGateway]:
+    """A pymodbus gateway on a free port, stopped after the test."""
+    gw = ModbusGateway()
+    await gw.start()
+    try:
+        yield gw
+    finally:
+        await gw.stop()
+
+
+@pytest.fixture
 async def gateway_server(
-    modbus_server: ModbusServer, broker: Mosquitto, tmp_path: Path
+    modbus_server: ModbusGateway, broker: Mosquitto, tmp_path: Path
 ) -> AsyncIterator[Server]:
     fast = {"initial_s": 0.05, "cap_s": 0.2}
     config = parse_config(
@@ -67,13 +77,13 @@ async def final_state(http: aiohttp.ClientSession, url: str, command_id: str) ->
 
 
 async def test_modbus_units_and_an_mqtt_device_through_the_gateway(
-    gateway_server: Server, modbus_server: ModbusServer, broker: Mosquitto
+    gateway_server: Server, modbus_server: ModbusGateway, broker: Mosquitto
 ) -> None:
     url = gateway_server.url
     gateway = gateway_server.gateway
     assert gateway.links["boiler"] is gateway.links["pump"]  # one link to the Modbus gateway
     modbus_server.offline.add(2)  # the pump is away: its gateway answers exception 11
-    device = FakeDevice("plug", broker.host, broker.port)
+    device = FakeMqttDevice("plug", broker.host, broker.port)
     async with aiohttp.ClientSession() as http:
         # Modbus: the unit id comes from the config; presence from the unit probe.
         await eventually(lambda: gateway.presence_of("boiler").value == "online")

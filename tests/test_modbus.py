@@ -1,21 +1,20 @@
 """The Modbus TCP driver against a real pymodbus server: reads, writes, typed values,
 exception responses, restarts, malformed replies, slot sharing, unit presence and the outbox.
 
-Each test starts its own :class:`Gateway` (a pymodbus ``ModbusTcpServer`` on 127.0.0.1 and a
-free port, with units 1..3 behind it) and stops it afterwards. The codec is also tested on
-its own, sans-IO, with replies encoded by pymodbus itself.
+Each test starts its own :class:`~keeplink.testing.modbus.ModbusGateway` (a pymodbus
+``ModbusTcpServer`` on 127.0.0.1 and a free port, with units 1..3 behind it) and stops it
+afterwards; the bytes no real gateway sends come from a
+:class:`~keeplink.testing.modbus.RawModbusGateway`. The codec is also tested on its own,
+sans-IO, with replies encoded by pymodbus itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import functools
 import itertools
 import math
 import struct
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -40,8 +39,6 @@ from pymodbus.pdu.register_message import (
     WriteMultipleRegistersResponse,
     WriteSingleRegisterResponse,
 )
-from pymodbus.server import ModbusTcpServer
-from pymodbus.simulator import DataType, SimData, SimDevice
 
 from helpers import IO_BOUND_S, Recorder, connected, eventually, until_state
 from keeplink import (
@@ -75,132 +72,23 @@ from keeplink.drivers.modbus import (
 )
 from keeplink.outbox import CommandState, MemoryStore, Outbox
 from keeplink.presence import Presence, PresenceTracker, Source
+from keeplink.testing.modbus import (
+    INPUT_VALUE,
+    REGISTERS,
+    UNITS,
+    ModbusGateway,
+    RawModbusGateway,
+)
 
 S = LinkState
 HOST = "127.0.0.1"
 FAST = Backoff(initial_s=0.02, cap_s=0.1)  # the gateway comes back within a blink
-UNITS = (1, 2, 3)
-REGISTERS = 200
-INPUT_VALUE = 7
-BITS = 64
-
-
-# ------------------------------------------------------------------------------ the gateway
-
-
-class Gateway:
-    """A real pymodbus ``ModbusTcpServer`` with units 1..3 behind it.
-
-    Unit behaviour is switched per test: ``offline`` units answer exception 0x0B (what a
-    gateway says when the unit behind it does not answer), ``failing`` units answer a given
-    exception, ``hanging`` units never answer until the gateway stops. ``applied`` counts,
-    per unit, the writes the server applied and acknowledged; ``packets_in`` counts every
-    packet that reached it.
-
-    Every start builds a fresh datastore (as a power-cycled gateway would have).
-    """
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.offline: set[int] = set()
-        self.failing: dict[int, ExcCodes] = {}
-        self.hanging: set[int] = set()
-        self.applied: collections.Counter[int] = collections.Counter()
-        self.packets_in = 0
-        self._server: ModbusTcpServer | None = None
-        self._release = asyncio.Event()
-        self._backdoor = False
-
-    async def start(self) -> None:
-        self._release.clear()
-        devices = [
-            SimDevice(
-                unit,
-                simdata=(
-                    [SimData(0, count=BITS, values=False, datatype=DataType.BITS)],
-                    [SimData(0, count=BITS, values=True, datatype=DataType.BITS)],
-                    [SimData(0, count=REGISTERS, values=0, datatype=DataType.REGISTERS)],
-                    [SimData(0, count=REGISTERS, values=INPUT_VALUE, datatype=DataType.REGISTERS)],
-                ),
-                action=functools.partial(self._action, unit),
-            )
-            for unit in UNITS
-        ]
-        server = ModbusTcpServer(
-            devices,
-            address=(HOST, self.port),
-            trace_packet=self._trace_packet,
-            trace_pdu=self._trace_pdu,
-        )
-        await server.serve_forever(background=True)
-        self.port = server.transport.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-        self._server = server
-
-    async def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        self._release.set()  # hanging requests finish (into a closed socket)
-        await server.shutdown()
-
-    async def registers(self, unit: int, address: int, count: int) -> list[int]:
-        """The unit's holding registers, read straight from the datastore."""
-        return [int(v) for v in await self._datastore(unit, 3, address, count)]
-
-    async def coils(self, unit: int, address: int, count: int) -> list[bool]:
-        return [bool(v) for v in await self._datastore(unit, 1, address, count)]
-
-    async def preset(self, unit: int, address: int, values: list[int]) -> None:
-        """Set holding registers straight in the datastore (not a write over the wire)."""
-        with self._direct() as server:
-            await server.async_setValues(unit, 16, address, values)
-
-    async def _datastore(self, unit: int, fc: int, address: int, count: int) -> list[Any]:
-        with self._direct() as server:
-            return list(await server.async_getValues(unit, fc, address, count))
-
-    @contextlib.contextmanager
-    def _direct(self) -> Iterator[ModbusTcpServer]:
-        """The datastore itself: the units' switches (offline, failing…) apply to the wire."""
-        assert self._server is not None
-        self._backdoor = True
-        try:
-            yield self._server
-        finally:
-            self._backdoor = False
-
-    async def _action(
-        self,
-        unit: int,
-        function_code: int,
-        start_address: int,
-        address: int,
-        count: int,
-        registers: list[int],
-        set_values: list[int] | list[bool] | None,
-    ) -> ExcCodes | None:
-        if self._backdoor:
-            return None
-        if unit in self.hanging:
-            await self._release.wait()
-        if unit in self.offline:
-            return ExcCodes.GATEWAY_NO_RESPONSE
-        return self.failing.get(unit)
-
-    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
-        if not sending:
-            self.packets_in += 1
-        return data
-
-    def _trace_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
-        if sending and pdu.function_code in (5, 6, 15, 16):  # a write acknowledged: applied
-            self.applied[pdu.dev_id] += 1
-        return pdu
 
 
 @pytest.fixture
-async def gateway() -> AsyncIterator[Gateway]:
-    gw = Gateway()
+async def gateway() -> AsyncIterator[ModbusGateway]:
+    """A gateway on a free port, stopped after the test."""
+    gw = ModbusGateway()
     await gw.start()
     try:
         yield gw
@@ -215,7 +103,7 @@ def read(unit: Any, address: Any, count: Any, **extra: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ reads, writes
 
 
-async def test_reads_and_writes_land_in_the_gateways_datastore(gateway: Gateway) -> None:
+async def test_reads_and_writes_land_in_the_gateways_datastore(gateway: ModbusGateway) -> None:
     link = modbus_link(HOST, gateway.port)
     async with link:
         info = await link.wait_connected()
@@ -276,7 +164,7 @@ def swap_words(registers: list[int], width: int) -> list[int]:
 @pytest.mark.parametrize("word_order", ["big", "little"])
 @pytest.mark.parametrize(("value_type", "values", "big_registers"), TYPED_CASES)
 async def test_typed_values_read_and_write_in_both_word_orders(
-    gateway: Gateway,
+    gateway: ModbusGateway,
     value_type: str,
     values: list[int | float],
     big_registers: list[int],
@@ -301,7 +189,7 @@ async def test_typed_values_read_and_write_in_both_word_orders(
         assert await gateway.registers(2, 40, len(wire)) == wire
 
 
-async def test_a_float32_that_is_not_a_number_reads_as_none(gateway: Gateway) -> None:
+async def test_a_float32_that_is_not_a_number_reads_as_none(gateway: ModbusGateway) -> None:
     link = modbus_link(HOST, gateway.port)
     async with link:
         await connected(link)
@@ -328,7 +216,7 @@ async def test_a_float32_that_is_not_a_number_reads_as_none(gateway: Gateway) ->
     ],
 )
 async def test_exception_responses_are_rejected_with_the_modbus_code(
-    gateway: Gateway, failing: dict[int, ExcCodes], address: int, code: int, message: str
+    gateway: ModbusGateway, failing: dict[int, ExcCodes], address: int, code: int, message: str
 ) -> None:
     gateway.failing.update(failing)
     link = modbus_link(HOST, gateway.port)
@@ -355,7 +243,9 @@ async def test_exception_responses_are_rejected_with_the_modbus_code(
 # ------------------------------------------------------------------------------ recovery
 
 
-async def test_the_link_recovers_on_its_own_when_the_gateway_restarts(gateway: Gateway) -> None:
+async def test_the_link_recovers_on_its_own_when_the_gateway_restarts(
+    gateway: ModbusGateway,
+) -> None:
     link = modbus_link(HOST, gateway.port, backoff=FAST)
     rec = Recorder(link)
     async with link:
@@ -392,76 +282,6 @@ async def test_the_link_recovers_on_its_own_when_the_gateway_restarts(gateway: G
 # ------------------------------------------------------------------------------ malformed
 
 
-class RawGateway:
-    """A hand-made Modbus TCP peer on a raw asyncio server: it answers every holding
-    register read with ``[n] * count`` (n counts requests), after whatever noise
-    ``noise(n, pdu)`` gives, and may hold replies back to send them last-first (``batch``).
-    ``answer(n, pdu)``, if given, makes the reply instead (to writes, say)."""
-
-    def __init__(
-        self,
-        noise: Callable[[int, ModbusPDU], bytes] = lambda n, pdu: b"",
-        batch: int = 1,
-        answer: Callable[[int, ModbusPDU], ModbusPDU] | None = None,
-    ) -> None:
-        self.noise = noise
-        self.batch = batch
-        self.answer = answer
-        self.port = 0
-        self.served = 0
-        self._server: asyncio.Server | None = None
-        self._framer = FramerSocket(DecodePDU(is_server=True))
-        self._conns: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> RawGateway:
-        self._server = await asyncio.start_server(self._serve, HOST, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._conns:
-            task.cancel()
-        if self._conns:
-            await asyncio.wait(self._conns)
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._conns.add(task)
-        buf = b""
-        held: list[bytes] = []
-        try:
-            while data := await reader.read(4096):
-                buf += data
-                while True:
-                    used, pdu = self._framer.handleFrame(buf, 0, 0)
-                    buf = buf[used:]
-                    if pdu is None:
-                        break
-                    self.served += 1
-                    reply = (
-                        self.answer(self.served, pdu)
-                        if self.answer is not None
-                        else ReadHoldingRegistersResponse(
-                            registers=[self.served] * pdu.count,
-                            dev_id=pdu.dev_id,
-                            transaction_id=pdu.transaction_id,
-                        )
-                    )
-                    held.append(self.noise(self.served, pdu) + self._framer.buildFrame(reply))
-                    if len(held) == self.batch:
-                        writer.write(b"".join(reversed(held)))
-                        held.clear()
-        except (asyncio.CancelledError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            self._conns.discard(task)
-
-
 # Noise no frame may die of: text with no zero byte in it (so no MBAP header can hide
 # inside), a frame for a transaction never sent, and a mangled reply for the request in
 # flight (an odd byte count) that must leave its transaction open for the real reply.
@@ -478,7 +298,7 @@ def noise_for(n: int, pdu: ModbusPDU) -> bytes:
 
 
 async def test_malformed_bytes_from_the_peer_are_counted_not_fatal() -> None:
-    async with RawGateway(noise=noise_for) as peer:
+    async with RawModbusGateway(noise=noise_for) as peer:
         link = modbus_link(HOST, peer.port)
         async with link:
             await connected(link)
@@ -494,7 +314,7 @@ async def test_malformed_bytes_from_the_peer_are_counted_not_fatal() -> None:
 
 
 async def test_replies_out_of_order_resolve_their_own_requests() -> None:
-    async with RawGateway(batch=4) as peer:
+    async with RawModbusGateway(batch=4) as peer:
         link = modbus_link(HOST, peer.port, max_in_flight=4)
         async with link:
             await connected(link)
@@ -522,7 +342,7 @@ def _echo_one_off(n: int, pdu: ModbusPDU) -> ModbusPDU:
 
 
 async def test_a_write_echo_with_the_wrong_address_or_value_never_acknowledges() -> None:
-    async with RawGateway(answer=_echo_one_off) as peer:
+    async with RawModbusGateway(answer=_echo_one_off) as peer:
         link = modbus_link(HOST, peer.port)
         async with link:
             await connected(link)
@@ -583,7 +403,7 @@ async def test_a_write_echo_with_the_wrong_address_or_value_never_acknowledges()
     ],
 )
 async def test_invalid_arguments_fail_before_anything_is_sent(
-    gateway: Gateway, op: Any, args: Any
+    gateway: ModbusGateway, op: Any, args: Any
 ) -> None:
     link = modbus_link(HOST, gateway.port)
     async with link:
@@ -626,7 +446,9 @@ def test_a_bad_driver_configuration_is_refused(kwargs: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------ slots
 
 
-async def test_links_to_one_gateway_share_its_single_connection_slot(gateway: Gateway) -> None:
+async def test_links_to_one_gateway_share_its_single_connection_slot(
+    gateway: ModbusGateway,
+) -> None:
     first = modbus_link(HOST, gateway.port, name="first", backoff=FAST)
     second = modbus_link(HOST, gateway.port, name="second", backoff=FAST)
     pool = gateway_slots(HOST, gateway.port)
@@ -653,7 +475,7 @@ async def test_links_to_one_gateway_share_its_single_connection_slot(gateway: Ga
 # ------------------------------------------------------------------------------ presence
 
 
-async def test_the_unit_probe_reports_each_units_presence(gateway: Gateway) -> None:
+async def test_the_unit_probe_reports_each_units_presence(gateway: ModbusGateway) -> None:
     gateway.offline.add(2)  # the gateway says 0x0B
     gateway.hanging.add(3)  # the gateway says nothing at all
     tracker = PresenceTracker(debounce_online_s=0, debounce_offline_s=0)
@@ -687,7 +509,7 @@ async def test_the_unit_probe_reports_each_units_presence(gateway: Gateway) -> N
 
 
 async def test_a_unit_the_server_does_not_have_is_offline_and_a_busy_one_online(
-    gateway: Gateway,
+    gateway: ModbusGateway,
 ) -> None:
     ghost = 9  # no such unit behind the gateway (it has units 1..3)
     assert ghost not in UNITS
@@ -717,7 +539,7 @@ async def test_a_unit_the_server_does_not_have_is_offline_and_a_busy_one_online(
     assert tracker.presence("boiler") is Presence.ONLINE
 
 
-async def test_the_unit_probe_runs_at_once_when_the_link_connects(gateway: Gateway) -> None:
+async def test_the_unit_probe_runs_at_once_when_the_link_connects(gateway: ModbusGateway) -> None:
     tracker = PresenceTracker(debounce_online_s=0, debounce_offline_s=0)
     link = modbus_link(HOST, gateway.port)
     # An hour between rounds: only the link's "connected" can make the second one happen.
@@ -755,7 +577,7 @@ def test_a_bad_probe_configuration_is_refused() -> None:
 
 
 async def test_a_queued_write_for_an_offline_unit_is_delivered_once_when_it_returns(
-    gateway: Gateway,
+    gateway: ModbusGateway,
 ) -> None:
     gateway.offline.add(2)
     presence = PresenceTracker(debounce_online_s=0.05, debounce_offline_s=0.05)

@@ -47,36 +47,14 @@ from keeplink.drivers.mqtt import (
 from keeplink.outbox import CommandState, MemoryStore, Outbox
 from keeplink.presence import Presence, PresenceTracker, Source
 from keeplink.testing import FaultProxy
-from mosquitto import Mosquitto, mosquitto_binary
+from keeplink.testing.mqtt import mqtt_device_on
+from mosquitto import Mosquitto, require_mosquitto
 
 Q = CommandState
 DEBOUNCE_S = 0.05
-DEVICE_RETRY_S = 0.05
-DEVICE_SESSIONS = 200
-"""Bounds a fake device's reconnect loop: 200 tries, DEVICE_RETRY_S apart at least."""
 
 
 # ---------------------------------------------------------------------------- fixtures
-
-
-def _require_mosquitto() -> None:
-    if mosquitto_binary() is not None:
-        return
-    reason = "the mosquitto broker is not installed (Debian: apt-get install mosquitto)"
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI installs it, so its absence is a broken CI script")
-    pytest.skip(reason)
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    _require_mosquitto()
-    mosquitto = Mosquitto(tmp_path / "broker")
-    mosquitto.start()
-    try:
-        yield mosquitto
-    finally:
-        mosquitto.stop()
 
 
 @pytest.fixture
@@ -108,87 +86,6 @@ async def running(*links: Link[Any]) -> AsyncIterator[None]:
     finally:
         for link in links:
             await link.stop()
-
-
-class FakeDevice:
-    """A device on the broker at ``host:port``. ``respond``: reply on ``{name}/resp``; op
-    ``refuse`` is rejected with code ``out_of_range``; op ``ignore`` gets no reply at all."""
-
-    def __init__(self, name: str, host: str, port: int, *, respond: bool = False) -> None:
-        self.name = name
-        self.host = host
-        self.port = port
-        self.respond = respond
-        self.received: Counter[str] = Counter()
-        """Every command copy that arrived, by idempotency key."""
-        self.applied: list[str] = []
-        """Keys applied, each once, in order."""
-        self.commands: list[dict[str, Any]] = []
-        self.sessions = 0
-        self._online = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def availability(self) -> str:
-        return f"{self.name}/availability"
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"fake-device[{self.name}]"
-        )
-
-    async def wait_online(self) -> None:
-        """Until the device has said "online" in its current session."""
-        await within(self._online.wait())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task])
-            self._task = None
-
-    async def _run(self) -> None:
-        will = aiomqtt.Will(self.availability, "offline", qos=1, retain=True)
-        for _ in range(DEVICE_SESSIONS):
-            self._online.clear()
-            try:
-                async with aiomqtt.Client(
-                    self.host, self.port, identifier=self.name, will=will, keepalive=5
-                ) as client:
-                    await client.subscribe(f"{self.name}/cmd", qos=1)
-                    await client.publish(self.availability, "online", qos=1, retain=True)
-                    self.sessions += 1
-                    self._online.set()
-                    async for message in client.messages:
-                        await self._handle(client, message)
-            except aiomqtt.MqttError:
-                pass  # the broker went away: come back like firmware does
-            await asyncio.sleep(DEVICE_RETRY_S)
-
-    async def _handle(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
-        assert isinstance(message.payload, bytes)
-        command = json.loads(message.payload)
-        self.commands.append(command)
-        key = command["key"]
-        self.received[key] += 1
-        if key not in self.applied:
-            self.applied.append(key)
-        if not self.respond or command["op"] == "ignore":
-            return
-        reply: dict[str, Any] = {"cid": command["cid"], "ok": True, "result": {"applied": key}}
-        if command["op"] == "refuse":
-            reply = {"cid": command["cid"], "ok": False, "code": "out_of_range", "msg": "too hot"}
-        await client.publish(f"{self.name}/resp", json.dumps(reply), qos=1)
-
-
-@contextlib.asynccontextmanager
-async def device_on(name: str, host: str, port: int, **kwargs: Any) -> AsyncIterator[FakeDevice]:
-    device = FakeDevice(name, host, port, **kwargs)
-    device.start()
-    try:
-        yield device
-    finally:
-        await device.stop()
 
 
 @contextlib.asynccontextmanager
@@ -240,7 +137,7 @@ async def test_availability_messages_drive_presence(
     assert broker.port is not None
     async with (
         FaultProxy(broker.host, broker.port, name="plug") as proxy,
-        device_on("plug", proxy.host, proxy.port) as plug,
+        mqtt_device_on("plug", proxy.host, proxy.port) as plug,
     ):
         await plug.wait_online()  # retained "online" is on the broker before the link comes
         driver = driver_for(broker, devices=["plug", "lamp"], presence=presence)
@@ -283,7 +180,7 @@ async def test_a_command_for_an_offline_device_waits_then_reaches_it_when_it_com
         assert (await outbox.get(command.id)).state is Q.QUEUED
         assert published == []
 
-        async with device_on("plug", broker.host, broker.port) as plug:
+        async with mqtt_device_on("plug", broker.host, broker.port) as plug:
             done = await within(outbox.wait(command.id))
             assert done.state is Q.SUCCEEDED
             await eventually(lambda: plug.received[command.idempotency_key] == 1)
@@ -311,7 +208,7 @@ async def test_the_broker_restarts_and_queued_commands_are_still_delivered_exact
     async with (
         outbox,
         running(link),
-        device_on("valve", broker.host, broker.port, respond=True) as valve,
+        mqtt_device_on("valve", broker.host, broker.port, respond=True) as valve,
     ):
         await outbox.attach("valve", link, hub=True)
         first = await outbox.submit("valve", "open", {"device": "valve", "pct": 10})
@@ -353,7 +250,7 @@ async def test_a_command_through_the_outbox_names_its_device_once(
         outbox,
         running(link),
         spy(broker, "lamp/cmd") as to_lamp,
-        device_on("plug", broker.host, broker.port, respond=True) as plug,
+        mqtt_device_on("plug", broker.host, broker.port, respond=True) as plug,
     ):
         await outbox.attach("plug", link, hub=True)
         await outbox.attach("lamp", link, hub=True)
@@ -433,7 +330,7 @@ async def test_correlated_replies_acknowledged_rejected_and_timed_out(broker: Mo
     link = broker_link(driver)
     async with (
         running(link),
-        device_on("valve", broker.host, broker.port, respond=True) as valve,
+        mqtt_device_on("valve", broker.host, broker.port, respond=True) as valve,
     ):
         await valve.wait_online()
         await within(link.wait_connected())
@@ -483,7 +380,7 @@ async def test_bad_requests_are_refused_before_anything_is_sent(broker: Mosquitt
 
 
 async def test_bad_credentials_fail_the_link_for_good(tmp_path: Path) -> None:
-    _require_mosquitto()
+    require_mosquitto()
     secured = Mosquitto(tmp_path / "secured", users={"gateway": "right"})
     secured.start()
     try:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import pathlib
+import sys
 import time
+
+import pytest
 
 import keeplink
 import keeplink.drivers
@@ -37,6 +41,18 @@ def test_the_export_list_is_pinned() -> None:
     assert len(keeplink.__all__) == len(EXPECTED), "duplicates in __all__"
     for name in keeplink.__all__:
         assert hasattr(keeplink, name), name
+
+
+TESTING = {
+    "AppliedCommand", "DeviceSimulator", "FaultProxy", "MemoryChannel", "PeerRequest",
+    "ProxyStatistics", "ScriptedDriver", "ScriptedPeer", "SimStatistics", "VirtualClock",
+    "free_port",
+}  # fmt: skip
+
+
+def test_the_testing_export_list_is_pinned() -> None:
+    assert set(keeplink.testing.__all__) == TESTING
+    assert len(keeplink.testing.__all__) == len(TESTING), "duplicates in __all__"
 
 
 def test_subpackages_export_what_they_list() -> None:
@@ -166,3 +182,21 @@ def test_the_core_never_touches_sockets_clocks_or_the_event_loop() -> None:
 
 # classify() recognises asyncio's and socket's exception *types*; it never does I/O.
 ALLOWED_CORE = {("asyncio", "classify.py"), ("socket", "classify.py")}
+
+
+@pytest.mark.parametrize(
+    ("module", "needs"),
+    [
+        ("keeplink.testing.store_suite", "hypothesis"),
+        ("keeplink.testing.modbus", "pymodbus"),
+        ("keeplink.testing.mqtt", "aiomqtt"),
+    ],
+)
+def test_an_optional_testing_module_says_what_it_needs(
+    monkeypatch: pytest.MonkeyPatch, module: str, needs: str
+) -> None:
+    for name in [needs, *(n for n in sys.modules if n.startswith(needs + "."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    with pytest.raises(ImportError, match=f"{module} needs {needs}"):
+        importlib.import_module(module)
