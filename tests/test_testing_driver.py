@@ -98,6 +98,20 @@ async def test_a_refused_handshake_ends_auth_failed(virtual_clock: VirtualClock)
         assert (peer.connections, peer.sessions) == (1, 0)
 
 
+async def test_a_peer_that_names_another_id_ends_device_mismatch(
+    virtual_clock: VirtualClock,
+) -> None:
+    """The scripted driver is the jsonline driver: its identity check holds too."""
+    peer = ScriptedPeer(device_id="intruder")
+    link = make_link(peer, virtual_clock, driver=ScriptedDriver(peer, device_id="hall"))
+    async with link:
+        assert await until_state(link, LinkState.FAILED) is LinkState.FAILED
+        assert link.last_error is not None
+        assert link.last_error.code == "device_mismatch"
+        assert "scripted peer 'intruder' says it is 'intruder'" in link.last_error.message
+        assert peer.requests == []
+
+
 async def test_refuse_hello_sends_the_scripted_error(virtual_clock: VirtualClock) -> None:
     peer = ScriptedPeer(refuse_hello=("out_of_connection_slots", "hub full"))
     async with make_link(peer, virtual_clock) as link:

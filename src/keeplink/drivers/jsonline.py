@@ -27,7 +27,7 @@ import ssl
 from collections.abc import Mapping
 from typing import Any, Final
 
-from keeplink._channel import StreamChannel, open_stream_channel
+from keeplink._channel import open_stream_channel
 from keeplink._core.classify import error_from_code
 from keeplink._core.correlation import SEQUENCE_WIDTHS
 from keeplink._core.errors import (
@@ -52,7 +52,7 @@ from keeplink._core.jsonline import (
     encoded_request,
 )
 from keeplink._core.requests import check_request
-from keeplink._driver import FrameChannel, HeartbeatReply, Reply, SessionInfo
+from keeplink._driver import Channel, FrameChannel, HeartbeatReply, Reply, SessionInfo
 
 __all__ = ["JsonLineCodec", "JsonLineDriver", "StatePush"]
 
@@ -125,7 +125,12 @@ class JsonLineDriver:
         tls = " tls" if self.ssl_context is not None else ""
         return f"JsonLineDriver({self.host}:{self.port}{tls})"
 
-    async def open(self) -> StreamChannel[Frame]:
+    @property
+    def address(self) -> str:
+        """Where the device is, as messages name it."""
+        return f"{self.host}:{self.port}"
+
+    async def open(self) -> Channel[Frame]:
         """Open the TCP (or TLS) connection. Raises LinkBrokenError, or AuthError for a
         certificate that does not verify; the OS error is ``__cause__``."""
         return await open_stream_channel(
@@ -148,7 +153,7 @@ class JsonLineDriver:
                     claimed = frame.device[:_SHOWN_ID]
                     more = "…" if len(frame.device) > _SHOWN_ID else ""
                     raise DeviceMismatchError(
-                        f"the device at {self.host}:{self.port} says it is {claimed!r}{more}, "
+                        f"the device at {self.address} says it is {claimed!r}{more}, "
                         f"not {self.device_id!r}; session refused, nothing sent"
                     )
                 return SessionInfo(device_id=frame.device, firmware=frame.fw, extra={"v": frame.v})

@@ -30,11 +30,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from keeplink._core.classify import error_from_code
-from keeplink._core.correlation import SEQUENCE_WIDTHS
-from keeplink._core.errors import ConfigError, LinkBrokenError, ProtocolError
+from keeplink._core.errors import LinkBrokenError
 from keeplink._core.jsonline import (
-    MAX_LINE,
     Ack,
     ErrorFrame,
     Frame,
@@ -45,10 +42,8 @@ from keeplink._core.jsonline import (
     Req,
     StatePush,
     Welcome,
-    encoded_request,
 )
-from keeplink._core.requests import check_request
-from keeplink._driver import FrameChannel, HeartbeatReply, Reply, SessionInfo
+from keeplink.drivers.jsonline import JsonLineDriver
 
 __all__ = ["MemoryChannel", "PeerRequest", "ScriptedDriver", "ScriptedPeer"]
 
@@ -304,16 +299,18 @@ class ScriptedPeer:
                 self._arrived.set()
 
 
-class ScriptedDriver:
-    """The :class:`~keeplink.Driver` of a :class:`ScriptedPeer`: jsonline's handshake,
-    requests and heartbeats, over :class:`MemoryChannel` connections to that peer.
+class ScriptedDriver(JsonLineDriver):
+    """The :class:`~keeplink.Driver` of a :class:`ScriptedPeer`: the jsonline driver itself
+    (its handshake, identity check, requests and heartbeats), over :class:`MemoryChannel`
+    connections to that peer instead of sockets.
 
-    ``token`` goes in the ``hello``; ``heartbeat`` false sends no pings. Raises
-    :class:`~keeplink.ConfigError` for a bad sequence width or in-flight limit.
+    ``token`` goes in the ``hello``; ``device_id``, when given, is the id the peer's
+    ``welcome`` must name (``device_mismatch`` otherwise); ``heartbeat`` false sends no
+    pings. Raises :class:`~keeplink.ConfigError` for a bad sequence width or in-flight
+    limit.
     """
 
     name = "scripted"
-    heartbeat_reply = HeartbeatReply.MAYBE
 
     def __init__(
         self,
@@ -323,53 +320,25 @@ class ScriptedDriver:
         seq_bits: int = 32,
         max_in_flight: int = 64,
         heartbeat: bool = True,
+        device_id: str | None = None,
     ) -> None:
-        if seq_bits not in SEQUENCE_WIDTHS:
-            raise ConfigError(f"scripted: seq_bits must be one of {SEQUENCE_WIDTHS}")
-        if not isinstance(max_in_flight, int) or not 1 <= max_in_flight <= 2**seq_bits:
-            raise ConfigError(f"scripted: max_in_flight must be 1..{2**seq_bits}")
+        super().__init__(
+            host="memory",
+            port=1,  # no socket: open() gives a MemoryChannel to the peer
+            token=token,
+            seq_bits=seq_bits,
+            max_in_flight=max_in_flight,
+            heartbeat=heartbeat,
+            device_id=device_id,
+        )
         self.peer = peer
-        self.token = token
-        self.seq_bits = seq_bits
-        self.max_in_flight = max_in_flight
-        self._heartbeat = heartbeat
 
     def __repr__(self) -> str:
         return f"ScriptedDriver({self.peer.device_id})"
 
+    @property
+    def address(self) -> str:
+        return f"scripted peer {self.peer.device_id!r}"
+
     async def open(self) -> MemoryChannel[Frame]:
         return self.peer.open()
-
-    async def handshake(self, channel: FrameChannel[Frame]) -> SessionInfo:
-        await channel.send(Hello(token=self.token))
-        while True:
-            frame = await channel.receive()
-            if isinstance(frame, Welcome):
-                return SessionInfo(device_id=frame.device, firmware=frame.fw, extra={"v": frame.v})
-            if isinstance(frame, ErrorFrame):
-                raise error_from_code(frame.code, frame.msg or f"peer refused: {frame.code}")
-            if isinstance(frame, Hello | Req):
-                raise ProtocolError(f"unexpected {type(frame).__name__} frame during handshake")
-
-    def heartbeat_frame(self) -> Frame | None:
-        return Ping() if self._heartbeat else None
-
-    def is_heartbeat_reply(self, frame: Frame) -> bool:
-        return isinstance(frame, Pong)
-
-    def build_request(self, seq: int, op: str, args: Mapping[str, Any], key: str | None) -> Frame:
-        check_request(op, args, key)
-        # Encoded as jsonline would, so what a device could not take fails here too.
-        return encoded_request(seq, op, dict(args), key, max_line=MAX_LINE)
-
-    def match_reply(self, frame: Frame) -> Reply | None:
-        if not isinstance(frame, Ack):
-            return None
-        return Reply(
-            seq=frame.seq,
-            ok=frame.ok,
-            result=frame.result if frame.result is not None else {},
-            code=frame.code,
-            message=frame.msg,
-            side=frame.extra,
-        )
