@@ -726,3 +726,40 @@ async def test_a_command_the_link_can_never_carry_fails_and_the_queue_moves_on(r
     assert (await final(rig, after.id)).state is Q.SUCCEEDED
     assert [c.key for c in rig.sim.applied] == [after.idempotency_key]
     assert rig.states(huge.id) == ["queued", "sending", "failed"]
+
+
+async def test_submits_to_an_idle_device_are_delivered_without_reading_its_queue(
+    rig: Rig,
+) -> None:
+    """When the last pass found nothing queued, the next one takes this outbox's own
+    submits as its page: in delivery order (priority, then submission), a superseded or
+    cancelled one skipped, and no read of the queue between a submit and its delivery."""
+    await online(rig)
+    first = await rig.outbox.submit("valve", "set", {"n": 0})
+    assert (await final(rig, first.id)).state is Q.SUCCEEDED  # now idle, nothing queued
+    reads = 0
+    real = rig.store.queued
+
+    async def counted(device: str, *, limit: int | None = None) -> list[Command]:
+        nonlocal reads
+        reads += 1
+        return await real(device, limit=limit)
+
+    rig.store.queued = counted  # type: ignore[method-assign]
+    # Back to back, before the delivery pass runs: all handed to it.
+    low = await rig.outbox.submit("valve", "set", {"n": 1})
+    high = await rig.outbox.submit("valve", "set", {"n": 2}, priority=5)
+    old = await rig.outbox.submit("valve", "set", {"n": 3}, key="k")
+    new = await rig.outbox.submit("valve", "set", {"n": 4}, key="k")
+    for command in (low, high, new):
+        assert (await final(rig, command.id)).state is Q.SUCCEEDED
+    assert (await final(rig, old.id)).state is Q.SUPERSEDED
+    assert [c.args["n"] for c in rig.sim.applied] == [0, 2, 1, 4]
+    assert reads == 0
+    # Anything else that touches the queue (a cancel) makes the next pass read it again.
+    await rig.outbox.cancel((await rig.outbox.submit("valve", "set", {"n": 5})).id)
+    after = await rig.outbox.submit("valve", "set", {"n": 6})
+    assert (await final(rig, after.id)).state is Q.SUCCEEDED
+    assert [c.args["n"] for c in rig.sim.applied][-1] == 6
+    assert 5 not in [c.args["n"] for c in rig.sim.applied]
+    assert reads >= 1

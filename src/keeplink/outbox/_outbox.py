@@ -189,6 +189,12 @@ class _Device:
     failing: bool = False
     failures: int = 0
     """Passes in a row that failed (the backoff's attempt number)."""
+    known_empty: bool = False
+    """The last pass found no queued command, and nothing but this outbox's own submits has
+    happened since (a single node: no other node submits): the next pass may take those
+    submits as its page instead of reading the queue."""
+    handed: list[Command] | None = None
+    """This outbox's submits since the queue was known empty, for the next pass."""
 
 
 class Outbox:
@@ -593,8 +599,21 @@ class Outbox:
                 self._announce(old, _Q.QUEUED)
         if stored.expires_at is not None:
             self._watch_expiry(stored.expires_at)
-        await self._device(device)
-        self._kick(device)
+        state = await self._device(device)
+        if (
+            state.known_empty
+            and self._fences is None
+            and (state.task is None or state.handed)
+            and self._gate(state) is Gate.OPEN
+            and len(state.handed or ()) < PAGE
+        ):
+            # The queue was empty, only this outbox writes to it, and the device takes
+            # commands now: the pass about to run has the queue in hand (one store read
+            # fewer between a submit and its delivery).
+            state.handed = [*(state.handed or ()), stored]
+            self._kick(device, handed=True)
+        else:
+            self._kick(device)
         return stored
 
     async def get(self, command_id: str) -> Command:
@@ -710,13 +729,18 @@ class Outbox:
 
     # ------------------------------------------------------------------ delivery
 
-    def _kick(self, device: str) -> None:
-        """Make sure a delivery pass runs for ``device`` soon (one task per device)."""
+    def _kick(self, device: str, *, handed: bool = False) -> None:
+        """Make sure a delivery pass runs for ``device`` soon (one task per device).
+        ``handed``: the only change is a submit handed to the next pass; anything else
+        makes the next pass read the queue."""
         if not self._started or self._closing:
             return
         state = self._devices.get(device)
         if state is None:
             return
+        if not handed:
+            state.known_empty = False
+            state.handed = None
         state.again = True
         if state.fenced or state.detaching:
             return
@@ -800,8 +824,15 @@ class Outbox:
             if state.again or not (page or fresh):
                 state.again = False
                 await self._commit(pending)  # a read must see every settled attempt
-                page = collections.deque(await self.store.queued(state.name, limit=PAGE))
-                fresh = len(page) < PAGE
+                handed, state.handed = state.handed, None
+                if handed is not None and state.known_empty:
+                    # Nothing was queued, and these are all that were submitted since.
+                    page = collections.deque(sorted(handed, key=lambda c: (-c.priority, c.seq)))
+                    fresh = True
+                else:
+                    page = collections.deque(await self.store.queued(state.name, limit=PAGE))
+                    fresh = len(page) < PAGE
+                state.known_empty = False
             if state.pending_cycles:
                 state.record = begin_cycles(state.record, state.pending_cycles)
                 state.pending_cycles = 0
@@ -817,6 +848,8 @@ class Outbox:
             if isinstance(step, Idle | Hold):
                 await self._commit(pending)
                 self._hold(state, step.waiting if isinstance(step, Hold) else None)
+                # Idle: the page, read afresh, is used up: nothing is queued now.
+                state.known_empty = isinstance(step, Idle) and not page and fresh
                 return
             self._hold(state, None)
             if isinstance(step, Resume):
