@@ -21,6 +21,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from gateway_procs import Procs  # noqa: E402
 from keeplink.testing.postgres import PostgresServer, postgres_bindir  # noqa: E402
 from linkfixtures import make_link, proxy, sim  # noqa: E402,F401  (fixtures for every test)
 from mosquitto import Mosquitto, require_mosquitto  # noqa: E402
@@ -57,3 +58,11 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
         yield mosquitto
     finally:
         mosquitto.stop()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    """Gateway and simulator subprocesses of the test's own, killed at the end."""
+    p = Procs(tmp_path)
+    yield p
+    p.cleanup()

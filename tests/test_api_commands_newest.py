@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 import requests
+from gateway_procs import Procs, write_config
 from keeplink._core.commands import new_command
 from keeplink.outbox import SqliteStore
 from keeplink.outbox.store import Insert
 from keeplink.testing import free_port
-from test_gateway_e2e import Procs, procs, write_config  # noqa: F401
 
 COMMANDS = 20_000
 

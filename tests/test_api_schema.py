@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 import requests
+from gateway_procs import START_BOUND_S, TOKEN, Procs, write_config
 from keeplink.gateway import models
 from keeplink.testing import free_port
-from test_gateway_e2e import START_BOUND_S, TOKEN, Procs, write_config
 
 # Bounds: the whole file stays well under 40 s on a 2-core machine.
 SCHEMA_EXAMPLES = 400

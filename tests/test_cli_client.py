@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 
 import keeplink.cli
+from gateway_procs import START_BOUND_S, TOKEN, Procs, write_config
 from keeplink._core.commands import new_command
 from keeplink.gateway.config import parse_config
 from keeplink.gateway.server import Server
 from keeplink.testing import free_port
-from test_gateway_e2e import START_BOUND_S, TOKEN, Procs, write_config
 
 CLI_BOUND_S = 60.0
 

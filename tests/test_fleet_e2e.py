@@ -34,8 +34,8 @@ if _ROOT not in sys.path:  # `pytest` (unlike `python -m pytest`) does not put t
 
 from bench.fleet_pg import fleet_config  # noqa: E402
 
+from gateway_procs import TOKEN, Events, GatewayProc, Procs  # noqa: E402
 from keeplink.testing.postgres import PostgresServer  # noqa: E402
-from test_gateway_e2e import TOKEN, Events, GatewayProc, Procs, procs  # noqa: E402,F401
 
 LEASE_S = float(os.environ.get("KEEPLINK_FLEET_LEASE_S", "1.5"))
 DEVICES = [f"dev{n:03d}" for n in range(int(os.environ.get("KEEPLINK_FLEET_DEVICES", "12")))]

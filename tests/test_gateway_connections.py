@@ -17,6 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway_procs import TOKEN as E2E_TOKEN
+from gateway_procs import Procs, write_config
 from keeplink.gateway.config import parse_config
 from keeplink.gateway.listener import (
     DEFAULT_MAX_CLIENTS,
@@ -26,8 +28,6 @@ from keeplink.gateway.listener import (
 )
 from keeplink.gateway.server import Server
 from keeplink.testing import free_port
-from test_gateway_e2e import TOKEN as E2E_TOKEN
-from test_gateway_e2e import Procs, procs, write_config  # noqa: F401
 
 TOKEN = "connections-token-01"
 HEADER_S = 0.5

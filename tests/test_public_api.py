@@ -180,6 +180,34 @@ def test_the_core_never_touches_sockets_clocks_or_the_event_loop() -> None:
                 )
 
 
+def imported_test_modules(path: pathlib.Path) -> set[str]:
+    """The test modules (``test_*``) that ``path`` imports, however it spells the import."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.module:
+                found.add(node.module)
+            if node.level > 0:  # from . import test_x
+                found.update(alias.name for alias in node.names)
+    return {name for name in found if name.split(".")[-1].startswith("test_")}
+
+
+def test_test_modules_never_import_each_other() -> None:
+    """Shared helpers live in plain modules (helpers.py, gateway_procs.py, ...) and shared
+    fixtures in conftest.py: importing a test module runs its collection twice and hides
+    its tests' dependencies."""
+    tests = pathlib.Path(__file__).resolve().parent
+    violations = [
+        f"{path.relative_to(tests)} imports {imported}"
+        for path in sorted(tests.rglob("*.py"))
+        for imported in sorted(imported_test_modules(path))
+    ]
+    assert violations == []
+
+
 # classify() recognises asyncio's and socket's exception *types*; it never does I/O.
 ALLOWED_CORE = {("asyncio", "classify.py"), ("socket", "classify.py")}
 
