@@ -802,6 +802,18 @@ class Gateway:
             )
         return None
 
+    async def _delivered_here(self, device_id: str, what: str) -> None:
+        """Raise DeviceNotFoundError for an unknown device, and ConflictError in a fleet
+        when another node delivers to it (``what`` must be sent there)."""
+        self.device(device_id)
+        if self.fleet is not None and not self.fleet.owns(device_id):
+            owner = await self.owner_of(device_id)
+            where = f"node {owner!r}" if owner is not None else "no node yet"
+            raise ConflictError(
+                f"device {device_id!r} is delivered to by {where}, not this one "
+                f"({self.config.node!r}); send the {what} there"
+            )
+
     async def reconnect(self, device_id: str) -> dict[str, Any]:
         """Make the device's link try again now: a failed link starts again (for a device
         whose credentials or identity were fixed), a link waiting out a backoff skips the
@@ -812,14 +824,7 @@ class Gateway:
         device view afterwards). Raises DeviceNotFoundError, and ConflictError in a fleet
         when another node owns the device (its link runs there).
         """
-        self.device(device_id)
-        if self.fleet is not None and not self.fleet.owns(device_id):
-            owner = await self.owner_of(device_id)
-            where = f"node {owner!r}" if owner is not None else "no node yet"
-            raise ConflictError(
-                f"device {device_id!r} is delivered to by {where}, not this one "
-                f"({self.config.node!r}); send the reconnect there"
-            )
+        await self._delivered_here(device_id, "reconnect")
         link = self.links[device_id]
         error = link.last_error
         state = link.state
@@ -843,14 +848,7 @@ class Gateway:
         Raises DeviceNotFoundError, and ConflictError in a fleet when another node owns
         the device (its deliveries run there).
         """
-        self.device(device_id)
-        if self.fleet is not None and not self.fleet.owns(device_id):
-            owner = await self.owner_of(device_id)
-            where = f"node {owner!r}" if owner is not None else "no node yet"
-            raise ConflictError(
-                f"device {device_id!r} is delivered to by {where}, not this one "
-                f"({self.config.node!r}); send the resume there"
-            )
+        await self._delivered_here(device_id, "resume")
         record = await self.outbox.device_record(device_id)
         if record.parked_reason is None:
             note = "nothing to do: delivery to the device is not parked"
