@@ -26,8 +26,8 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from keeplink import Backoff, Link, LinkState
 from keeplink.drivers import JsonLineDriver
-from keeplink.mdns import MdnsPresence
 from keeplink.presence import Presence, PresenceTracker, Source
+from keeplink.presence.mdns import MdnsPresence
 from keeplink.testing import DeviceSimulator, free_port
 
 SERVICE_TYPE = "_keeplink._tcp.local."
@@ -124,7 +124,7 @@ async def scenario() -> None:
         # must still be renewed with the fresh TTL.
         first_at = claim.at
         # A record seen again within a second is a duplicate packet, not a refresh
-        # (keeplink.mdns._REFRESH_SLACK_MS): let more than that pass.
+        # (keeplink.presence.mdns._REFRESH_SLACK_MS): let more than that pass.
         await asyncio.sleep(1.2)
         refresh = await device_zc.async_update_service(info)
         async with asyncio.timeout(STEP_BOUND_S):

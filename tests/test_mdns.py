@@ -24,8 +24,8 @@ from zeroconf import DNSCache, DNSRecord, ServiceStateChange  # type: ignore[att
 from zeroconf.asyncio import AsyncServiceInfo
 
 from keeplink import Backoff, ConfigError, Link, LinkState, VirtualClock
-from keeplink.mdns import MdnsPresence, instance_label
 from keeplink.presence import Presence, PresenceTracker, Source
+from keeplink.presence.mdns import MdnsPresence, instance_label
 from keeplink.testing import FaultProxy
 from linkfixtures import LinkFactory
 
@@ -351,7 +351,7 @@ async def test_the_handler_never_raises_into_zeroconf(
 
     mdns = MdnsPresence(presence=tracker, links={"hall": make_link()}, name_to_device=broken)
     zc.announce("hall._keeplink._tcp.local.")
-    with caplog.at_level(logging.ERROR, logger="keeplink.mdns"):
+    with caplog.at_level(logging.ERROR, logger="keeplink.presence.mdns"):
         feed(mdns, zc, "hall._keeplink._tcp.local.", ADDED)  # must not raise
     (record,) = caplog.records
     assert "Added" in record.getMessage()

@@ -20,13 +20,13 @@ from keeplink._core.presence import (
     Claim,
     DevicePresence,
     Presence,
-    PresenceChange,
+    PresenceChanged,
     Source,
     deciding_claim,
     next_expiry,
     raw_presence,
 )
-from keeplink.presence import PresenceChanged, PresenceTracker
+from keeplink.presence import PresenceTracker
 
 ON, OFF, UNKNOWN = Presence.ONLINE, Presence.OFFLINE, Presence.UNKNOWN
 LINK, MDNS, MQTT, PROBE = Source.LINK, Source.MDNS, Source.MQTT, Source.PROBE
@@ -173,11 +173,11 @@ def run(
     off: float = 5.0,
     punctual: bool = True,
     until: float | None = None,
-) -> tuple[DevicePresence, list[PresenceChange]]:
+) -> tuple[DevicePresence, list[PresenceChanged]]:
     """Feed ``script`` to a DevicePresence, polling at each input and, if ``punctual``, at
     every deadline it asks for (as the tracker does); else only at the inputs and the end."""
     machine = DevicePresence("d", debounce_online_s=on, debounce_offline_s=off)
-    out: list[PresenceChange] = []
+    out: list[PresenceChanged] = []
     now = 0.0
 
     def drain(t: float) -> None:
@@ -203,7 +203,7 @@ def run(
     return machine, out
 
 
-def announced(changes: Sequence[PresenceChange]) -> list[tuple[float, Presence, Source | None]]:
+def announced(changes: Sequence[PresenceChanged]) -> list[tuple[float, Presence, Source | None]]:
     return [(c.at, c.new, c.source) for c in changes]
 
 
@@ -308,7 +308,7 @@ def test_a_stale_claim_is_dropped_and_time_never_goes_backwards() -> None:
         machine.claim(Claim(LINK, False, 20), 12)
     with pytest.raises(ValueError, match="backwards"):
         machine.poll(10)
-    assert machine.poll(11) == PresenceChange(
+    assert machine.poll(11) == PresenceChanged(
         device="d", old=UNKNOWN, new=ON, at=11, cycle=1, source=LINK, online_since=10
     )
 

@@ -117,7 +117,7 @@ LAYERS: list[tuple[str, int]] = [
     ("keeplink.drivers", 4),
     ("keeplink.outbox", 5),
     ("keeplink.presence", 5),
-    ("keeplink.mdns", 5),
+    ("keeplink.presence.mdns", 5),
     ("keeplink.testing", 6),
     ("keeplink.gateway", 7),
     ("keeplink.cli", 7),

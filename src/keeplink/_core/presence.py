@@ -61,7 +61,7 @@ __all__ = [
     "Claim",
     "DevicePresence",
     "Presence",
-    "PresenceChange",
+    "PresenceChanged",
     "Source",
     "check_debounce",
     "deciding_claim",
@@ -180,7 +180,7 @@ def next_expiry(claims: Mapping[Source, Claim], now: float) -> float | None:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PresenceChange:
+class PresenceChanged:
     """An announced (debounced) change of a device's presence."""
 
     device: str
@@ -270,7 +270,7 @@ class DevicePresence:
         # The source that decides raw presence over the latest stretch of time. Announcing
         # comes before the changes of its instant, so this is the source that held.
         self._decider: Source | None = None
-        self._outbox: deque[PresenceChange] = deque()
+        self._outbox: deque[PresenceChanged] = deque()
 
     # ------------------------------------------------------------------ read-only state
 
@@ -332,7 +332,7 @@ class DevicePresence:
             self._reevaluate(now)
             self._advance(now)
 
-    def poll(self, now: float) -> PresenceChange | None:
+    def poll(self, now: float) -> PresenceChanged | None:
         """Apply what is due by ``now`` and return the oldest unreturned announcement.
 
         Call it again until it returns ``None``: a late poll can find several.
@@ -409,7 +409,7 @@ class DevicePresence:
         else:
             self._online_since = None
         self._outbox.append(
-            PresenceChange(
+            PresenceChanged(
                 device=self.device,
                 old=old,
                 new=pending.target,

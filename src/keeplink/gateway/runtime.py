@@ -228,7 +228,7 @@ class Gateway:
         self.pools: dict[str, SlotPool] = {}
         self.probes: list[Any] = []
         self.mdns: list[Any] = []
-        """One :class:`~keeplink.mdns.MdnsPresence` per service type that devices with
+        """One :class:`~keeplink.presence.mdns.MdnsPresence` per service type that devices with
         ``presence = "mdns"`` are watched on."""
         self._seq = 0
         self._backlog: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENT_BACKLOG)
@@ -314,7 +314,7 @@ class Gateway:
                 by_type.setdefault(device.mdns_type, []).append(device)
         if not by_type:
             return
-        from keeplink.mdns import MdnsPresence
+        from keeplink.presence.mdns import MdnsPresence
 
         for service_type, devices in by_type.items():
             mdns = MdnsPresence(service_type=service_type, presence=self.presence)

@@ -3,7 +3,7 @@
 The rule (who wins, when a change is announced) lives in :mod:`keeplink._core.presence`;
 this module feeds it the injected clock's time, keeps one clock timer per device armed at
 the device's next deadline (a debounce end or a claim expiry), and publishes each announced
-change as a :data:`PresenceChanged` event::
+change as a :class:`PresenceChanged` event::
 
     tracker = PresenceTracker(clock=clock)
     tracker.subscribe(on_presence)
@@ -21,7 +21,6 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import TypeAlias
 
 from keeplink._clock import SystemClock
 from keeplink._core.clock import Clock, Timer
@@ -30,24 +29,15 @@ from keeplink._core.presence import (
     Claim,
     DevicePresence,
     Presence,
-    PresenceChange,
+    PresenceChanged,
     Source,
     check_debounce,
 )
 from keeplink._events import EventHub
 
-__all__ = [
-    "Claim",
-    "Presence",
-    "PresenceChanged",
-    "PresenceTracker",
-    "Source",
-]
+__all__ = ["PresenceTracker"]
 
 _log = logging.getLogger("keeplink.presence")
-
-PresenceChanged: TypeAlias = PresenceChange
-"""The event a :class:`PresenceTracker` publishes for each announced (debounced) change."""
 
 
 class PresenceTracker:

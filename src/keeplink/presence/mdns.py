@@ -57,8 +57,9 @@ from zeroconf import (
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from keeplink._core.errors import ConfigError, DeviceUnavailableError, ErrorCode
+from keeplink._core.presence import Source
 from keeplink._link import Link
-from keeplink.presence import PresenceTracker, Source
+from keeplink.presence.tracker import PresenceTracker
 
 __all__ = [
     "DEFAULT_SERVICE_TYPE",
@@ -69,7 +70,7 @@ __all__ = [
     "instance_label",
 ]
 
-_log = logging.getLogger("keeplink.mdns")
+_log = logging.getLogger("keeplink.presence.mdns")
 
 DEFAULT_SERVICE_TYPE: Final = "_keeplink._tcp.local."
 
@@ -351,7 +352,8 @@ class MdnsPresence:
             self._on_mapped(zc, service_type, name, self._device_from(name, service_type, info))
             return
         task = asyncio.get_running_loop().create_task(
-            self._resolve(zc, service_type, name, info), name=f"keeplink.mdns[{name}].resolve"
+            self._resolve(zc, service_type, name, info),
+            name=f"keeplink.mdns[{name}].resolve",
         )
         self._resolving[key] = task
         task.add_done_callback(functools.partial(self._resolved, key))
