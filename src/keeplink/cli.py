@@ -3,7 +3,8 @@
 - ``keeplink serve --config FILE``: the gateway daemon.
 - ``keeplink demo``: simulated devices with real devices' habits and the gateway in front of
   them, on the embedded SQLite store; every link state change is printed as it happens.
-- ``keeplink sim``: one simulated jsonline device on loopback.
+- ``keeplink sim``: one simulated jsonline device on loopback (``--esphome``: an ESPHome
+  device on the native API).
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration.
 """
@@ -70,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_client_commands(sub)
     # `keeplink sim ...` is dispatched before parsing; listed here for --help.
-    sub.add_parser("sim", help="run one simulated jsonline device (see keeplink sim --help)")
+    sub.add_parser(
+        "sim",
+        help="run one simulated jsonline device, or with --esphome an ESPHome one "
+        "(see keeplink sim [--esphome] --help)",
+    )
     return parser
 
 
@@ -184,6 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.basicConfig(
                 level=logging.DEBUG, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
             )
+        if "--esphome" in args_list[1:]:
+            # An ESPHome device on the native API; needs the esphome extra, so imported here.
+            from keeplink.testing.esphome import main as esphome_sim_main
+
+            return esphome_sim_main(args_list[1:])
         return sim_main(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(args_list)
