@@ -385,3 +385,30 @@ async def test_a_sleeping_device_is_reached_again_when_it_wakes() -> None:
             assert "closed the session" in link.last_error.message
             await eventually(lambda: link.statistics().connects >= 2, what="the next wake")
     assert device.connections_total >= 2
+
+
+async def test_a_command_applied_just_before_a_drop_is_acknowledged_after_the_reconnect(
+    device: EsphomeSimulator,
+) -> None:
+    """The device applies the switch but its state update is lost with the connection; the
+    request stays pending, and the states the device sends on the next session confirm it."""
+    link = esphome_link(device)
+
+    def lose_the_update(object_id: str, fields: dict[str, Any]) -> None:
+        device.go_silent()  # applied, but nothing more reaches this client
+
+    async with link:
+        await connected(link)
+        device.on_command = lose_the_update
+        pending = asyncio.ensure_future(
+            link.request("switch", {"entity": "relay", "state": True}, timeout=5)
+        )
+        await eventually(lambda: device.entities["relay"].state is True, what="applied")
+        device.on_command = None
+        await device.restart()
+        outcome = await pending
+        stats = link.statistics()
+    assert isinstance(outcome, Acknowledged)
+    assert outcome.result == {"entity": "relay", "state": True}
+    assert stats.connects == 2
+    assert device.commands == [("relay", {"state": True})]  # sent once, never again

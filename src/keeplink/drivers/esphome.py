@@ -64,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import collections
+import enum
 import logging
 import math
 from collections.abc import Mapping
@@ -85,11 +86,15 @@ try:
         TimeoutAPIError,
     )
     from aioesphomeapi.model import (
+        ButtonInfo,
         ConnectionClosedEvent,
         DeviceInfo,
         EntityInfo,
         EntityState,
+        LightInfo,
         LightState,
+        NumberInfo,
+        SwitchInfo,
     )
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -139,7 +144,12 @@ times out by its own deadline). A bound, so a device that never confirms grows n
 FLOAT_TOLERANCE: Final = 1e-4
 """Numbers travel as 32-bit floats: 21.3 comes back as 21.2999992; closer than this is equal."""
 OPS: Final = ("switch", "number", "light", "button")
-_KIND_OF_OP: Final = {op: op for op in OPS}
+_INFO_OF_OP: Final[dict[str, type[EntityInfo]]] = {
+    "switch": SwitchInfo,
+    "number": NumberInfo,
+    "light": LightInfo,
+    "button": ButtonInfo,
+}
 
 
 def normalize_mac(mac: str) -> str:
@@ -519,7 +529,9 @@ class EsphomeDriver:
         )
         channel = EsphomeChannel(self, client)
         try:
-            await client.connect(login=True)
+            # log_errors=False: the link logs each failure once, with its code; aioesphomeapi
+            # would log every retry at WARNING.
+            await client.connect(login=True, log_errors=False)
         except APIConnectionError as exc:
             channel.close()
             raise api_error(exc, f"cannot connect to ESPHome device {self.address}") from exc
@@ -659,14 +671,13 @@ class EsphomeDriver:
 
     def check_fits(self, frame: EntityCommand, info: EntityInfo) -> None:
         """Raise InvalidRequestError if the command does not fit the entity."""
-        kind = entity_kind(info)
-        if kind != _KIND_OF_OP[frame.op]:
+        if not isinstance(info, _INFO_OF_OP[frame.op]):
             raise InvalidRequestError(
-                f"esphome {frame.op}: {frame.entity!r} is a {kind}, not a {frame.op}"
+                f"esphome {frame.op}: {frame.entity!r} is a {entity_kind(info)}, not a {frame.op}"
             )
-        if frame.value is not None:
-            low = float(getattr(info, "min_value", -math.inf))
-            high = float(getattr(info, "max_value", math.inf))
+        if isinstance(info, NumberInfo) and frame.value is not None:
+            low, high = float(info.min_value), float(info.max_value)
+            # A device that leaves the range out sends 0..0: then there is nothing to check.
             if low < high and not low <= frame.value <= high:
                 raise InvalidRequestError(
                     f"esphome number: {frame.value!r} is outside {frame.entity!r}'s "
@@ -727,6 +738,8 @@ def state_value(state: EntityState) -> Any:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.name.lower()
     if isinstance(value, bool | int | float | str) or value is None:
         return value
     return str(value)
