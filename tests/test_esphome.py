@@ -372,7 +372,7 @@ async def test_a_silent_device_is_found_by_liveness(device: EsphomeSimulator) ->
         assert "liveness" in link.last_error.message
         device.speak()
         await connected(link)
-    assert 0.4 <= found_after < 3.0
+    assert 0.3 <= found_after < 3.0  # 3 × 0.2 s after the last answer; never 90 s
 
 
 async def test_a_sleeping_device_is_reached_again_when_it_wakes() -> None:
@@ -412,3 +412,21 @@ async def test_a_command_applied_just_before_a_drop_is_acknowledged_after_the_re
     assert outcome.result == {"entity": "relay", "state": True}
     assert stats.connects == 2
     assert device.commands == [("relay", {"state": True})]  # sent once, never again
+
+
+async def test_unanswered_pings_end_the_session_through_the_one_disconnect_path(
+    device: EsphomeSimulator,
+) -> None:
+    """aioesphomeapi's own keepalive is a backstop: when it gives up on a device that leaves
+    its pings unanswered, the link sees the end like any other and reconnects."""
+    link = esphome_link(device, client_keepalive_s=0.1)
+    async with link:
+        await connected(link)
+        device.hold_pings = True
+        await until_state(link, LinkState.LOST, LinkState.BACKOFF)
+        assert link.last_error is not None
+        assert link.last_error.code is ErrorCode.TIMEOUT
+        assert "Ping" in link.last_error.message
+        device.hold_pings = False
+        await connected(link)
+    assert device.pings >= 2

@@ -413,6 +413,10 @@ class EsphomeSimulator:
             _log.debug("esphome sim %s: connection %d closed: %s", self.name, conn.number, exc)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the client went away
+        except Exception as exc:  # noqa: BLE001 - deliberately broad, and logged: see below
+            # Whatever one client sends (a frame that does not decrypt or parse) ends that
+            # connection only; the device keeps serving the others.
+            _log.warning("esphome sim %s: connection %d failed: %r", self.name, conn.number, exc)
         finally:
             self._conns.pop(conn.number, None)
             self._handlers.discard(task)
