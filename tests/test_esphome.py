@@ -123,9 +123,7 @@ async def test_a_new_build_shows_in_the_next_session(device: EsphomeSimulator) -
     link = esphome_link(device)
     async with link:
         await connected(link)
-        device.project_version = "1.1.0"
-        device.compilation_time = "Dec  2 2026, 08:00:00"
-        await device.restart()
+        await device.reboot_into(project_version="1.1.0", compilation_time="Dec  2 2026, 08:00:00")
         await eventually(
             lambda: link.session is not None and link.session.firmware == "1.1.0",
             what="the session after the reboot",

@@ -23,7 +23,8 @@ applied, so no state follows), a deep-sleep schedule (awake ``awake_s``, then as
 ``asleep_s`` with the server closed), :meth:`~EsphomeSimulator.kill` (connections aborted,
 server gone) and :meth:`~EsphomeSimulator.restart`. The firmware it reports
 (``esphome_version``, ``project_version``, ``compilation_time``) is plain attributes: a
-flash changes them, and the next DeviceInfoResponse says so.
+flash changes them (:meth:`~EsphomeSimulator.reboot_into` does that and reboots), and the
+next DeviceInfoResponse says so.
 
 Message ids come from the ``id`` option that ESPHome's ``api.proto`` puts on each message,
 read from the protobuf descriptors of :mod:`aioesphomeapi.api_pb2` (public protobuf API).
@@ -276,6 +277,21 @@ class EsphomeSimulator:
         await self.kill()
         self.silent = False
         await self.start()
+
+    async def reboot_into(
+        self,
+        *,
+        project_version: str,
+        compilation_time: str,
+        esphome_version: str | None = None,
+    ) -> None:
+        """What a finished flash does: the new build's versions, then a reboot (every
+        connection dropped, the server back on the same port)."""
+        self.project_version = project_version
+        self.compilation_time = compilation_time
+        if esphome_version is not None:
+            self.esphome_version = esphome_version
+        await self.restart()
 
     def go_silent(self) -> None:
         """Stop answering and sending anything; sockets stay open (a half-open peer)."""
