@@ -66,14 +66,8 @@ from keeplink._core.presence import Presence, Source
 from keeplink._core.states import LinkState
 from keeplink._events import EventHub, LinkEvent, LinkStateChanged
 from keeplink._link import Link
-from keeplink.outbox.events import (
-    CommandStateChanged,
-    CommandWaiting,
-    DeliveryParked,
-    OutboxEvent,
-)
-from keeplink.outbox.store import (
-    CommandStore,
+from keeplink.outbox._protocol import CommandStore
+from keeplink.outbox._writes import (
     Fence,
     Insert,
     PutDevice,
@@ -81,6 +75,12 @@ from keeplink.outbox.store import (
     Update,
     Write,
     recovered,
+)
+from keeplink.outbox.events import (
+    CommandStateChanged,
+    CommandWaiting,
+    DeliveryParked,
+    OutboxEvent,
 )
 from keeplink.presence import PresenceChanged, PresenceTracker
 

@@ -34,13 +34,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from keeplink._core.commands import Command, CommandState, DeviceRecord
 from keeplink._core.errors import ConfigError, FencedError, StoreUnavailableError
-from keeplink.outbox.store import (
+from keeplink.outbox._protocol import CommandStore
+from keeplink.outbox._rows import (
     COMMAND_COLUMNS,
     DEVICE_COLUMNS,
-    CommandStore,
-    EncodedWrite,
-    Write,
-    WriteResult,
     check_after_seq,
     check_device_filter,
     check_limit,
@@ -51,10 +48,15 @@ from keeplink.outbox.store import (
     command_values,
     device_from_row,
     duplicate_id,
-    encode_writes,
     id_prefix_bounds,
-    recovered,
     state_values,
+)
+from keeplink.outbox._writes import (
+    EncodedWrite,
+    Write,
+    WriteResult,
+    encode_writes,
+    recovered,
 )
 
 __all__ = ["MAX_BATCH_WRITES", "MIGRATIONS", "SCHEMA_VERSION", "PostgresStore"]

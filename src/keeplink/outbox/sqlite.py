@@ -46,13 +46,10 @@ from typing import Any, Final, TypeVar
 
 from keeplink._core.commands import Command, CommandState, DeviceRecord
 from keeplink._core.errors import ConfigError, InvalidRequestError, StoreBusyError
-from keeplink.outbox.store import (
+from keeplink.outbox._protocol import CommandStore
+from keeplink.outbox._rows import (
     COMMAND_COLUMNS,
     DEVICE_COLUMNS,
-    CommandStore,
-    EncodedWrite,
-    Write,
-    WriteResult,
     check_after_seq,
     check_device_filter,
     check_limit,
@@ -63,10 +60,15 @@ from keeplink.outbox.store import (
     command_values,
     device_from_row,
     duplicate_id,
-    encode_writes,
     id_prefix_bounds,
-    recovered,
     state_values,
+)
+from keeplink.outbox._writes import (
+    EncodedWrite,
+    Write,
+    WriteResult,
+    encode_writes,
+    recovered,
 )
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore"]
