@@ -5,6 +5,7 @@ in flight and waits until its outcome is persisted."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 from keeplink._core.commands import Command, CommandState
@@ -13,8 +14,9 @@ from keeplink._core.errors import CommandNotFoundError, ConflictError, QueueFull
 from keeplink.outbox._attempt import Sender
 from keeplink.outbox._delivery import Dispatcher
 from keeplink.outbox._state import PAGE, Shared
-from keeplink.outbox._writes import Insert, Supersede, Write
+from keeplink.outbox._writes import Insert, Supersede, Update, Write, recovered
 
+_log = logging.getLogger("keeplink.outbox")
 _Q = CommandState
 
 
@@ -101,6 +103,33 @@ class Commands:
         else:
             self._dispatcher.kick(device)
         return stored
+
+    async def adopt(self, device: str) -> list[Command]:
+        """Recover ``device``'s commands another node left ``sending`` (fenced writes)."""
+        shared = self._shared
+        cached = shared.devices.get(device)
+        if cached is not None and cached.link is None:
+            # Known here only from submits: forget what was read then (the last owner has
+            # moved its cycle and breaker on since); attach() reads the record afresh.
+            shared.devices.pop(device, None)
+        sending = await shared.store.list(device=device, states=[_Q.SENDING], limit=10_000)
+        if not sending:
+            return []
+        now = shared.clock.now()
+        fence = shared.fence(device)
+        changed = [recovered(command, now=now) for command in sending]
+        results = await shared.store.apply([Update(new, _Q.SENDING, fence) for new in changed])
+        adopted = [new for new, written in zip(changed, results, strict=True) if written]
+        for command in adopted:
+            _log.info(
+                "outbox: command %s for %r was in flight on another node; now %s",
+                command.id,
+                device,
+                command.state.value,
+            )
+            shared.events.announce(command, _Q.SENDING)
+        self._dispatcher.kick(device)
+        return adopted
 
     async def get(self, command_id: str) -> Command:
         command = await self._shared.store.get(command_id)

@@ -69,6 +69,25 @@ class Dispatcher:
                 self._run_device(state), name=f"keeplink.outbox[{device}].deliver"
             )
 
+    async def detach(self, device: str, *, settle: bool) -> None:
+        """Stop delivering to ``device`` and forget it; ``settle``: the attempt in flight
+        ends first (its outcome written), otherwise it is cancelled at once."""
+        state = self._shared.devices.get(device)
+        if state is None:
+            return
+        state.detaching = True
+        if state.unsubscribe is not None:
+            state.unsubscribe()
+            state.unsubscribe = None
+        if state.wake_timer is not None:
+            state.wake_timer.cancel()
+        task = state.task
+        if task is not None:
+            if not settle:
+                task.cancel()
+            await asyncio.wait([task])
+        self._shared.devices.pop(device, None)
+
     def wake_at(self, state: DeviceState, when: float) -> None:
         if state.wake_timer is not None:
             state.wake_timer.cancel()

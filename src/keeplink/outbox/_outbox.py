@@ -41,7 +41,7 @@ from keeplink.outbox._delivery import Dispatcher
 from keeplink.outbox._expiry import ExpiryWatch
 from keeplink.outbox._protocol import CommandStore
 from keeplink.outbox._state import Shared
-from keeplink.outbox._writes import Fence, PutDevice, Update, recovered
+from keeplink.outbox._writes import Fence, PutDevice
 from keeplink.outbox.events import DeliveryParked, OutboxEvent
 from keeplink.presence import PresenceTracker
 
@@ -252,49 +252,13 @@ class Outbox:
         outcome is written: a graceful handoff. Otherwise it is cancelled at once and its
         command stays ``sending`` for the next owner to recover (:meth:`adopt`).
         """
-        state = self._shared.devices.get(device)
-        if state is None:
-            return
-        state.detaching = True
-        if state.unsubscribe is not None:
-            state.unsubscribe()
-            state.unsubscribe = None
-        if state.wake_timer is not None:
-            state.wake_timer.cancel()
-        task = state.task
-        if task is not None:
-            if not settle:
-                task.cancel()
-            await asyncio.wait([task])
-        self._shared.devices.pop(device, None)
+        await self._dispatcher.detach(device, settle=settle)
 
     async def adopt(self, device: str) -> list[Command]:
         """Take ``device`` over from a node that stopped or died: its commands left
         ``sending`` go back to ``queued`` (the attempt counted) or to ``failed`` when their
         attempts are used up, as after a crash. Returns them. The writes are fenced."""
-        cached = self._shared.devices.get(device)
-        if cached is not None and cached.link is None:
-            # Known here only from submits: forget what was read then (the last owner has
-            # moved its cycle and breaker on since); attach() reads the record afresh.
-            self._shared.devices.pop(device, None)
-        sending = await self.store.list(device=device, states=[_Q.SENDING], limit=10_000)
-        if not sending:
-            return []
-        now = self.clock.now()
-        fence = self._shared.fence(device)
-        changed = [recovered(command, now=now) for command in sending]
-        results = await self.store.apply([Update(new, _Q.SENDING, fence) for new in changed])
-        adopted = [new for new, written in zip(changed, results, strict=True) if written]
-        for command in adopted:
-            _log.info(
-                "outbox: command %s for %r was in flight on another node; now %s",
-                command.id,
-                device,
-                command.state.value,
-            )
-            self._shared.events.announce(command, _Q.SENDING)
-        self.wake(device)
-        return adopted
+        return await self._commands.adopt(device)
 
     def wake(self, device: str) -> None:
         """Look at ``device``'s queue now (a submit on another node, a notification)."""
