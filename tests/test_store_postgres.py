@@ -42,14 +42,14 @@ async def test_concurrent_calls_share_transactions_and_keep_their_own_results(
         calls.append([PutDevice(DeviceRecord(device=f"d{n % 4}", cycle=n)), Insert(cmd())])
     calls.append([Insert(base[0])])  # a duplicate id: refused, alone
     commits = 0
-    real = store._commit
+    real = store._writer.commit
 
     async def counting(batch: Any) -> None:
         nonlocal commits
         commits += 1
         await real(batch)
 
-    store._commit = counting  # type: ignore[method-assign]
+    store._writer.commit = counting  # type: ignore[method-assign]
 
     async def run(writes: list[Any]) -> Any:
         try:
@@ -78,14 +78,14 @@ async def test_concurrent_submits_commit_as_one_statement_and_notify_their_owner
     woken: list[str] = []
     listener = await store.listen(woken.append)
     commits = 0
-    real = store._commit
+    real = store._writer.commit
 
     async def counting(batch: Any) -> None:
         nonlocal commits
         commits += 1
         await real(batch)
 
-    store._commit = counting  # type: ignore[method-assign]
+    store._writer.commit = counting  # type: ignore[method-assign]
 
     async def run(command: Any) -> Any:
         try:

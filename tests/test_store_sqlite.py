@@ -480,10 +480,10 @@ async def test_a_batch_of_concurrent_calls_answers_like_calls_in_order(
     """SQLite commits concurrent calls together, in few statements (or, with a duplicate id
     among them, call by call); each call is answered exactly as the memory store answers
     the same calls one after another."""
-    from keeplink.outbox import sqlite as sqlite_module
+    from keeplink.outbox import _sqlite_batch as batch_module
     from keeplink.outbox.store import MemoryStore
 
-    bulk = sqlite_module._commit_bulk
+    bulk = batch_module.commit_bulk
     paths: list[bool] = []
 
     def spy(conn: Any, jobs: Any) -> Any:
@@ -491,7 +491,7 @@ async def test_a_batch_of_concurrent_calls_answers_like_calls_in_order(
         paths.append(answers is not None)
         return answers
 
-    monkeypatch.setattr(sqlite_module, "_commit_bulk", spy)
+    monkeypatch.setattr(batch_module, "commit_bulk", spy)
     base = [cmd(device=f"d{n % 4}", key=f"k{n}") for n in range(60)]
     calls = _mixed_calls(base, duplicate=duplicate)
     answers = []

@@ -28,7 +28,7 @@ from keeplink._core.dispatch import PreconditionResult
 from keeplink._core.errors import ConfigError, InvalidRequestError, KeeplinkError
 from keeplink._core.outcomes import Acknowledged, Outcome, Rejected
 from keeplink._link import Link
-from keeplink.outbox._outbox import DeliveryContext
+from keeplink.outbox._context import DeliveryContext
 from keeplink.outbox.events import FirmwareProgress
 
 __all__ = ["FirmwareProgress", "FirmwareTransfer", "image_matches", "sha256_of"]
