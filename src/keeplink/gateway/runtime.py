@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import importlib.util
 import json
 import logging
 import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +31,16 @@ from keeplink._core.states import LinkState
 from keeplink._events import LinkEvent, LinkStateChanged, ProtocolErrorSeen
 from keeplink._link import Link, LinkStatistics
 from keeplink._slots import SlotPool
-from keeplink.drivers.jsonline import JsonLineDriver
 from keeplink.gateway.config import (
     DEFAULT_DEBOUNCE_OFFLINE_S,
     DEFAULT_DEBOUNCE_ONLINE_S,
     DeviceConfig,
     GatewayConfig,
 )
+from keeplink.gateway.drivers import REGISTRY, PresenceSource
 from keeplink.gateway.fleet import Fleet, Unit
 from keeplink.gateway.history import BUCKET_S, History
+from keeplink.gateway.planning import Plan, naming, plan_links
 from keeplink.outbox import (
     CommandStateChanged,
     CommandStore,
@@ -88,20 +87,6 @@ def open_store(url: str, *, base: Path | None = None) -> CommandStore:
     raise ConfigError(f"store {url!r}: use sqlite:///path, postgresql://user@host/db or memory:")
 
 
-def _driver(device: DeviceConfig) -> Any:
-    """The driver for a device with its own link (jsonline)."""
-    if device.driver == "jsonline":
-        return JsonLineDriver(
-            host=device.host,
-            port=device.port,
-            token=device.token,
-            seq_bits=device.seq_bits,
-            max_in_flight=device.max_in_flight or 64,
-            device_id=device.device_id or device.id,
-        )
-    raise ConfigError(f"devices[{device.id}]: driver {device.driver!r} has no own link")
-
-
 def _epoch(link: Link[Any], at: float) -> float:
     """A time on the link's clock as epoch seconds, the API's time."""
     return time.time() - max(0.0, link.clock.now() - at)
@@ -136,21 +121,6 @@ def _late_replies_json(link: Link[Any] | None, stats: LinkStatistics | None) -> 
             "at": _epoch(link, stats.last_late_reply_at),
         }
     return {"count": stats.late_replies if stats else 0, "last": last}
-
-
-@contextlib.contextmanager
-def _naming(config: GatewayConfig, device: DeviceConfig, key: str) -> Iterator[None]:
-    """A driver's ConfigError, told with the config file and the device's key."""
-    try:
-        yield
-    except ConfigError as exc:
-        where = f"devices[{config.devices.index(device)}].{key}"
-        raise ConfigError(f"{config.source}: {where}: {exc.message}") from exc
-
-
-def _needs(extra: str, module: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"the {extra} driver needs: pip install 'keeplink[{extra}]'")
 
 
 def waiting_json(waiting: Waiting | None) -> dict[str, Any] | None:
@@ -226,7 +196,8 @@ class Gateway:
         self.links: dict[str, Link[Any]] = {}
         """Device id → the link it is reached through (shared by a hub's devices)."""
         self.pools: dict[str, SlotPool] = {}
-        self.probes: list[Any] = []
+        self.probes: list[PresenceSource] = []
+        """The presence sources the drivers made besides their links (unit probes)."""
         self.mdns: list[Any] = []
         """One :class:`~keeplink.presence.mdns.MdnsPresence` per service type that devices with
         ``presence = "mdns"`` are watched on."""
@@ -262,7 +233,8 @@ class Gateway:
         self._unsubscribers.append(self.presence.subscribe(self._on_presence))
         self._unsubscribers.append(self.listen(self.history.feed))
         units = []
-        for link, devices, hub in plans:
+        for plan in plans:
+            link, devices, hub = plan.link, plan.devices, plan.hub
             self._unsubscribers.append(link.subscribe(self._on_link))
             self.history.link_devices[link.name] = [d.id for d in devices]
             for device in devices:
@@ -319,7 +291,7 @@ class Gateway:
         for service_type, devices in by_type.items():
             mdns = MdnsPresence(service_type=service_type, presence=self.presence)
             for device in devices:
-                with _naming(self.config, device, "mdns_service"):
+                with naming(self.config, device, "mdns_service"):
                     mdns.watch(device.id, self.links[device.id], instance=device.mdns_instance)
             try:
                 await mdns.start()
@@ -369,85 +341,21 @@ class Gateway:
             pool = self.pools[device.hub] = SlotPool(size=device.hub_slots, name=device.hub)
         return pool
 
-    def _plan(self) -> list[tuple[Link[Any], list[DeviceConfig], bool]]:
-        """Every link to start; a driver's ConfigError names the file and the device's key."""
-        plans: list[tuple[Link[Any], list[DeviceConfig], bool]] = []
-        hubs: dict[tuple[str, str, int], list[DeviceConfig]] = {}
-        for device in self.config.devices:
-            if device.presence == "mdns" and importlib.util.find_spec("zeroconf") is None:
-                raise ConfigError(
-                    f"{self.config.source}: devices[{self.config.devices.index(device)}]"
-                    ".presence: mDNS presence needs: pip install 'keeplink[mdns]'"
-                )
-            if device.driver == "jsonline":
-                with _naming(self.config, device, "driver"):
-                    driver = _driver(device)
-                link: Link[Any] = Link(
-                    driver,
-                    name=device.id,
-                    heartbeat_s=device.heartbeat_s,
-                    backoff=device.backoff,
-                    slots=self._pool(device),
-                )
-                plans.append((link, [device], False))
-            else:
-                hubs.setdefault((device.driver, device.host, device.port), []).append(device)
-        for (driver, host, port), devices in hubs.items():
-            first = devices[0]
-            if driver == "modbus":
-                with _naming(self.config, first, "driver"):
-                    _needs("modbus", "pymodbus")
-                from keeplink.drivers.modbus import ProbeTarget, UnitProbe, modbus_link
-
-                link = modbus_link(
-                    host,
-                    port,
-                    max_in_flight=first.max_in_flight or 1,
-                    backoff=first.backoff,
-                    slots=self._pool(first),
-                )
-                interval = float(first.options.get("probe_interval_s", 10.0))
-                self.probes.append(
-                    UnitProbe(
-                        link=link,
-                        presence=self.presence,
-                        units=[ProbeTarget(device=d.id, unit=d.unit or 0) for d in devices],
-                        interval_s=interval,
-                    )
-                )
-            else:
-                with _naming(self.config, first, "driver"):
-                    _needs("mqtt", "aiomqtt")
-                from keeplink.drivers.mqtt import MqttDriver
-
-                options = dict(first.options)
-                with _naming(self.config, first, "options"):
-                    mqtt = MqttDriver(
-                        host,
-                        port,
-                        client_id=str(options.pop("client_id", f"keeplink-{uuid.uuid4().hex[:8]}")),
-                        devices=[d.id for d in devices],
-                        presence=self.presence,
-                        **options,
-                    )
-                link = Link(
-                    mqtt,
-                    name=f"mqtt:{host}:{port}",
-                    heartbeat_s=None,
-                    backoff=first.backoff,
-                )
-            plans.append((link, devices, True))
+    def _plan(self) -> list[Plan]:
+        """Every link to start, as the driver registry builds them; a driver's ConfigError
+        names the file and the device's key."""
+        plans = plan_links(self.config, presence=self.presence, pool=self._pool)
+        for plan in plans:
+            self.probes.extend(plan.sources)
         return plans
 
     def command_args(self, device_id: str, args: Mapping[str, Any]) -> dict[str, Any]:
-        """A command's args as the device's driver needs them: a Modbus unit id, or the
-        MQTT device name, filled in from the config when the caller left them out."""
+        """A command's args as the device's driver needs them (a Modbus unit id, the MQTT
+        device name), filled in from the config when the caller left them out."""
         config = self.device(device_id)
         out = dict(args)
-        if config.driver == "modbus":
-            out.setdefault("unit", config.unit)
-        elif config.driver == "mqtt":
-            out.setdefault("device", device_id)
+        for key, value in REGISTRY[config.driver].command_defaults(config).items():
+            out.setdefault(key, value)
         return out
 
     async def stop(self) -> None:
