@@ -212,7 +212,7 @@ async def test_the_openapi_document_says_a_prefix_names_a_command(rig: Rig) -> N
 async def test_the_client_waits_for_a_command_named_by_a_prefix(rig: Rig) -> None:
     """``wait`` follows the event stream for the whole id, whatever named the command."""
     _, answer, _ = await rig.submit("away", {"op": "set"})
-    listeners = rig.server.gateway._listeners
+    listeners = rig.server.gateway.events.listeners
 
     async def script() -> tuple[dict[str, Any], dict[str, Any]]:
         async with GatewayClient(rig.url, token=TOKEN) as client:
