@@ -54,7 +54,6 @@ Every error is a ConfigError: ``keeplink.toml: devices[1].port: must be an integ
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 import re
 import socket
@@ -62,13 +61,14 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
 from pydantic import ValidationError
 
 from keeplink._core.backoff import Backoff
 from keeplink._core.correlation import SEQUENCE_WIDTHS
 from keeplink._core.errors import ConfigError
+from keeplink.gateway.checks import MIN_TOKEN_CHARS, Checker
 from keeplink.gateway.drivers import REGISTRY, DriverSpec
 
 __all__ = [
@@ -76,6 +76,7 @@ __all__ = [
     "DEVICE_KEYS",
     "DRIVERS",
     "GATEWAY_KEYS",
+    "MIN_TOKEN_CHARS",
     "DeviceConfig",
     "GatewayConfig",
     "load_config",
@@ -91,8 +92,6 @@ MIN_LEASE_S: Final = 0.5
 take on a loaded machine."""
 DRIVERS: Final = tuple(REGISTRY)
 """The drivers a device's ``driver`` names (see :mod:`keeplink.gateway.drivers`)."""
-MIN_TOKEN_CHARS: Final = 16
-"""A bearer token shorter than this is a placeholder or guessable; the generated one has 24."""
 DEFAULT_DEBOUNCE_ONLINE_S: Final = 1.0
 DEFAULT_DEBOUNCE_OFFLINE_S: Final = 3.0
 PRESENCE_SOURCES: Final = ("link", "mdns")
@@ -122,7 +121,6 @@ DEVICE_KEYS: Final = frozenset({
 """The keys each ``[[devices]]`` table takes; any other is refused."""
 BACKOFF_KEYS: Final = frozenset({"initial_s", "cap_s", "factor"})
 """The keys a device's ``backoff`` table takes."""
-_LABEL: Final = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _HOST_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
 _ID_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
@@ -210,107 +208,6 @@ class GatewayConfig:
         return f"{host}:{self.listen_port}"
 
 
-class _Checker:
-    """Reads values from a TOML table, raising ConfigError with file and key on trouble."""
-
-    def __init__(self, source: str, where: str, table: Mapping[str, Any], allowed: set[str]):
-        self.source = source
-        self.where = where
-        self.table = table
-        unknown = sorted(set(table) - allowed)
-        if unknown:
-            self.fail(unknown[0], f"unknown key; expected one of {', '.join(sorted(allowed))}")
-
-    def fail(self, key: str, problem: str) -> NoReturn:
-        prefix = f"{self.where}.{key}" if self.where else key
-        raise ConfigError(f"{self.source}: {prefix}: {problem}")
-
-    def text(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
-        if key not in self.table:
-            if required:
-                self.fail(key, "is required")
-            return default
-        value = self.table[key]
-        if not isinstance(value, str) or not value:
-            self.fail(key, f"must be a non-empty string, got {value!r}")
-        if "\x00" in value:
-            self.fail(key, "must not contain a NUL character")
-        return str(value)
-
-    def host(self, key: str, default: str) -> str:
-        """An IP address or a DNS name (labels of letters, digits and '-', 63 at most)."""
-        value = self.text(key, default) or default
-        try:
-            ipaddress.ip_address(value.strip("[]"))
-        except ValueError:
-            labels = value.rstrip(".").split(".")
-            if len(value) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
-                self.fail(key, f"must be an IP address or a host name, got {value[:80]!r}")
-        return value.strip("[]")
-
-    def token(self, key: str) -> str | None:
-        value = self.text(key)
-        if value is not None and len(value) < MIN_TOKEN_CHARS:
-            self.fail(
-                key,
-                f"must be at least {MIN_TOKEN_CHARS} characters, got {len(value)} "
-                "(a short token is easy to guess)",
-            )
-        return value
-
-    def integer(self, key: str, default: int | None, lo: int, hi: int) -> int | None:
-        if key not in self.table:
-            return default
-        value = self.table[key]
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            self.fail(key, f"must be an integer in {lo}..{hi}, got {value!r}")
-        return int(value)
-
-    def debounce(self, key: str, default: float) -> float:
-        """A debounce: a finite number of seconds, 0 or more."""
-        if key not in self.table:
-            return default
-        value = self.table[key]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            self.fail(key, f"must be a number of seconds, 0 or more, got {value!r}")
-        return float(value)
-
-    def factor(self, key: str, default: float) -> float:
-        """A growth factor: a finite number, at least 1."""
-        if key not in self.table:
-            return default
-        value = self.table[key]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or not value >= 1
-        ):
-            self.fail(key, f"must be a number >= 1, got {value!r}")
-        return float(value)
-
-    def seconds(self, key: str, default: float | None, *, allow_none: bool = False) -> float | None:
-        if key not in self.table:
-            return default
-        value = self.table[key]
-        if allow_none and value is False:
-            return None
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or not value > 0
-        ):
-            hint = " (or false to turn it off)" if allow_none else ""
-            self.fail(key, f"must be a positive number of seconds{hint}, got {value!r}")
-        return float(value)
-
-
 def _listen(source: str, value: object) -> tuple[str, int]:
     if not isinstance(value, str) or ":" not in value:
         raise ConfigError(f"{source}: gateway.listen: must be 'host:port', got {value!r}")
@@ -356,7 +253,7 @@ def split_mdns_service(value: str) -> tuple[str | None, str]:
     return instance, service_type
 
 
-def _mdns_service(c: _Checker, table: Mapping[str, Any], presence: str) -> str | None:
+def _mdns_service(c: Checker, table: Mapping[str, Any], presence: str) -> str | None:
     """``mdns_service`` normalised (``….local.``), or None when presence is not mDNS."""
     if presence != "mdns":
         if "mdns_service" in table:
@@ -374,7 +271,7 @@ def _is_loopback(host: str) -> bool:
     return host == "localhost" or ipaddress.ip_address(host).is_loopback
 
 
-def _options(c: _Checker, spec: DriverSpec, raw: object) -> dict[str, Any]:
+def _options(c: Checker, spec: DriverSpec, raw: object) -> dict[str, Any]:
     """The device's ``options`` as given, checked against what its driver declares."""
     if not isinstance(raw, Mapping):
         c.fail("options", "must be a table")
@@ -399,7 +296,7 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
     where = f"devices[{index}]"
     if not isinstance(table, Mapping):
         raise ConfigError(f"{source}: {where}: must be a table")
-    c = _Checker(source, where, table, set(DEVICE_KEYS))
+    c = Checker(source, where, table, set(DEVICE_KEYS))
     device_id = c.text("id", required=True)
     assert device_id is not None
     if not set(device_id) <= _ID_CHARS or len(device_id) > 64:
@@ -421,7 +318,7 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
         raw = table["backoff"]
         if not isinstance(raw, Mapping):
             c.fail("backoff", "must be a table like { initial_s = 5, cap_s = 300 }")
-        b = _Checker(source, f"{where}.backoff", raw, set(BACKOFF_KEYS))
+        b = Checker(source, f"{where}.backoff", raw, set(BACKOFF_KEYS))
         try:
             backoff = Backoff(
                 initial_s=b.seconds("initial_s", 1.0) or 1.0,
@@ -522,11 +419,11 @@ def _shared_options(source: str, devices: tuple[DeviceConfig, ...]) -> None:
 
 def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> GatewayConfig:
     """Validate a parsed TOML document. Raises ConfigError naming the key and the problem."""
-    top = _Checker(source, "", data, {"gateway", "devices"})
+    top = Checker(source, "", data, {"gateway", "devices"})
     gateway = data.get("gateway", {})
     if not isinstance(gateway, Mapping):
         top.fail("gateway", "must be a table")
-    g = _Checker(source, "gateway", gateway, set(GATEWAY_KEYS))
+    g = Checker(source, "gateway", gateway, set(GATEWAY_KEYS))
     host, port = _listen(source, gateway.get("listen", DEFAULT_LISTEN))
     store = g.text("store", DEFAULT_STORE) or DEFAULT_STORE
     if not store.startswith(("sqlite://", "postgresql://", "postgres://", "memory:")):
