@@ -6,13 +6,22 @@ the problem; devices of one hub that disagree on a setting of their shared link 
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from helpers import IO_BOUND_S, connected
+from keeplink import Link, SlotPool
 from keeplink._core.errors import ConfigError
-from keeplink.gateway.config import GatewayConfig, parse_config
-from keeplink.gateway.drivers import REGISTRY
+from keeplink.drivers import JsonLineDriver
+from keeplink.gateway.config import DeviceConfig, GatewayConfig, parse_config
+from keeplink.gateway.drivers import REGISTRY, Built, DriverOptions, DriverSpec, Text
+from keeplink.gateway.runtime import Gateway
+from keeplink.presence import Presence, PresenceTracker, Source
+from keeplink.testing import DeviceSimulator
 
 BASE: dict[str, dict[str, Any]] = {
     "jsonline": {"driver": "jsonline", "port": 7001},
@@ -160,3 +169,88 @@ def test_a_driver_without_a_hub_gives_every_device_its_own_settings() -> None:
     one = {**BASE["jsonline"], "max_in_flight": 1}
     two = {**BASE["jsonline"], "max_in_flight": 2}
     assert [d.max_in_flight for d in _parse(one, two).devices] == [1, 2]
+
+
+# ---------------------------------------------------------------------------- a new driver
+
+
+class RelayOptions(DriverOptions):
+    greeting: Text = "hi"
+
+
+@dataclass
+class Announcer:
+    """A presence source of the new driver: says its devices are online when started."""
+
+    presence: PresenceTracker
+    devices: list[str]
+    started: bool = False
+    closed: bool = False
+
+    def start(self) -> None:
+        self.started = True
+        for device in self.devices:
+            self.presence.report(device, Source.PROBE, True)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def _relay(
+    devices: Sequence[DeviceConfig], presence: PresenceTracker, slots: SlotPool | None
+) -> Built:
+    first = devices[0]
+    driver = JsonLineDriver(host=first.host, port=first.port, device_id="relay-hub")
+    link: Link[Any] = Link(driver, name=f"relay:{first.port}", heartbeat_s=None, slots=slots)
+    return Built(link=link, sources=(Announcer(presence, [d.id for d in devices]),))
+
+
+RELAY = DriverSpec(
+    name="relay",
+    options=RelayOptions,
+    build=_relay,
+    hub=True,
+    hub_settings=("backoff",),
+    refused=frozenset({"token"}),
+    command_defaults=lambda device: {"target": device.id},
+)
+
+
+async def test_a_driver_added_to_the_registry_is_validated_planned_and_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One registry entry is all a new driver needs: the config checks its options and
+    keys, the gateway builds one link for its hub, starts and closes its presence source,
+    and fills its command defaults."""
+    monkeypatch.setitem(REGISTRY, "relay", RELAY)  # type: ignore[index]
+    async with DeviceSimulator(device_id="relay-hub") as sim:
+        relay = {"driver": "relay", "port": sim.port}
+        with pytest.raises(ConfigError, match=r"devices\[0\]\.options\.greeting: must be a non"):
+            _parse({**relay, "options": {"greeting": ""}})
+        with pytest.raises(ConfigError, match=r"devices\[1\]\.token: a relay device does not"):
+            _parse(relay, {**relay, "token": "x" * 16})
+        config = parse_config(
+            {
+                "gateway": {"store": "memory:"},
+                "devices": [
+                    {"id": "lamp", **relay, "options": {"greeting": "hello"}},
+                    {"id": "fan", **relay, "debounce_online_s": 0},
+                ],
+            }
+        )
+        assert config.devices[0].options == {"greeting": "hello"}
+        gateway = Gateway(config)
+        await gateway.start()
+        try:
+            assert gateway.links["lamp"] is gateway.links["fan"]
+            (source,) = gateway.probes
+            assert isinstance(source, Announcer) and source.started
+            assert source.devices == ["lamp", "fan"]
+            async with asyncio.timeout(IO_BOUND_S):
+                await gateway.presence.wait_for("fan", Presence.ONLINE)
+            await connected(gateway.links["fan"])  # the one link reaches the hub
+            assert gateway.command_args("fan", {"x": 1}) == {"x": 1, "target": "fan"}
+            assert gateway.command_args("fan", {"target": "b"}) == {"target": "b"}
+        finally:
+            await gateway.stop()
+        assert source.closed
