@@ -128,7 +128,8 @@ class Built:
 
 Build = Callable[["Sequence[DeviceConfig]", PresenceTracker, "SlotPool | None"], Built]
 """``build(devices, presence, slots)``: the link for ``devices`` (one device, or every
-device of one hub), taking its connection slot from ``slots`` when that is not None.
+device of one hub), not started; ``slots`` is the slot pool of the ``hub`` the first
+device names (None: the driver's own default), ``presence`` where its reports go.
 Raises ConfigError for what only the driver can check (the device key it names is the
 spec's ``checked_key``)."""
 
@@ -147,7 +148,8 @@ class DriverSpec:
     """The module whose absence means that extra is not installed."""
     hub: bool = False
     """Devices with the same host and port share one link, built from the first one's
-    settings; their presence comes from the driver's sources, not from the shared link."""
+    settings; their presence comes from the driver (MQTT availability) or its sources (a
+    unit probe), not from the shared link being up."""
     hub_settings: tuple[str, ...] = ()
     """Device keys of that shared link: the devices of one hub must agree on them (and on
     ``options``); a difference is a config error naming the key."""
