@@ -22,7 +22,7 @@ from keeplink._core.commands import new_command
 from keeplink._core.errors import InvalidRequestError
 from keeplink._core.jsonline import MAX_LINE, encoded_request
 from keeplink.client import GatewayClient
-from keeplink.gateway import models
+from keeplink.gateway import models, schema
 from keeplink.gateway.config import parse_config
 from keeplink.gateway.server import Server
 from keeplink.testing import DeviceSimulator
@@ -114,7 +114,7 @@ async def test_a_repeated_idempotency_key_is_stored_again_with_its_own_location(
 async def test_the_openapi_document_shows_the_submit_answer_and_its_location(rig: Rig) -> None:
     async with rig.http.get(f"{rig.url}/api/openapi.json") as response:
         document = await response.json()
-    assert document == models.openapi()
+    assert document == schema.openapi()
     schemas = document["components"]["schemas"]
     accepted = schemas["SubmitAccepted"]
     assert set(accepted["properties"]) == set(schemas["Command"]["properties"]) | {
@@ -212,7 +212,7 @@ async def test_the_openapi_document_says_a_prefix_names_a_command(rig: Rig) -> N
 async def test_the_client_waits_for_a_command_named_by_a_prefix(rig: Rig) -> None:
     """``wait`` follows the event stream for the whole id, whatever named the command."""
     _, answer, _ = await rig.submit("away", {"op": "set"})
-    listeners = rig.server.gateway._listeners
+    listeners = rig.server.gateway.events.listeners
 
     async def script() -> tuple[dict[str, Any], dict[str, Any]]:
         async with GatewayClient(rig.url, token=TOKEN) as client:

@@ -27,7 +27,7 @@ from schemathesis import GenerationMode
 
 import requests
 from gateway_procs import START_BOUND_S, TOKEN, Procs, write_config
-from keeplink.gateway import models
+from keeplink.gateway import schema as api_schema
 from keeplink.testing import free_port
 
 # Bounds: the whole file stays well under 40 s on a 2-core machine.
@@ -263,7 +263,7 @@ def test_openapi_document_names_every_route(api: Api) -> None:
 def test_openapi_document_is_generated_from_the_models(api: Api) -> None:
     """What is served is what the models say: one declaration of each shape."""
     document = _live_document(api)
-    assert document == json.loads(json.dumps(models.openapi()))
+    assert document == json.loads(json.dumps(api_schema.openapi()))
     submit = document["components"]["schemas"]["Submit"]
     assert submit["additionalProperties"] is False
     assert submit["required"] == ["op"]

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from keeplink.gateway.api import _takes_gzip
 from keeplink.gateway.config import parse_config
+from keeplink.gateway.pages import takes_gzip
 from keeplink.gateway.server import Server
 
 TOKEN = "dash-serving-token-0123"
@@ -92,4 +92,4 @@ async def test_the_csp_allows_exactly_the_pages_inline_blocks(url: str) -> None:
     ],
 )
 def test_accept_encoding_is_read_with_its_q_values(header: str, takes: bool) -> None:
-    assert _takes_gzip(header) is takes
+    assert takes_gzip(header) is takes

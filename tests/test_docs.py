@@ -1,8 +1,9 @@
 """The documentation keeps up with the code.
 
 - Every key the gateway's config parser accepts (``[gateway]``, ``[[devices]]``, a device's
-  ``backoff`` table and each driver's ``options``) has a row in ``docs/gateway.md``. The
-  keys are read from the parser's own declarations, never from a list copied here.
+  ``backoff`` table and each driver's ``options``) has a row in ``docs/gateway.md``, and
+  each option's declared default is the one its row gives. The keys are read from the
+  parser's own declarations and the driver registry's, never from a list copied here.
 - Every frame type the jsonline decoder dispatches on has a section in
   ``docs/protocol.md``. The types are read from the decoder's source.
 - The error-code table in ``docs/protocol.md`` says of each code what the code does with
@@ -23,6 +24,7 @@ import pytest
 from keeplink._core.dispatch import RETRYABLE_REJECTIONS
 from keeplink._core.errors import ConfigError, ErrorClass, ErrorCode, error_class_of
 from keeplink.gateway import config
+from keeplink.gateway.drivers import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -70,7 +72,7 @@ def _driver_heading(driver: str) -> str:
     return f'`driver = "{driver}"`'
 
 
-DEVICE_HEADINGS = ("`[[devices]]`", *(_driver_heading(d) for d in config.DRIVERS))
+DEVICE_HEADINGS = ("`[[devices]]`", *(_driver_heading(d) for d in REGISTRY))
 
 
 # ---------------------------------------------------------------------------- config keys
@@ -105,16 +107,49 @@ def test_every_backoff_key_is_documented() -> None:
     assert not missing, f"docs/gateway.md has no row for backoff keys {missing}"
 
 
-@pytest.mark.parametrize("driver", config.DRIVERS)
+def test_the_config_parser_takes_the_registrys_drivers() -> None:
+    assert tuple(REGISTRY) == config.DRIVERS
+    with pytest.raises(ConfigError) as refused:
+        config.parse_config({"devices": [{"id": "d", "driver": "zz", "port": 1}]})
+    assert refused.value.message.endswith(f"must be one of {', '.join(REGISTRY)}, got 'zz'")
+
+
+@pytest.mark.parametrize("driver", REGISTRY)
 def test_every_driver_option_is_documented(driver: str) -> None:
     heading = _driver_heading(driver)
     assert any(heading in h for h, _ in _sections(DOCS / "gateway.md")), (
         f"docs/gateway.md has no section headed {heading}"
     )
     documented = _documented((heading,))
-    options = config.DRIVER_OPTIONS[driver]
+    options = REGISTRY[driver].options.model_fields
     missing = sorted(k for k in options if f"options.{k}" not in documented)
     assert not missing, f"docs/gateway.md's {heading} section has no row for options {missing}"
+
+
+def _default_cells(heading: str) -> dict[str, str]:
+    """Key -> the default cell of its row, in the section of docs/gateway.md so headed."""
+    cells: dict[str, str] = {}
+    for section, body in _sections(DOCS / "gateway.md"):
+        if heading not in section:
+            continue
+        for line in body.splitlines():
+            parts = line.split("|")
+            if line.startswith("|") and len(parts) >= 5:
+                for key in _CODE.findall(parts[1]):
+                    cells[key] = parts[3].strip()
+    return cells
+
+
+@pytest.mark.parametrize("driver", REGISTRY)
+def test_every_driver_option_default_is_the_documented_one(driver: str) -> None:
+    """A declared default (None: the option is unset, which the row describes in words)
+    is what the option's row says, in backticks: ``"{device}/cmd"``, ``30``, ``10``."""
+    cells = _default_cells(_driver_heading(driver))
+    for key, field in REGISTRY[driver].options.model_fields.items():
+        if field.default is None:
+            continue
+        shown = f'"{field.default}"' if isinstance(field.default, str) else f"{field.default:g}"
+        assert cells.get(f"options.{key}") == f"`{shown}`", (driver, key, cells.get(key))
 
 
 # ---------------------------------------------------------------------------- frame types

@@ -230,3 +230,23 @@ def test_an_optional_testing_module_says_what_it_needs(
     monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(ImportError, match=f"{module} needs {needs}"):
         importlib.import_module(module)
+
+
+GATEWAY_MODULE_LINES = 600
+GATEWAY_CLASS_LINES = 300
+"""A gateway module or class past these does more than one thing: split it by what it does
+(views, control, planning, presence wiring, ...) rather than let it grow."""
+
+
+def test_the_gateways_modules_and_classes_stay_small() -> None:
+    too_big: list[str] = []
+    for path in sorted((PACKAGE / "gateway").glob("*.py")):
+        text = path.read_text("utf-8")
+        if len(text.splitlines()) > GATEWAY_MODULE_LINES:
+            too_big.append(f"{path.name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
+                lines = node.end_lineno - node.lineno + 1
+                if lines > GATEWAY_CLASS_LINES:
+                    too_big.append(f"{path.name}: class {node.name} is {lines} lines")
+    assert too_big == []

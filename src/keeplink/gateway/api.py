@@ -6,69 +6,56 @@ need ``Authorization: Bearer TOKEN`` (compared in constant time); reads need the
 parameters are the models of :mod:`keeplink.gateway.models`; the OpenAPI document served at
 ``/api/openapi.json`` is generated from them.
 
-The edge refuses what a browser could be tricked into: a request whose ``Host`` is not an IP
-address, localhost or one of ``allowed_hosts`` (DNS rebinding), and a WebSocket whose
-``Origin`` is another site. Every answer carries the browser hardening headers.
+The edge (:mod:`keeplink.gateway.edge`) refuses what a browser could be tricked into: a
+request whose ``Host`` is not an IP address, localhost or one of ``allowed_hosts`` (DNS
+rebinding); here a WebSocket whose ``Origin`` is another site is refused too. Every answer
+carries the browser hardening headers. The dashboard and the OpenAPI document are served
+from :mod:`keeplink.gateway.pages`, the metrics from :mod:`keeplink.gateway.metrics`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
-import gzip
-import hashlib
-import hmac
-import ipaddress
 import json
 import logging
 import re
-import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
-from importlib import resources
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
-import pydantic_core
 from aiohttp import WSMsgType, web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ValidationError
 
 from keeplink import __version__
-from keeplink._core.commands import Command, CommandState
-from keeplink._core.errors import (
-    AuthError,
-    CommandNotFoundError,
-    ErrorCode,
-    ErrorInfo,
-    InvalidRequestError,
-    KeeplinkError,
-)
+from keeplink._core.commands import Command
+from keeplink._core.errors import CommandNotFoundError, InvalidRequestError
 from keeplink._link import Link
 from keeplink.gateway import models
-from keeplink.gateway.listener import RateLimit
-from keeplink.gateway.metrics import DeviceCounters
+from keeplink.gateway.edge import (
+    GATEWAY_KEY,
+    MAX_BODY,
+    TOKEN_KEY,
+    answer,
+    authorize,
+    authorize_read,
+    edge_middleware,
+    errors_middleware,
+    expect_continue,
+    hardening,
+    host_name,
+    no_route,
+    parse_body,
+    parse_query,
+)
+from keeplink.gateway.metrics import ApiMetrics
+from keeplink.gateway.pages import dashboard, openapi
 from keeplink.gateway.runtime import Gateway
 from keeplink.outbox.firmware import FirmwareTransfer
 
-__all__ = ["build_app"]
+__all__ = ["MAX_BODY", "build_app"]
 
 _log = logging.getLogger("keeplink.gateway.api")
 
-STATUS_OF_CODE: Final[dict[str, int]] = {
-    ErrorCode.DEVICE_NOT_FOUND.value: 404,
-    ErrorCode.COMMAND_NOT_FOUND.value: 404,
-    ErrorCode.INVALID_REQUEST.value: 422,
-    ErrorCode.AUTH_FAILED.value: 401,
-    ErrorCode.CONFLICT.value: 409,
-    ErrorCode.QUEUE_FULL.value: 429,
-    ErrorCode.LINK_CLOSED.value: 503,
-    ErrorCode.DEVICE_UNAVAILABLE.value: 503,
-    ErrorCode.STORE_UNAVAILABLE.value: 503,
-    ErrorCode.STORE_BUSY.value: 503,
-}
-MAX_BODY: Final = 256 * 1024
 CLIENT_BUFFER: Final = 2_000
 """Events a WebSocket client may have waiting; one that falls further behind is closed
 (close code 1013, reason naming the ``since=`` to resume from)."""
@@ -80,277 +67,40 @@ ends the connection."""
 PREFIX_MATCHES_SHOWN: Final = 10
 """Ids an ambiguous prefix's error lists at most."""
 
-GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
-TOKEN_KEY: web.AppKey[str] = web.AppKey("token", str)
-METRICS_KEY: web.AppKey[_Metrics] = web.AppKey("metrics")
+METRICS_KEY: web.AppKey[ApiMetrics] = web.AppKey("metrics")
 SOCKETS_KEY: web.AppKey[set[Any]] = web.AppKey("sockets")  # of WebSocketResponse
-
-_M = TypeVar("_M", bound=BaseModel)
-
-
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response(ErrorInfo(code=code, message=message).to_wire(), status=status)
-
-
-def _answer(model: type[BaseModel], value: Any, *, status: int = 200) -> web.Response:
-    """Answer ``value`` as ``model`` says (the shape the OpenAPI document shows)."""
-    body = model.model_validate(value).model_dump(mode="json")
-    return web.json_response(body, status=status)
-
-
-_CLIENT_ERRORS: Final = RateLimit(1.0)
-
-
-def _quiet(request: web.Request, status: int, message: str) -> None:
-    """Client errors at DEBUG, at most one line a second (a flood never fills the log)."""
-    quiet = _CLIENT_ERRORS.allow(time.monotonic())
-    if quiet is not None:
-        more = f" (+{quiet} more)" if quiet else ""
-        _log.debug(
-            "client error %d on %s %s: %s%s", status, request.method, request.path, message, more
-        )
-
-
-@web.middleware
-async def _errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except KeeplinkError as exc:
-        status = STATUS_OF_CODE.get(
-            exc.wire_code, 400 if exc.code is ErrorCode.INVALID_REQUEST else 500
-        )
-        if status >= 500:
-            _log.info("gateway: %s %s: %s", request.method, request.path, exc.message)
-        else:
-            _quiet(request, status, exc.message)
-        return _error(status, exc.wire_code, exc.message)
-    except _ClientGone as exc:
-        _quiet(request, exc.status, exc.message)
-        response = _error(exc.status, ErrorCode.INVALID_REQUEST.value, exc.message)
-        response.force_close()
-        return response
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = ErrorCode.INVALID_REQUEST.value
-        if exc.status == 404:
-            message = f"no such endpoint: {request.method} {request.path}"
-        elif exc.status == 405:
-            message = f"method {request.method} not allowed on {request.path}"
-        elif exc.status == 413:
-            message = f"body too large (the limit is {MAX_BODY} bytes)"
-        else:
-            message = exc.reason
-        _quiet(request, exc.status, message)
-        return _error(exc.status, code, message)
-    except Exception:  # noqa: BLE001 - see below
-        # Deliberately broad: a bug must answer as a typed 500, never a stack dump, and be
-        # visible in the log with its traceback.
-        _log.exception("gateway: unexpected error on %s %s", request.method, request.path)
-        return _error(500, ErrorCode.UNKNOWN.value, "internal error; see the gateway log")
-
-
-# ---------------------------------------------------------------------------- the edge
-
-
-def _host_name(header: str) -> str | None:
-    """The name in a ``Host`` header (or an Origin's authority), without the port."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        name, bracket, rest = header[1:].partition("]")
-        if not bracket or (rest and not re.fullmatch(r":[0-9]{1,5}", rest)):
-            return None
-        return name
-    name, colon, port = header.rpartition(":")
-    if not colon:
-        name = header
-    elif not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
-        return None
-    return name.rstrip(".") or None
-
-
-def _host_allowed(name: str | None, allowed: tuple[str, ...]) -> bool:
-    """IP addresses and localhost are safe from DNS rebinding; other names only when the
-    operator listed them (the names the gateway is really reached by)."""
-    if name is None:
-        return False
-    if name == "localhost" or name.endswith(".localhost") or name in allowed:
-        return True
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
-
-
-@web.middleware
-async def _edge(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    allowed = request.app[GATEWAY_KEY].config.allowed_hosts
-    host = request.headers.get("Host")
-    if host is None or not _host_allowed(_host_name(host), allowed):
-        raise web.HTTPMisdirectedRequest(
-            reason=f"this gateway does not answer for host {host!r} "
-            "(IP addresses, localhost and gateway.allowed_hosts only)"
-        )
-    return await handler(request)
-
-
-def _hash_source(kind: str, page: str) -> str:
-    """CSP sources for the page's inline ``<script>``/``<style>`` blocks, by hash."""
-    blocks = re.findall(rf"<{kind}>(.*?)</{kind}>", page, flags=re.S)
-    return " ".join(
-        "'sha256-" + _b64(hashlib.sha256(block.encode()).digest()) + "'" for block in blocks
-    )
-
-
-def _b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode()
-
-
-_DASHBOARD: Final = (
-    resources.files("keeplink.gateway").joinpath("dashboard.html").read_text("utf-8")
-)
-_DASHBOARD_GZIP: Final = gzip.compress(_DASHBOARD.encode("utf-8"), mtime=0)
-"""The page compressed once (about a quarter of its size) for clients that take gzip."""
-_API_CSP: Final = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
-_PAGE_CSP: Final = (
-    "default-src 'none'; "
-    f"script-src {_hash_source('script', _DASHBOARD)}; "
-    f"style-src {_hash_source('style', _DASHBOARD)}; "
-    "connect-src 'self'; img-src 'self' data:; "
-    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
-
-
-async def _hardening(request: web.Request, response: web.StreamResponse) -> None:
-    headers = response.headers
-    headers.setdefault("X-Content-Type-Options", "nosniff")
-    headers.setdefault("X-Frame-Options", "DENY")
-    headers.setdefault("Referrer-Policy", "no-referrer")
-    headers.setdefault("Cache-Control", "no-store")
-    headers.setdefault("Content-Security-Policy", _API_CSP)
-
-
-def _presented(request: web.Request, *, query: bool = False) -> str | None:
-    header = request.headers.get("Authorization")
-    if header is None:
-        return request.query.get("access_token") if query else None
-    scheme, _, presented = header.partition(" ")
-    if scheme.lower() != "bearer" or not presented.strip():
-        raise AuthError("this endpoint needs Authorization: Bearer <token>")
-    return presented.strip()
-
-
-def _matches(presented: str, expected: str) -> bool:
-    # A header may carry any byte; a token is ASCII. Compared as bytes, in constant time.
-    return hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), expected.encode())
-
-
-def _authorize(request: web.Request) -> None:
-    presented = _presented(request)
-    if presented is None:
-        raise AuthError("this endpoint needs Authorization: Bearer <token>")
-    if not _matches(presented, request.app[TOKEN_KEY]):
-        raise AuthError("the bearer token is not valid")
-
-
-def _authorize_read(request: web.Request, *, query: bool = False) -> None:
-    """Reads are open unless the gateway has a read_token; then that or the write token."""
-    read_token = request.app[GATEWAY_KEY].config.read_token
-    if read_token is None:
-        return
-    presented = _presented(request, query=query)
-    if presented is None:
-        raise AuthError("reads need Authorization: Bearer <read token> on this gateway")
-    if not (_matches(presented, read_token) or _matches(presented, request.app[TOKEN_KEY])):
-        raise AuthError("the bearer token is not valid")
-
-
-def _query(request: web.Request, model: type[_M]) -> _M:
-    known = set(model.model_fields)
-    for name in request.query:
-        if name not in known:
-            raise InvalidRequestError(f"unknown query parameter {name!r}; allowed: {sorted(known)}")
-    try:
-        return model.model_validate(dict(request.query))
-    except ValidationError as exc:
-        raise InvalidRequestError(models.describe(exc)) from None
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:300]
-
-
-class _ClientGone(Exception):
-    """A body that never came whole: answered (if anyone still listens) and closed."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-async def _body(request: web.Request, model: type[_M]) -> _M:
-    """The whole body (however many reads and chunks it takes, up to MAX_BODY: 413 over
-    it), validated as ``model``: malformed JSON is 400, a wrong shape 422."""
-    limit_s = request.app[GATEWAY_KEY].config.header_timeout_s
-    try:
-        async with asyncio.timeout(limit_s):  # a body trickled or cut short holds no slot
-            raw = await request.read()
-    except TimeoutError:
-        raise _ClientGone(408, f"the body did not arrive within {limit_s:g} s") from None
-    except web.RequestPayloadError as exc:  # a bad gzip/deflate body, a broken chunk
-        raise web.HTTPBadRequest(reason=_one_line(f"the body could not be read: {exc}")) from None
-    except ConnectionError:
-        raise _ClientGone(400, "the client went away before its body arrived") from None
-    try:
-        # Strict JSON: NaN and Infinity are not JSON; nesting is bounded by the parser.
-        document = pydantic_core.from_json(raw, allow_inf_nan=False)
-    except ValueError as exc:
-        raise web.HTTPBadRequest(reason=_one_line(f"malformed JSON: {exc}")) from None
-    if not isinstance(document, dict):
-        raise InvalidRequestError("the body must be a JSON object")
-    try:
-        return model.model_validate(document)
-    except ValidationError as exc:
-        raise InvalidRequestError(models.describe(exc)) from None
-
 
 # ---------------------------------------------------------------------------- handlers
 
 
 async def list_devices(request: web.Request) -> web.Response:
-    _authorize_read(request)
+    authorize_read(request)
     devices = await request.app[GATEWAY_KEY].devices_view()
-    return _answer(models.DeviceList, {"devices": devices})
+    return answer(models.DeviceList, {"devices": devices})
 
 
 async def get_device(request: web.Request) -> web.Response:
-    _authorize_read(request)
+    authorize_read(request)
     gateway = request.app[GATEWAY_KEY]
-    return _answer(models.Device, await gateway.device_view(request.match_info["device"]))
+    return answer(models.Device, await gateway.device_view(request.match_info["device"]))
 
 
 async def device_history(request: web.Request) -> web.Response:
     """The device's last hours, from this node's bounded in-memory history."""
-    _authorize_read(request)
+    authorize_read(request)
     gateway = request.app[GATEWAY_KEY]
     device_id = request.match_info["device"]
     gateway.device(device_id)  # 404 before looking at the query
-    query = _query(request, models.HistoryQuery)
-    return _answer(models.DeviceHistory, gateway.history_view(device_id, hours=query.hours))
+    query = parse_query(request, models.HistoryQuery)
+    return answer(models.DeviceHistory, gateway.history_view(device_id, hours=query.hours))
 
 
 async def submit_command(request: web.Request) -> web.Response:
-    _authorize(request)
+    authorize(request)
     gateway = request.app[GATEWAY_KEY]
     device_id = request.match_info["device"]
     config = gateway.device(device_id)  # 404 before looking at the body
-    body = await _body(request, models.Submit)
+    body = await parse_body(request, models.Submit)
     link = gateway.links[device_id]
     args = gateway.command_args(device_id, body.args or {})
     await _check_deliverable(gateway, link, body.op, args, body.idempotency_key)
@@ -378,7 +128,7 @@ async def submit_command(request: web.Request) -> web.Response:
         note = "queued for delivery now"
     # The command's own fields, as GET /api/commands/{id} answers them, and what happens next.
     accepted = {**gateway.command_json(command), "device_presence": presence, "note": note}
-    response = _answer(models.SubmitAccepted, accepted, status=202)
+    response = answer(models.SubmitAccepted, accepted, status=202)
     response.headers["Location"] = _command_url(command.id)
     return response
 
@@ -409,22 +159,22 @@ async def _check_deliverable(
 
 async def reconnect_device(request: web.Request) -> web.Response:
     """Make a failed or backing-off link try again now (202 with what was done)."""
-    _authorize(request)
-    answer = await request.app[GATEWAY_KEY].reconnect(request.match_info["device"])
-    return _answer(models.Reconnected, answer, status=202)
+    authorize(request)
+    done = await request.app[GATEWAY_KEY].reconnect(request.match_info["device"])
+    return answer(models.Reconnected, done, status=202)
 
 
 async def resume_device(request: web.Request) -> web.Response:
     """Deliver to a parked device now (202 with what was done)."""
-    _authorize(request)
-    answer = await request.app[GATEWAY_KEY].resume(request.match_info["device"])
-    return _answer(models.Resumed, answer, status=202)
+    authorize(request)
+    done = await request.app[GATEWAY_KEY].resume(request.match_info["device"])
+    return answer(models.Resumed, done, status=202)
 
 
 async def list_commands(request: web.Request) -> web.Response:
-    _authorize_read(request)
+    authorize_read(request)
     gateway = request.app[GATEWAY_KEY]
-    query = _query(request, models.CommandsQuery)
+    query = parse_query(request, models.CommandsQuery)
     if query.device is not None:
         gateway.device(query.device)
     commands = await gateway.outbox.list(
@@ -433,7 +183,7 @@ async def list_commands(request: web.Request) -> web.Response:
         limit=query.limit,
         newest=query.order == "newest",
     )
-    return _answer(models.CommandList, {"commands": [gateway.command_json(c) for c in commands]})
+    return answer(models.CommandList, {"commands": [gateway.command_json(c) for c in commands]})
 
 
 async def _named(gateway: Gateway, name: str) -> Command:
@@ -468,18 +218,18 @@ async def _named(gateway: Gateway, name: str) -> Command:
 
 
 async def get_command(request: web.Request) -> web.Response:
-    _authorize_read(request)
+    authorize_read(request)
     gateway = request.app[GATEWAY_KEY]
     command = await _named(gateway, request.match_info["command"])
-    return _answer(models.Command, gateway.command_json(command))
+    return answer(models.Command, gateway.command_json(command))
 
 
 async def cancel_command(request: web.Request) -> web.Response:
-    _authorize(request)
+    authorize(request)
     gateway = request.app[GATEWAY_KEY]
     command = await _named(gateway, request.match_info["command"])
     command = await gateway.outbox.cancel(command.id)
-    return _answer(models.Command, gateway.command_json(command))
+    return answer(models.Command, gateway.command_json(command))
 
 
 def _same_origin(request: web.Request) -> bool:
@@ -494,16 +244,16 @@ def _same_origin(request: web.Request) -> bool:
     host = request.headers.get("Host", "")
     if authority.lower() == host.lower():
         return True
-    return _host_name(authority) in request.app[GATEWAY_KEY].config.allowed_hosts
+    return host_name(authority) in request.app[GATEWAY_KEY].config.allowed_hosts
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    _authorize_read(request, query=True)
+    authorize_read(request, query=True)
     if not _same_origin(request):
         raise web.HTTPForbidden(
             reason=f"WebSocket from a foreign origin {request.headers.get('Origin')!r} refused"
         )
-    query = _query(request, models.EventsQuery)
+    query = parse_query(request, models.EventsQuery)
     gateway = request.app[GATEWAY_KEY]
     # Pings are sent by the loop below while the stream is idle (aiohttp's own heartbeat
     # timer can outlive a close the server starts).
@@ -611,175 +361,44 @@ async def healthz(request: web.Request) -> web.Response:
         if not fleet.healthy:
             body["status"] = "degraded"
             body["reason"] = fleet.problem
-    return _answer(models.Health, body)
-
-
-_OPENAPI: Final = models.openapi()
-
-
-async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(_OPENAPI)
-
-
-def _takes_gzip(header: str) -> bool:
-    """Whether an Accept-Encoding header takes gzip (``gzip;q=0`` refuses it)."""
-    for item in header.lower().split(","):
-        name, *params = (part.strip() for part in item.split(";"))
-        if name not in ("gzip", "x-gzip", "*"):
-            continue
-        for param in params:
-            if param.startswith("q="):
-                try:
-                    return float(param[2:]) > 0
-                except ValueError:
-                    return False
-        return True
-    return False
-
-
-async def dashboard(request: web.Request) -> web.Response:
-    if _takes_gzip(request.headers.get("Accept-Encoding", "")):
-        response = web.Response(body=_DASHBOARD_GZIP, content_type="text/html", charset="utf-8")
-        response.headers["Content-Encoding"] = "gzip"
-    else:
-        response = web.Response(text=_DASHBOARD, content_type="text/html")
-    response.headers["Vary"] = "Accept-Encoding"
-    response.headers["Content-Security-Policy"] = _PAGE_CSP
-    return response
-
-
-class _Metrics:
-    def __init__(self, gateway: Gateway) -> None:
-        self.registry = CollectorRegistry()
-        self.links = Gauge("keeplink_links", "Links by state", ["state"], registry=self.registry)
-        self.reconnects = Gauge(
-            "keeplink_reconnects_total",
-            "Completed handshakes after the first, all links",
-            registry=self.registry,
-        )
-        self.requests = Gauge(
-            "keeplink_requests_total",
-            "Requests by outcome, all links",
-            ["outcome"],
-            registry=self.registry,
-        )
-        self.queue = Gauge(
-            "keeplink_queue_depth", "Queued commands", ["device"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "keeplink_delivery_latency_seconds",
-            "From submit to acknowledged",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 86400),
-            registry=self.registry,
-        )
-        self.websockets = Gauge(
-            "keeplink_api_websockets",
-            "Event stream clients connected now",
-            registry=self.registry,
-        )
-        self.delivered = Counter(
-            "keeplink_delivered_total", "Commands acknowledged", registry=self.registry
-        )
-        self.registry.register(DeviceCounters(gateway))
-        gateway.on_delivered = self._observe
-
-    def _observe(self, latency: float) -> None:
-        self.latency.observe(max(latency, 0.0))
-        self.delivered.inc()
-
-    async def render(self, gateway: Gateway, *, websockets: int = 0) -> bytes:
-        self.websockets.set(websockets)
-        for state in (
-            "idle",
-            "connecting",
-            "handshaking",
-            "connected",
-            "lost",
-            "backoff",
-            "stopping",
-            "stopped",
-            "failed",
-        ):
-            self.links.labels(state=state).set(gateway.link_counts().get(state, 0))
-        reconnects = 0
-        outcomes: dict[str, int] = {}
-        for link in gateway.links.values():
-            stats = link.statistics()
-            reconnects += max(0, stats.connects - 1)
-            for name, count in stats.outcomes.items():
-                outcomes[name] = outcomes.get(name, 0) + count
-        self.reconnects.set(reconnects)
-        for name, count in outcomes.items():
-            self.requests.labels(outcome=name).set(count)
-        for device in gateway.devices:
-            depth = await gateway.store.count(device=device, states=[CommandState.QUEUED])
-            self.queue.labels(device=device).set(depth)
-        return generate_latest(self.registry)
+    return answer(models.Health, body)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    _authorize_read(request)
+    authorize_read(request)
     body = await request.app[METRICS_KEY].render(
         request.app[GATEWAY_KEY], websockets=len(request.app[SOCKETS_KEY])
     )
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def _no_route(request: web.Request) -> web.StreamResponse:
-    """404 for a path no route has; 405 (with Allow) for a method a route does not take."""
-    allowed: set[str] = set()
-    for resource in request.app.router.resources():
-        if resource is not request.match_info.route.resource:
-            _, methods = await resource.resolve(request)
-            allowed |= methods
-    if allowed:
-        response = _error(
-            405,
-            ErrorCode.INVALID_REQUEST.value,
-            f"method {request.method} not allowed on {request.path}",
-        )
-        response.headers["Allow"] = ",".join(sorted(allowed))
-        return response
-    return _error(
-        404, ErrorCode.INVALID_REQUEST.value, f"no such endpoint: {request.method} {request.path}"
-    )
-
-
-async def _expect(request: web.Request) -> web.StreamResponse | None:
-    """``Expect: 100-continue`` is answered; any other expectation is a JSON 417 (aiohttp's
-    own handler would echo the header into a plain-text answer, and fail on a non-ASCII one)."""
-    expect = request.headers.get("Expect", "")
-    if expect.isascii() and expect.strip().lower() == "100-continue":
-        if request.version >= (1, 1):
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return None
-    return _error(417, ErrorCode.INVALID_REQUEST.value, "only Expect: 100-continue is understood")
-
-
 def build_app(gateway: Gateway, *, token: str) -> web.Application:
     """The aiohttp application for a started Gateway."""
-    app = web.Application(middlewares=[_errors, _edge], client_max_size=MAX_BODY)
+    app = web.Application(
+        middlewares=[errors_middleware, edge_middleware], client_max_size=MAX_BODY
+    )
     app[GATEWAY_KEY] = gateway
     app[TOKEN_KEY] = token
-    app[METRICS_KEY] = _Metrics(gateway)
+    app[METRICS_KEY] = ApiMetrics(gateway)
     sockets: set[Any] = set()
     app[SOCKETS_KEY] = sockets
     app.on_shutdown.append(_close_sockets)
-    app.on_response_prepare.append(_hardening)
-    app.router.add_get("/", dashboard, expect_handler=_expect)
-    app.router.add_get("/api/devices", list_devices, expect_handler=_expect)
-    app.router.add_get("/api/devices/{device}", get_device, expect_handler=_expect)
-    app.router.add_get("/api/devices/{device}/history", device_history, expect_handler=_expect)
-    app.router.add_post("/api/devices/{device}/commands", submit_command, expect_handler=_expect)
-    app.router.add_post("/api/devices/{device}/reconnect", reconnect_device, expect_handler=_expect)
-    app.router.add_post("/api/devices/{device}/resume", resume_device, expect_handler=_expect)
-    app.router.add_get("/api/commands", list_commands, expect_handler=_expect)
-    app.router.add_get("/api/commands/{command}", get_command, expect_handler=_expect)
-    app.router.add_delete("/api/commands/{command}", cancel_command, expect_handler=_expect)
-    app.router.add_get("/api/events", events, expect_handler=_expect)
-    app.router.add_get("/api/openapi.json", openapi, expect_handler=_expect)
-    app.router.add_get("/metrics", metrics, expect_handler=_expect)
-    app.router.add_get("/healthz", healthz, expect_handler=_expect)
+    app.on_response_prepare.append(hardening)
+    expect: dict[str, Any] = {"expect_handler": expect_continue}  # never aiohttp's own
+    app.router.add_get("/", dashboard, **expect)
+    app.router.add_get("/api/devices", list_devices, **expect)
+    app.router.add_get("/api/devices/{device}", get_device, **expect)
+    app.router.add_get("/api/devices/{device}/history", device_history, **expect)
+    app.router.add_post("/api/devices/{device}/commands", submit_command, **expect)
+    app.router.add_post("/api/devices/{device}/reconnect", reconnect_device, **expect)
+    app.router.add_post("/api/devices/{device}/resume", resume_device, **expect)
+    app.router.add_get("/api/commands", list_commands, **expect)
+    app.router.add_get("/api/commands/{command}", get_command, **expect)
+    app.router.add_delete("/api/commands/{command}", cancel_command, **expect)
+    app.router.add_get("/api/events", events, **expect)
+    app.router.add_get("/api/openapi.json", openapi, **expect)
+    app.router.add_get("/metrics", metrics, **expect)
+    app.router.add_get("/healthz", healthz, **expect)
     # Last: every other path, so that no request meets aiohttp's own Expect handling.
-    app.router.add_route("*", r"/{tail:[\s\S]*}", _no_route, expect_handler=_expect)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", no_route, **expect)
     return app

@@ -54,7 +54,6 @@ Every error is a ConfigError: ``keeplink.toml: devices[1].port: must be an integ
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 import re
 import socket
@@ -62,17 +61,22 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final
+
+from pydantic import ValidationError
 
 from keeplink._core.backoff import Backoff
 from keeplink._core.correlation import SEQUENCE_WIDTHS
 from keeplink._core.errors import ConfigError
+from keeplink.gateway.checks import MIN_TOKEN_CHARS, Checker
+from keeplink.gateway.drivers import REGISTRY, DriverSpec
 
 __all__ = [
     "BACKOFF_KEYS",
     "DEVICE_KEYS",
-    "DRIVER_OPTIONS",
+    "DRIVERS",
     "GATEWAY_KEYS",
+    "MIN_TOKEN_CHARS",
     "DeviceConfig",
     "GatewayConfig",
     "load_config",
@@ -86,9 +90,8 @@ DEFAULT_LEASE_S: Final = 10.0
 MIN_LEASE_S: Final = 0.5
 """Below this a lease would be renewed more often than a database round trip is sure to
 take on a loaded machine."""
-DRIVERS: Final = ("jsonline", "modbus", "mqtt")
-MIN_TOKEN_CHARS: Final = 16
-"""A bearer token shorter than this is a placeholder or guessable; the generated one has 24."""
+DRIVERS: Final = tuple(REGISTRY)
+"""The drivers a device's ``driver`` names (see :mod:`keeplink.gateway.drivers`)."""
 DEFAULT_DEBOUNCE_ONLINE_S: Final = 1.0
 DEFAULT_DEBOUNCE_OFFLINE_S: Final = 3.0
 PRESENCE_SOURCES: Final = ("link", "mdns")
@@ -104,19 +107,6 @@ DEFAULT_HEADER_TIMEOUT_S: Final = 10.0
 DEFAULT_IDLE_TIMEOUT_S: Final = 20.0
 """Long enough for a dashboard that polls every few seconds to keep its connection."""
 MAX_CLIENTS_LIMIT: Final = 1 << 20
-_SECONDS: Final = "seconds"
-_TEXT: Final = "text"
-_WHOLE_SECONDS: Final = "whole seconds"
-DRIVER_OPTIONS: Final[Mapping[str, Mapping[str, str]]] = {
-    "jsonline": {},
-    "modbus": {"probe_interval_s": _SECONDS},
-    "mqtt": {
-        "client_id": _TEXT, "username": _TEXT, "password": _TEXT, "keepalive_s": _WHOLE_SECONDS,
-        "command_topic": _TEXT, "response_topic": _TEXT, "availability_topic": _TEXT,
-        "payload_online": _TEXT, "payload_offline": _TEXT,
-    },
-}  # fmt: skip
-"""The ``options`` each driver takes, and their kind: what the gateway hands the driver."""
 GATEWAY_KEYS: Final = frozenset({
     "listen", "store", "token", "node", "lease_s", "read_token", "ttl_s",
     "max_clients", "header_timeout_s", "idle_timeout_s", "allowed_hosts",
@@ -129,18 +119,8 @@ DEVICE_KEYS: Final = frozenset({
     "presence", "mdns_service",
 })  # fmt: skip
 """The keys each ``[[devices]]`` table takes; any other is refused."""
-UNUSED_KEYS: Final[Mapping[str, frozenset[str]]] = {
-    "modbus": frozenset({"token", "seq_bits", "heartbeat_s"}),
-    "mqtt": frozenset({"token", "seq_bits", "max_in_flight", "heartbeat_s", "hub", "hub_slots"}),
-}
-"""Device keys a driver has no use for: given, they are a config error, not ignored (the
-MQTT driver takes its credentials and reply width in ``options``)."""
-HUB_LINK_KEYS: Final = ("backoff", "max_in_flight", "hub", "hub_slots")
-"""Settings of the one link devices on one Modbus or MQTT host and port share: they must
-agree between those devices."""
 BACKOFF_KEYS: Final = frozenset({"initial_s", "cap_s", "factor"})
 """The keys a device's ``backoff`` table takes."""
-_LABEL: Final = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _HOST_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
 _ID_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
@@ -164,7 +144,8 @@ class DeviceConfig:
     hub_slots: int = 1
     unit: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
-    """Driver-specific extras (see DRIVER_OPTIONS), checked against what the driver takes."""
+    """The driver's ``options`` as given (checked against its declared options model, see
+    :mod:`keeplink.gateway.drivers`; defaults are not filled in)."""
     max_queued: int = DEFAULT_MAX_QUEUED
     """Commands that may wait for this device at once."""
     debounce_online_s: float = DEFAULT_DEBOUNCE_ONLINE_S
@@ -227,107 +208,6 @@ class GatewayConfig:
         return f"{host}:{self.listen_port}"
 
 
-class _Checker:
-    """Reads values from a TOML table, raising ConfigError with file and key on trouble."""
-
-    def __init__(self, source: str, where: str, table: Mapping[str, Any], allowed: set[str]):
-        self.source = source
-        self.where = where
-        self.table = table
-        unknown = sorted(set(table) - allowed)
-        if unknown:
-            self.fail(unknown[0], f"unknown key; expected one of {', '.join(sorted(allowed))}")
-
-    def fail(self, key: str, problem: str) -> NoReturn:
-        prefix = f"{self.where}.{key}" if self.where else key
-        raise ConfigError(f"{self.source}: {prefix}: {problem}")
-
-    def text(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
-        if key not in self.table:
-            if required:
-                self.fail(key, "is required")
-            return default
-        value = self.table[key]
-        if not isinstance(value, str) or not value:
-            self.fail(key, f"must be a non-empty string, got {value!r}")
-        if "\x00" in value:
-            self.fail(key, "must not contain a NUL character")
-        return str(value)
-
-    def host(self, key: str, default: str) -> str:
-        """An IP address or a DNS name (labels of letters, digits and '-', 63 at most)."""
-        value = self.text(key, default) or default
-        try:
-            ipaddress.ip_address(value.strip("[]"))
-        except ValueError:
-            labels = value.rstrip(".").split(".")
-            if len(value) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
-                self.fail(key, f"must be an IP address or a host name, got {value[:80]!r}")
-        return value.strip("[]")
-
-    def token(self, key: str) -> str | None:
-        value = self.text(key)
-        if value is not None and len(value) < MIN_TOKEN_CHARS:
-            self.fail(
-                key,
-                f"must be at least {MIN_TOKEN_CHARS} characters, got {len(value)} "
-                "(a short token is easy to guess)",
-            )
-        return value
-
-    def integer(self, key: str, default: int | None, lo: int, hi: int) -> int | None:
-        if key not in self.table:
-            return default
-        value = self.table[key]
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            self.fail(key, f"must be an integer in {lo}..{hi}, got {value!r}")
-        return int(value)
-
-    def debounce(self, key: str, default: float) -> float:
-        """A debounce: a finite number of seconds, 0 or more."""
-        if key not in self.table:
-            return default
-        value = self.table[key]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            self.fail(key, f"must be a number of seconds, 0 or more, got {value!r}")
-        return float(value)
-
-    def factor(self, key: str, default: float) -> float:
-        """A growth factor: a finite number, at least 1."""
-        if key not in self.table:
-            return default
-        value = self.table[key]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or not value >= 1
-        ):
-            self.fail(key, f"must be a number >= 1, got {value!r}")
-        return float(value)
-
-    def seconds(self, key: str, default: float | None, *, allow_none: bool = False) -> float | None:
-        if key not in self.table:
-            return default
-        value = self.table[key]
-        if allow_none and value is False:
-            return None
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or not value > 0
-        ):
-            hint = " (or false to turn it off)" if allow_none else ""
-            self.fail(key, f"must be a positive number of seconds{hint}, got {value!r}")
-        return float(value)
-
-
 def _listen(source: str, value: object) -> tuple[str, int]:
     if not isinstance(value, str) or ":" not in value:
         raise ConfigError(f"{source}: gateway.listen: must be 'host:port', got {value!r}")
@@ -373,7 +253,7 @@ def split_mdns_service(value: str) -> tuple[str | None, str]:
     return instance, service_type
 
 
-def _mdns_service(c: _Checker, table: Mapping[str, Any], presence: str) -> str | None:
+def _mdns_service(c: Checker, table: Mapping[str, Any], presence: str) -> str | None:
     """``mdns_service`` normalised (``….local.``), or None when presence is not mDNS."""
     if presence != "mdns":
         if "mdns_service" in table:
@@ -391,45 +271,45 @@ def _is_loopback(host: str) -> bool:
     return host == "localhost" or ipaddress.ip_address(host).is_loopback
 
 
-def _options(c: _Checker, driver: str, raw: object) -> dict[str, Any]:
-    """The device's ``options``, checked against what its driver takes."""
+def _options(c: Checker, spec: DriverSpec, raw: object) -> dict[str, Any]:
+    """The device's ``options`` as given, checked against what its driver declares."""
     if not isinstance(raw, Mapping):
         c.fail("options", "must be a table")
-    allowed = DRIVER_OPTIONS[driver]
+    declared = spec.options.model_fields
     for key in raw:
-        if key not in allowed:
-            takes = f"one of {', '.join(sorted(allowed))}" if allowed else "no options"
-            c.fail(f"options.{key}", f"unknown option; the {driver} driver takes {takes}")
-    o = _Checker(c.source, f"{c.where}.options", raw, set(allowed))
-    options: dict[str, Any] = {}
-    for key, kind in allowed.items():
-        if key not in raw:
-            continue
-        if kind == _SECONDS:
-            options[key] = o.seconds(key, None)
-        elif kind == _WHOLE_SECONDS:
-            options[key] = o.integer(key, None, 1, 65535)
-        else:
-            options[key] = o.text(key)
-    return options
+        if key not in declared:
+            takes = f"one of {', '.join(sorted(declared))}" if declared else "no options"
+            c.fail(f"options.{key}", f"unknown option; the {spec.name} driver takes {takes}")
+    try:
+        options = spec.options.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        key = ".".join(str(part) for part in first["loc"])
+        got = repr(first.get("input"))
+        got = got if len(got) <= 80 else got[:77] + "..."
+        problem = str(first["msg"]).removeprefix("Value error, ")
+        c.fail(f"options.{key}", f"{problem}, got {got}")
+    return options.model_dump(exclude_unset=True)
 
 
 def _device(source: str, index: int, table: object) -> DeviceConfig:
     where = f"devices[{index}]"
     if not isinstance(table, Mapping):
         raise ConfigError(f"{source}: {where}: must be a table")
-    c = _Checker(source, where, table, set(DEVICE_KEYS))
+    c = Checker(source, where, table, set(DEVICE_KEYS))
     device_id = c.text("id", required=True)
     assert device_id is not None
     if not set(device_id) <= _ID_CHARS or len(device_id) > 64:
         c.fail("id", f"use up to 64 letters, digits, '-', '_' or '.', got {device_id!r}")
     driver = c.text("driver", required=True)
-    if driver not in DRIVERS:
+    if driver not in REGISTRY:
         c.fail("driver", f"must be one of {', '.join(DRIVERS)}, got {driver!r}")
+    assert driver is not None
+    spec = REGISTRY[driver]
     port = c.integer("port", None, 1, 65535)
     if port is None:
         c.fail("port", "is required")
-    seq_bits = c.integer("seq_bits", 32 if driver == "jsonline" else 16, 8, 32)
+    seq_bits = c.integer("seq_bits", spec.seq_bits, 8, 32)
     if seq_bits not in SEQUENCE_WIDTHS:
         c.fail("seq_bits", f"must be 8, 16 or 32, got {seq_bits!r}")
     auth_retry_s = c.seconds("auth_retry_s", None)
@@ -438,7 +318,7 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
         raw = table["backoff"]
         if not isinstance(raw, Mapping):
             c.fail("backoff", "must be a table like { initial_s = 5, cap_s = 300 }")
-        b = _Checker(source, f"{where}.backoff", raw, set(BACKOFF_KEYS))
+        b = Checker(source, f"{where}.backoff", raw, set(BACKOFF_KEYS))
         try:
             backoff = Backoff(
                 initial_s=b.seconds("initial_s", 1.0) or 1.0,
@@ -448,23 +328,23 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
             )
         except ConfigError as exc:
             raise ConfigError(f"{source}: {where}.backoff: {exc.message}") from exc
-    assert driver is not None
-    options = _options(c, driver, table.get("options", {}))
+    options = _options(c, spec, table.get("options", {}))
     max_in_flight = c.integer("max_in_flight", None, 1, 1 << 16)
     if max_in_flight is not None and seq_bits is not None and max_in_flight > 1 << seq_bits:
         c.fail(
             "max_in_flight",
             f"must be at most {1 << seq_bits} with seq_bits = {seq_bits}, got {max_in_flight}",
         )
-    if driver == "modbus" and "unit" not in table:
-        c.fail("unit", "is required for a modbus device (the unit id behind the gateway)")
-    if driver != "modbus" and "unit" in table:
-        c.fail("unit", f"only modbus devices have a unit, this one is {driver}")
-    if driver != "jsonline" and "device_id" in table:
-        c.fail("device_id", f"only jsonline devices name themselves in a handshake, not {driver}")
-    for key in sorted(UNUSED_KEYS.get(driver, frozenset()) & set(table)):
+    for key, what in spec.required.items():
+        if key not in table:
+            c.fail(key, f"is required for a {driver} device ({what})")
+    for other in REGISTRY.values():
+        for key, why in other.own.items():
+            if key in table and key not in spec.own:
+                c.fail(key, f"{why}, this one is {driver}")
+    for key in sorted(spec.refused & set(table)):
         c.fail(key, f"a {driver} device does not use it (see docs/gateway.md)")
-    named = c.text("device_id", device_id) if driver == "jsonline" else None
+    named = c.text("device_id", device_id) if "device_id" in spec.own else None
     if named is not None and len(named) > 256:
         c.fail("device_id", "must be at most 256 characters")
     presence = c.text("presence", "link") or "link"
@@ -497,12 +377,14 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
 
 
 def _shared_options(source: str, devices: tuple[DeviceConfig, ...]) -> None:
-    """Modbus and MQTT devices on one host and port share one link, made with the first
-    one's settings, and devices of one ``hub`` share one slot pool: another device's own
-    settings would be silently ignored, so they must agree."""
+    """Devices of a hub driver (Modbus, MQTT) on one host and port share one link, made with
+    the first one's settings (its spec's ``hub_settings`` and ``options``), and devices of
+    one ``hub`` share one slot pool: another device's own settings would be silently
+    ignored, so they must agree."""
     first: dict[tuple[str, str, int], int] = {}
     for i, device in enumerate(devices):
-        if device.driver == "jsonline":
+        spec = REGISTRY[device.driver]
+        if not spec.hub:
             continue
         j = first.setdefault((device.driver, device.host, device.port), i)
         if device.options and device.options != devices[j].options:
@@ -511,7 +393,7 @@ def _shared_options(source: str, devices: tuple[DeviceConfig, ...]) -> None:
                 f"to {device.host}:{device.port} with devices[{j}], whose options it uses; "
                 f"give both the same options, or options on devices[{j}] only"
             )
-        for key in HUB_LINK_KEYS:
+        for key in spec.hub_settings:
             if getattr(device, key) != getattr(devices[j], key):
                 if key == "backoff" and device.backoff.terminal_retry_s != (
                     devices[j].backoff.terminal_retry_s
@@ -537,11 +419,11 @@ def _shared_options(source: str, devices: tuple[DeviceConfig, ...]) -> None:
 
 def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> GatewayConfig:
     """Validate a parsed TOML document. Raises ConfigError naming the key and the problem."""
-    top = _Checker(source, "", data, {"gateway", "devices"})
+    top = Checker(source, "", data, {"gateway", "devices"})
     gateway = data.get("gateway", {})
     if not isinstance(gateway, Mapping):
         top.fail("gateway", "must be a table")
-    g = _Checker(source, "gateway", gateway, set(GATEWAY_KEYS))
+    g = Checker(source, "gateway", gateway, set(GATEWAY_KEYS))
     host, port = _listen(source, gateway.get("listen", DEFAULT_LISTEN))
     store = g.text("store", DEFAULT_STORE) or DEFAULT_STORE
     if not store.startswith(("sqlite://", "postgresql://", "postgres://", "memory:")):

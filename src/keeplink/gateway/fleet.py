@@ -40,10 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from keeplink._core.errors import KeeplinkError
+from keeplink._link import Link
 from keeplink.outbox import Fence, Outbox
 from keeplink.outbox.postgres import NOTIFY_MAX, PostgresStore
 
-__all__ = ["RENEW_RATIO", "Fleet", "Unit", "owner_of"]
+__all__ = ["RENEW_RATIO", "Fleet", "Relay", "Unit", "outbox_unit", "owner_of"]
 
 _log = logging.getLogger("keeplink.gateway.fleet")
 
@@ -51,10 +52,10 @@ RENEW_RATIO: Final = 3
 """Leases are renewed three times a lease period: two lost round trips are survived, a
 third means the database (or this node) is in trouble and the lease may lapse."""
 POLL_S: Final = 1.0
+"""While no notification connection is up, owned devices are looked at this often."""
 WANT_RATIO: Final = 20
 """For a lease after a node left the live set, while leases this node should take from
 it are not yet free, it tries every ``lease_s / WANT_RATIO`` seconds."""
-"""While no notification connection is up, owned devices are looked at this often."""
 TAKE_CONCURRENCY: Final = 16
 """Units taken over at once: enough to overlap their round trips, few enough to leave the
 database connections (and the loop) to the deliveries under way."""
@@ -92,6 +93,29 @@ class Unit:
     closing, its devices detaching) to end, so the two never interleave."""
 
 
+def outbox_unit(outbox: Outbox, link: Link[Any], devices: list[str], *, hub: bool) -> Unit:
+    """A link and its devices as one unit a node owns: started, they are attached to the
+    outbox and the link starts; stopped, both end (``settle``: the attempt in flight ends
+    well first, for a handoff; else the sessions close at once, for a lost lease)."""
+
+    async def start() -> None:
+        for device in devices:
+            await outbox.attach(device, link, hub=hub)
+        link.start()
+
+    async def stop(settle: bool) -> None:
+        if settle:  # a handoff: the attempt in flight needs the link to end well
+            for device in devices:
+                await outbox.detach(device, settle=True)
+            await link.stop()
+            return
+        await link.stop()  # lost: close the sessions first, at once
+        for device in devices:
+            await outbox.detach(device, settle=False)
+
+    return Unit(key=devices[0], devices=devices, start=start, stop=stop)
+
+
 class Fleet:
     """Keeps this node's leases; see the module's docstring. Keyword-only config."""
 
@@ -106,8 +130,6 @@ class Fleet:
         on_event: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.store = store
-        self.on_event = on_event
-        """Called with each event another node published (its ``node`` names it)."""
         self.outbox = outbox
         self.node = node
         self.lease_s = lease_s
@@ -127,10 +149,8 @@ class Fleet:
         self._closing = False
         self._wake = asyncio.Event()
         self._stopping: set[asyncio.Task[None]] = set()
-        self._outgoing: collections.deque[str] = collections.deque(maxlen=OUTGOING_MAX)
-        self._statuses: dict[str, str] = {}  # device → JSON, to record with the next send
-        self._send_wake = asyncio.Event()
-        self._sender: asyncio.Task[None] | None = None
+        self.relay = Relay(store=store, node=node, on_event=on_event)
+        """This node's events and device statuses to the other nodes, and theirs to it."""
 
     # ------------------------------------------------------------------ for the outbox
 
@@ -179,57 +199,13 @@ class Fleet:
             self._renew_loop(), name=f"keeplink.fleet[{self.node}].renew"
         )
         self._task = loop.create_task(self._run(), name=f"keeplink.fleet[{self.node}]")
-        self._sender = loop.create_task(self._send(), name=f"keeplink.fleet[{self.node}].events")
-
-    # ------------------------------------------------------------------ events
-
-    def publish(self, event: Mapping[str, Any]) -> None:
-        """Send one of this node's API events to the other nodes (best effort: events
-        describe the store, which has the truth). One too large for a notification goes
-        without its command's args and result."""
-        text = json.dumps({**event, "node": self.node}, separators=(",", ":"))
-        if len(text.encode()) > NOTIFY_MAX and isinstance(event.get("command"), dict):
-            command = {k: v for k, v in event["command"].items() if k not in ("args", "result")}
-            text = json.dumps({**event, "command": command, "node": self.node})
-        if len(text.encode()) > NOTIFY_MAX:
-            _log.debug("fleet: an event of %d bytes is not sent to other nodes", len(text))
-            return
-        self._outgoing.append(text)
-        self._send_wake.set()
+        self.relay.start()
 
     def report(self, device: str, status: Mapping[str, Any]) -> None:
         """Record what this node, the owner, says of ``device`` (its presence and link),
         for the other nodes' device views: written with the next batch of events."""
         if self.owns(device):
-            self._statuses[device] = json.dumps(dict(status), separators=(",", ":"))
-            self._send_wake.set()
-
-    async def _send(self) -> None:
-        while True:
-            await self._send_wake.wait()
-            self._send_wake.clear()
-            if self._statuses:
-                statuses, self._statuses = self._statuses, {}
-                try:
-                    await self.store.put_statuses(self.node, statuses)
-                except KeeplinkError as exc:
-                    _log.debug("fleet: %d statuses not recorded: %s", len(statuses), exc)
-                    for device, text in statuses.items():  # the next send tries again
-                        self._statuses.setdefault(device, text)
-            while self._outgoing:
-                batch = [self._outgoing.popleft() for _ in range(min(100, len(self._outgoing)))]
-                try:
-                    await self.store.publish(batch)
-                except KeeplinkError as exc:
-                    _log.debug("fleet: %d events not sent: %s", len(batch), exc)
-
-    def _on_event(self, text: str) -> None:
-        try:
-            event = json.loads(text)
-        except ValueError:
-            return
-        if isinstance(event, dict) and event.get("node") != self.node and self.on_event:
-            self.on_event(event)
+            self.relay.record(device, status)
 
     async def close(self) -> None:
         """SIGTERM: leave the fleet gracefully. Attempts in flight settle, then the leases
@@ -242,10 +218,7 @@ class Fleet:
                     await task
         if self._stopping:
             await asyncio.wait(self._stopping)
-        if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
+        await self.relay.close()
         with contextlib.suppress(KeeplinkError, OSError):
             await self.store.leave(self.node)
         for unit in self.units:
@@ -412,7 +385,7 @@ class Fleet:
             return
         self._listener = None
         try:
-            self._listener = await self.store.listen(self._on_submit, self._on_event)
+            self._listener = await self.store.listen(self._on_submit, self.relay.received)
         except KeeplinkError as exc:
             _log.debug("fleet: no notification connection (%s); polling every %gs", exc, POLL_S)
 
@@ -428,3 +401,81 @@ class Fleet:
         if listener is not None:
             with contextlib.suppress(Exception):  # closing a connection that may be broken
                 await listener.close(timeout=2)
+
+
+class Relay:
+    """A node's events to the other nodes of its fleet, and theirs to it, through the
+    shared store's notifications (best effort: events describe the store, which has the
+    truth); and what the node says of the devices it owns, recorded for the others."""
+
+    def __init__(
+        self,
+        *,
+        store: PostgresStore,
+        node: str,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.node = node
+        self.on_event = on_event
+        """Called with each event another node published (its ``node`` names it)."""
+        self._outgoing: collections.deque[str] = collections.deque(maxlen=OUTGOING_MAX)
+        self._statuses: dict[str, str] = {}  # device → JSON, to record with the next send
+        self._send_wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._sender = asyncio.get_running_loop().create_task(
+            self._send(), name=f"keeplink.fleet[{self.node}].events"
+        )
+
+    async def close(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+
+    def publish(self, event: Mapping[str, Any]) -> None:
+        """Send one of this node's API events to the other nodes. One too large for a
+        notification goes without its command's args and result."""
+        text = json.dumps({**event, "node": self.node}, separators=(",", ":"))
+        if len(text.encode()) > NOTIFY_MAX and isinstance(event.get("command"), dict):
+            command = {k: v for k, v in event["command"].items() if k not in ("args", "result")}
+            text = json.dumps({**event, "command": command, "node": self.node})
+        if len(text.encode()) > NOTIFY_MAX:
+            _log.debug("fleet: an event of %d bytes is not sent to other nodes", len(text))
+            return
+        self._outgoing.append(text)
+        self._send_wake.set()
+
+    def record(self, device: str, status: Mapping[str, Any]) -> None:
+        """Record ``status`` for ``device`` with the next batch of events."""
+        self._statuses[device] = json.dumps(dict(status), separators=(",", ":"))
+        self._send_wake.set()
+
+    async def _send(self) -> None:
+        while True:
+            await self._send_wake.wait()
+            self._send_wake.clear()
+            if self._statuses:
+                statuses, self._statuses = self._statuses, {}
+                try:
+                    await self.store.put_statuses(self.node, statuses)
+                except KeeplinkError as exc:
+                    _log.debug("fleet: %d statuses not recorded: %s", len(statuses), exc)
+                    for device, text in statuses.items():  # the next send tries again
+                        self._statuses.setdefault(device, text)
+            while self._outgoing:
+                batch = [self._outgoing.popleft() for _ in range(min(100, len(self._outgoing)))]
+                try:
+                    await self.store.publish(batch)
+                except KeeplinkError as exc:
+                    _log.debug("fleet: %d events not sent: %s", len(batch), exc)
+
+    def received(self, text: str) -> None:
+        try:
+            event = json.loads(text)
+        except ValueError:
+            return
+        if isinstance(event, dict) and event.get("node") != self.node and self.on_event:
+            self.on_event(event)

@@ -30,14 +30,19 @@ store's count at start and corrected by a sample once a minute (:meth:`History.s
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-from keeplink._core.errors import ErrorInfo
+from keeplink._core.errors import ErrorInfo, KeeplinkError
+
+if TYPE_CHECKING:
+    from keeplink.outbox import CommandStore
 
 __all__ = [
     "BUCKET_S",
@@ -47,7 +52,10 @@ __all__ = [
     "MAX_ERRORS",
     "MESSAGE_CHARS",
     "History",
+    "sample_queues",
 ]
+
+_log = logging.getLogger("keeplink.gateway")
 
 HOURS_KEPT: Final = 24
 """How far back the history reaches (and the most ``hours`` a view may ask for)."""
@@ -396,8 +404,8 @@ class History:
             record = _Device(presence="unknown", link="unknown", queued=0, known_since=until)
         known = min(max(since, record.known_since), until)
         changes = [c for c in record.changes if c.at <= until]
-        presence = self._spans(record, changes, "presence", record.presence, since, known, until)
-        link = self._spans(record, changes, "link", record.link, since, known, until)
+        presence = _spans(changes, "presence", record.presence, since, known, until)
+        link = _spans(changes, "link", record.link, since, known, until)
         buckets = [b for b in record.buckets if since - self.bucket_s < b.start <= until]
         before = [b for b in record.buckets if b.start <= since - self.bucket_s]
         return {
@@ -415,54 +423,78 @@ class History:
             ],
         }
 
-    @staticmethod
-    def _spans(
-        record: _Device,
-        changes: Iterable[Change],
-        kind: Kind,
-        current: str,
-        since: float,
-        known: float,
-        until: float,
-    ) -> list[dict[str, Any]]:
-        """Spans of one kind's states from ``since`` to ``until``: ``unknown`` before
-        ``known``, then each state for as long as it held."""
-        mine = [c for c in changes if c.kind == kind]
-        spans: list[dict[str, Any]] = []
 
-        def add(state: str, start: float, end: float, error: tuple[str, str] | None) -> None:
-            start, end = max(start, since), min(end, until)
-            if end <= start and spans:
-                return
-            if spans and spans[-1]["state"] == state:
-                spans[-1]["end"] = end
-                return
-            spans.append(
-                {
-                    "state": state,
-                    "start": start,
-                    "end": end,
-                    "error": ErrorInfo(*error).to_wire() if error else None,
-                }
-            )
+async def sample_queues(history: History, store: CommandStore, devices: Sequence[str]) -> None:
+    """Correct the history's queue depths from the store's count (every device in one
+    read): at once, then once a bucket, until cancelled. A device whose commands moved
+    during the read keeps what the events made of it; while the store is away the events'
+    counts stand."""
+    failed = False
+    while True:
+        seen = {device: history.command_events(device) for device in devices}
+        try:
+            depths = await store.depths(list(devices))
+        except KeeplinkError:
+            depths = {}  # the store is away: the events' counts stand until it is back
+        except Exception:  # noqa: BLE001 - see below
+            # Deliberately broad: the history's correction must never end, nor reach
+            # delivery. Logged once, with its traceback.
+            depths = {}
+            if not failed:
+                failed = True
+                _log.exception("gateway: the history's queue sample failed")
+        for device, (queued, _) in depths.items():
+            if history.command_events(device) == seen.get(device):
+                history.sample(device, queued)
+        await asyncio.sleep(BUCKET_S)
 
-        if known > since:
-            add("unknown", since, known, None)
-        # the state at `known`: the last change at or before it, else the first one's old
-        before = [c for c in mine if c.at <= known]
-        after = [c for c in mine if c.at > known]
-        if before:
-            state, error = before[-1].new, before[-1].error
-        elif after:
-            state, error = after[0].old, None
-        else:
-            state, error = current, None
-        start = known
-        for change in after:
-            add(state, start, change.at, error)
-            state, error, start = change.new, change.error, change.at
-        add(state, start, until, error)
-        return spans
+
+def _spans(
+    changes: Iterable[Change],
+    kind: Kind,
+    current: str,
+    since: float,
+    known: float,
+    until: float,
+) -> list[dict[str, Any]]:
+    """Spans of one kind's states from ``since`` to ``until``: ``unknown`` before
+    ``known``, then each state for as long as it held."""
+    mine = [c for c in changes if c.kind == kind]
+    spans: list[dict[str, Any]] = []
+
+    def add(state: str, start: float, end: float, error: tuple[str, str] | None) -> None:
+        start, end = max(start, since), min(end, until)
+        if end <= start and spans:
+            return
+        if spans and spans[-1]["state"] == state:
+            spans[-1]["end"] = end
+            return
+        spans.append(
+            {
+                "state": state,
+                "start": start,
+                "end": end,
+                "error": ErrorInfo(*error).to_wire() if error else None,
+            }
+        )
+
+    if known > since:
+        add("unknown", since, known, None)
+    # the state at `known`: the last change at or before it, else the first one's old
+    before = [c for c in mine if c.at <= known]
+    after = [c for c in mine if c.at > known]
+    if before:
+        state, error = before[-1].new, before[-1].error
+    elif after:
+        state, error = after[0].old, None
+    else:
+        state, error = current, None
+    start = known
+    for change in after:
+        add(state, start, change.at, error)
+        state, error, start = change.new, change.error, change.at
+    add(state, start, until, error)
+    return spans
 
 
 def _outages(changes: list[Change], since: float, until: float) -> list[dict[str, Any]]:
