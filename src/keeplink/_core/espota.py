@@ -453,6 +453,7 @@ class OtaClient:
         self.acked = 0
         """Payload bytes the device acknowledged (version 2)."""
         self._acks = 0
+        self._in_data = False
         self._nonce_len = 0
         self._buf = bytearray()
         self._send: list[Buffer] = []
@@ -467,9 +468,9 @@ class OtaClient:
     @property
     def committed(self) -> bool:
         """The device may hold (and be installing) the whole image: a loss of the
-        connection now does not say whether the update took."""
-        full = self.sent >= len(self.payload)
-        return self.state is _C.VERIFY or (self.state is _C.DATA and full)
+        connection now (also once the client is FAILED by it) does not say whether the
+        update took."""
+        return self._in_data and self.sent >= len(self.payload) and self.state is not _C.DONE
 
     @property
     def waiting_for(self) -> str:
@@ -620,6 +621,7 @@ class OtaClient:
                 )
             )
             self.state = nxt
+            self._in_data = True
             self._fill()
             return
         elif response is _R.CHUNK_OK:

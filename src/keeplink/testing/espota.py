@@ -22,6 +22,7 @@ from keeplink._clock import SystemClock, deadline
 from keeplink._core.clock import Clock
 from keeplink._core.espota import (
     DeviceAuth,
+    ImageProgress,
     OtaDevice,
     OtaFault,
     UpdateCompleted,
@@ -207,8 +208,9 @@ class OtaReceiver:
     ) -> bool:
         """Whether a drop asked for is due now; if so, the connection is reset."""
         completed = any(isinstance(e, UpdateCompleted) for e in events)
+        arrived = any(isinstance(e, ImageProgress) for e in events)
         due = False
-        if self._drop_at is not None and device.received >= self._drop_at:
+        if self._drop_at is not None and arrived and device.received >= self._drop_at:
             self._drop_at = None
             due = not completed  # (a threshold at the image's end is past the verification)
         if self._drop_after_flash and completed:
