@@ -448,6 +448,8 @@ class OtaClient:
         self.flags = 0
         self.auth_method: str | None = None
         self.payload: bytes = image
+        self.md5 = ""
+        """Of the payload, once it is announced."""
         self.sent = 0
         """Payload bytes handed out to be written."""
         self.acked = 0
@@ -612,12 +614,12 @@ class OtaClient:
             head = bytes([OTA_TYPE_APP]) if self.extended else b""
             self._send.append(head + len(self.payload).to_bytes(4, "big"))
         elif state is _C.SIZE:
-            self._send.append(hashlib.md5(self.payload).hexdigest().encode("ascii"))
+            self.md5 = hashlib.md5(self.payload).hexdigest()
+            self._send.append(self.md5.encode("ascii"))
         elif state is _C.CHECKSUM:
-            md5 = hashlib.md5(self.payload).hexdigest()
             self._events.append(
                 TransferStarted(
-                    size=len(self.payload), md5=md5, compressed=self.payload is not self.image
+                    size=len(self.payload), md5=self.md5, compressed=self.payload is not self.image
                 )
             )
             self.state = nxt
