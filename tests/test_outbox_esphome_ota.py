@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from helpers import eventually
 from keeplink import Link, WallClock
 from keeplink._core.commands import Command, CommandState
 from keeplink._core.errors import ConfigError, ErrorCode, InvalidRequestError
@@ -329,3 +330,57 @@ def test_config_is_checked() -> None:
     for bad in ({"max_attempts": 0}, {"window": 0}, {"settle_s": -1}, {"data_timeout_s": 0}):
         with pytest.raises(ConfigError):
             EsphomeOta(address=lambda d: ("127.0.0.1", 3232), **bad)
+
+
+async def test_a_failing_hook_sends_nothing(tmp_path: Path) -> None:
+    """Not knowing what the device runs, an upload could flash it twice: the attempt ends."""
+    args = write_image(tmp_path)
+
+    def installed(device: str, command: Command) -> bool:
+        raise RuntimeError("DeviceInfo not there yet")
+
+    async with OtaReceiver() as rx:
+        outcome = await ota(rx, installed=installed)(*direct(args))
+    assert isinstance(outcome, Unavailable)
+    assert outcome.cause.code is ErrorCode.DEVICE_UNAVAILABLE
+    assert "DeviceInfo not there yet" in outcome.cause.message
+    assert rx.sessions == 0
+
+
+async def test_a_device_without_an_address_is_a_failed_attempt(tmp_path: Path) -> None:
+    args = write_image(tmp_path)
+    addresses: dict[str, tuple[str, int]] = {}
+    outcome = await EsphomeOta(address=addresses.__getitem__)(*direct(args))
+    assert isinstance(outcome, Unavailable)
+    assert outcome.cause.code is ErrorCode.CONFIG_ERROR
+    assert "KeyError" in outcome.cause.message
+
+
+async def test_a_cancelled_upload_closes_its_connection(tmp_path: Path) -> None:
+    args = write_image(tmp_path)
+    seen: list[bytes] = []
+    closed = asyncio.Event()
+
+    async def listen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.read(5))
+        try:
+            seen.append(await reader.read())  # until the uploader goes away
+        except ConnectionResetError:
+            seen.append(b"")
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(listen, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        executor = EsphomeOta(address=lambda d: ("127.0.0.1", port))
+        task = asyncio.get_running_loop().create_task(executor(*direct(args)))
+        await eventually(lambda: bool(seen), what="the magic bytes")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with asyncio.timeout(5):
+            await closed.wait()
+    finally:
+        server.close()
+    assert seen == [bytes([0x6C, 0x26, 0xF7, 0x5C, 0x45]), b""]

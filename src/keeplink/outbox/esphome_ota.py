@@ -176,8 +176,20 @@ class EsphomeOta:
                 code=ErrorCode.PRECONDITION_FAILED,
             )
         compressed = await asyncio.to_thread(_gzip, data) if self.compress else None
-        host, port = self.address(ctx.device)
-        password = self.password(ctx.device) if callable(self.password) else self.password
+        try:
+            host, port = self.address(ctx.device)
+            password = self.password(ctx.device) if callable(self.password) else self.password
+        except Exception as exc:  # noqa: BLE001 - the caller's lookup: logged, ends this attempt
+            _log.warning(
+                "firmware %s for %r: no OTA address or password", command.id, ctx.device,
+                exc_info=True,
+            )  # fmt: skip
+            return Unavailable(
+                cause=ConfigError(
+                    f"esphome_ota: no OTA address or password for {ctx.device!r}: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+            )
         run = _Run(self, command, ctx, data, compressed, host, port, password)
         return await run.go()
 
@@ -189,6 +201,12 @@ def _read(path: str) -> bytes:
 
 def _gzip(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=9, mtime=0)
+
+
+class _HookFailed(Exception):
+    def __init__(self, error: KeeplinkError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 class _Run:
@@ -219,6 +237,13 @@ class _Run:
         self.started = self.clock.now()
 
     async def go(self) -> Outcome:
+        try:
+            return await self._go()
+        except _HookFailed as failed:
+            # Not knowing what the device runs, sending could flash it twice: not now.
+            return Unavailable(cause=failed.error)
+
+    async def _go(self) -> Outcome:
         spec = self.spec
         last: Outcome | None = None
         for attempt in range(1, spec.max_attempts + 1):
@@ -310,12 +335,26 @@ class _Run:
         return spec.data_timeout_s if client.in_data_phase else spec.handshake_timeout_s
 
     async def _runs_it(self) -> bool:
+        """What ``installed`` says; raises _HookFailed when it raises."""
         hook = self.spec.installed
         if hook is None:
             return False
-        answer = hook(self.ctx.device, self.command)
-        if inspect.isawaitable(answer):
-            answer = await answer
+        try:
+            answer = hook(self.ctx.device, self.command)
+            if inspect.isawaitable(answer):
+                answer = await answer
+        except Exception as exc:  # deliberate: the caller's hook; logged, ends this attempt
+            _log.warning(
+                "firmware %s for %r: the installed() hook failed",
+                self.command.id, self.ctx.device, exc_info=True,
+            )  # fmt: skip
+            raise _HookFailed(
+                KeeplinkError(
+                    f"esphome_ota: cannot tell what {self.ctx.device!r} runs: installed() "
+                    f"raised {type(exc).__name__}: {exc}",
+                    code=ErrorCode.DEVICE_UNAVAILABLE,
+                )
+            ) from exc
         return bool(answer)
 
     async def _settles(self) -> bool:
