@@ -614,3 +614,9 @@ def test_timeouts_follow_the_firmware() -> None:
 def test_update_started_comes_after_the_size() -> None:
     _, events, _ = feed(OtaDevice(), MAGIC, b"\x06", b"\x00" + (77).to_bytes(4, "big"))
     assert events == [UpdateStarted(77)]
+
+
+def test_received_twice_is_a_protocol_error() -> None:
+    client = waiting_client("verify")
+    with pytest.raises(ProtocolError, match="unexpected byte 0x44"):
+        client.receive_data(bytes([R.RECEIVE_OK]))

@@ -304,7 +304,7 @@ CLIENT_TABLE: Final[Mapping[ClientState, Mapping[Response, ClientState]]] = {
     _C.SIZE: {_R.UPDATE_PREPARE_OK: _C.CHECKSUM},
     _C.CHECKSUM: {_R.BIN_MD5_OK: _C.DATA},
     _C.DATA: {_R.CHUNK_OK: _C.DATA, _R.RECEIVE_OK: _C.VERIFY},
-    _C.VERIFY: {_R.RECEIVE_OK: _C.VERIFY, _R.UPDATE_END_OK: _C.DONE},
+    _C.VERIFY: {_R.UPDATE_END_OK: _C.DONE},
 }
 """The client's one table: in each state that waits for a response byte, the bytes that
 are accepted and the state each leads to. Any other byte of 80..FF is the device's error;
@@ -498,7 +498,7 @@ class OtaClient:
             return ClientStep((), ())
         if self.state is _C.IDLE:
             raise ProtocolError("espota: receive_data() before start()")
-        try:
+        try:  # whatever goes wrong leaves the client FAILED; the error goes to the caller
             if not data:
                 raise self._closed_error()
             self._buf += data
@@ -629,7 +629,7 @@ class OtaClient:
         elif response is _R.CHUNK_OK:
             self._on_chunk_ok()
         elif response is _R.RECEIVE_OK:
-            self._on_receive_ok(state)
+            self._on_receive_ok()
         elif response is _R.UPDATE_END_OK:
             self._events.append(UpdateVerified(len(self.payload)))
             self._send.append(bytes([_R.OK]))
@@ -648,9 +648,7 @@ class OtaClient:
         self._events.append(ChunkAcknowledged(self.acked, len(self.payload)))
         self._fill()
 
-    def _on_receive_ok(self, state: ClientState) -> None:
-        if state is _C.VERIFY:
-            raise ProtocolError("espota: the device said 'received' twice")
+    def _on_receive_ok(self) -> None:
         size = len(self.payload)
         if self.sent < size or (self.version >= 2 and self._acks < self._expected_acks()):
             raise ProtocolError(
