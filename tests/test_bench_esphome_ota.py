@@ -1,0 +1,23 @@
+"""The OTA benchmark runs and prints its rows (no timing asserts: figures go to the docs)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_the_ota_benchmark_prints_every_row() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.esphome_ota", "--mib", "0.2", "--rounds", "1", cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 50)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    text = out.decode()
+    assert "ESPHome OTA, 209,715 bytes over loopback" in text
+    for row in ("raw asyncio sender", *(f"keeplink EsphomeOta, window {w}" for w in (1, 2, 8))):
+        assert re.search(rf"{row} +[\d.]+ MB/s +[\d.]+x of raw", text), f"{row!r} in:\n{text}"
