@@ -408,7 +408,9 @@ class _Run:
                         attempt_started = clock.now()
                     elif isinstance(event, ChunkAcknowledged | ImageReceived):
                         self._progress(client, attempt_started)
-                if step.send:
+                if writer.transport.get_write_buffer_size():
+                    # (Only then can drain() wait: a write the kernel took whole needs no
+                    # timer, which is most of them.)
                     try:
                         async with deadline(clock, clock.now() + limit):
                             await writer.drain()
