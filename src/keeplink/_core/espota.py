@@ -702,9 +702,10 @@ class DeviceAuth(enum.Enum):
     SHA256 = "sha256"
     """Current firmware: SHA-256, and a client that does not offer it is refused (82)."""
     SHA256_OR_MD5 = "sha256_or_md5"
-    """The 2025 transition: SHA-256 if the client offers it, else MD5."""
+    """The transition (firmware built to allow a downgrade): SHA-256 if the client offers
+    it, else MD5."""
     MD5 = "md5"
-    """Firmware before 2025.8: MD5 always."""
+    """Older firmware: MD5 always, whatever the client offers."""
 
 
 class DeviceState(enum.Enum):
@@ -797,9 +798,9 @@ class OtaDevice:
     ``password`` None: no authentication. ``auth``: which firmware generation answers
     (:class:`DeviceAuth`). ``version``: 2 acknowledges every 8192 bytes, 1 does not.
     ``compression``: takes gzip payloads (and installs them decompressed). ``extended``:
-    knows the extended protocol (2025.10 on). ``max_size``: a larger image is refused with
-    89 (the ESP32's partition is too small). ``fault``: fail on purpose. ``nonce`` makes
-    the device's nonce (for tests).
+    knows the extended protocol (newer firmware; older answers the features with one
+    byte). ``max_size``: a larger image is refused with 89 (the ESP32's partition is too
+    small). ``fault``: fail on purpose. ``nonce`` makes the device's nonce (for tests).
     """
 
     def __init__(
