@@ -70,7 +70,8 @@ async def serve() -> None:
         rx.on_flash = lambda flash: rx.flashes.clear()  # keep no images around
         sink = await asyncio.start_server(_raw_sink, "127.0.0.1", 0)
         print(f"ota {rx.port} raw {sink.sockets[0].getsockname()[1]}", flush=True)
-        await asyncio.Event().wait()
+        # Until the parent goes: its end of our stdin closes then, however it ended.
+        await asyncio.to_thread(sys.stdin.buffer.read)
 
 
 # ---------------------------------------------------------------------- the senders
@@ -149,8 +150,9 @@ async def measure(*, mib: float, rounds: int, max_s: float) -> tuple[dict[str, f
     """Median MB/s of each mode, and the image size."""
     image = random.Random(3232).randbytes(int(mib * (1 << 20)))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.esphome_ota", "--serve", stdout=asyncio.subprocess.PIPE
-    )
+        sys.executable, "-m", "bench.esphome_ota", "--serve",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
     try:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
