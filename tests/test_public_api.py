@@ -55,6 +55,24 @@ def test_the_testing_export_list_is_pinned() -> None:
     assert len(keeplink.testing.__all__) == len(TESTING), "duplicates in __all__"
 
 
+ESPOTA_MODULES = {
+    "keeplink.outbox.esphome_ota": {
+        "DEFAULT_PORT", "Address", "EsphomeOta", "Installed", "PasswordFor",
+    },
+    "keeplink.testing.espota": {"DeviceAuth", "Flash", "OtaFault", "OtaReceiver"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(ESPOTA_MODULES))
+def test_the_esphome_ota_modules_export_lists_are_pinned(name: str) -> None:
+    """Public modules of their own (imported by name, not re-exported by their package)."""
+    module = importlib.import_module(name)
+    assert set(module.__all__) == ESPOTA_MODULES[name]
+    assert len(module.__all__) == len(ESPOTA_MODULES[name]), "duplicates in __all__"
+    for export in module.__all__:
+        assert hasattr(module, export), f"{name}.{export}"
+
+
 def test_subpackages_export_what_they_list() -> None:
     for module in (keeplink.drivers, keeplink.testing):
         for name in module.__all__:
