@@ -417,8 +417,9 @@ class Gateway:
                 )
             else:
                 with _naming(self.config, first, "driver"):
-                    _needs("mqtt", "aiomqtt")
+                    _needs("mqtt", "mqtt5")
                 from keeplink.drivers.mqtt import MqttDriver
+                from keeplink.presence.mqtt import MqttAvailability
 
                 options = dict(first.options)
                 with _naming(self.config, first, "options"):
@@ -427,9 +428,9 @@ class Gateway:
                         port,
                         client_id=str(options.pop("client_id", f"keeplink-{uuid.uuid4().hex[:8]}")),
                         devices=[d.id for d in devices],
-                        presence=self.presence,
                         **options,
                     )
+                MqttAvailability(mqtt, self.presence)  # held by the driver, as its listener
                 link = Link(
                     mqtt,
                     name=f"mqtt:{host}:{port}",
