@@ -1,6 +1,6 @@
 """The MQTT driver against a real Mosquitto on a loopback port started by each test.
 
-The device is a fake one built on aiomqtt, like real firmware: a last will "offline" and a
+The device is a fake one (keeplink.testing.mqtt), like real firmware: a last will "offline" and a
 retained "online" on its availability topic, commands on its command topic, applied once
 per idempotency key (a duplicate is acknowledged again, not applied again), and, where the
 test wants it, a reply on its response topic.
@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
+import mqtt5
 import pytest
 
 from helpers import IO_BOUND_S, eventually, until_state
@@ -48,7 +48,7 @@ from keeplink.outbox import CommandState, MemoryStore, Outbox
 from keeplink.presence import Presence, PresenceTracker, Source
 from keeplink.presence.mqtt import MqttAvailability
 from keeplink.testing import FaultProxy
-from keeplink.testing.mqtt import mqtt_device_on
+from keeplink.testing.mqtt import MqttTestClient, mqtt_device_on
 from mosquitto import Mosquitto, require_mosquitto
 
 Q = CommandState
@@ -66,7 +66,7 @@ def presence() -> Iterator[PresenceTracker]:
 
 
 def broker_link(driver: MqttDriver, **kwargs: Any) -> Link[Any]:
-    """A link with quick reconnects; no heartbeat (MQTT keepalive is paho's)."""
+    """A link with quick reconnects; no heartbeat (MQTT keepalive is the driver's)."""
     kwargs.setdefault("backoff", Backoff(initial_s=0.05, cap_s=0.2))
     kwargs.setdefault("connect_timeout_s", 3)
     kwargs.setdefault("handshake_timeout_s", 3)
@@ -90,16 +90,16 @@ async def running(*links: Link[Any]) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def spy(broker: Mosquitto, topic: str) -> AsyncIterator[list[aiomqtt.Message]]:
+async def spy(broker: Mosquitto, topic: str) -> AsyncIterator[list[mqtt5.PublishPacket]]:
     """Every message published on ``topic`` while the block runs (subscribed first)."""
-    seen: list[aiomqtt.Message] = []
+    seen: list[mqtt5.PublishPacket] = []
     assert broker.port is not None
-    async with aiomqtt.Client(broker.host, broker.port, identifier=f"spy-{topic}") as client:
-        await client.subscribe(topic, qos=1)
+    async with MqttTestClient(broker.host, broker.port, client_id=f"spy-{topic}") as client:
+        await client.subscribe(topic)
 
         async def collect() -> None:
-            async for message in client.messages:
-                seen.append(message)
+            while True:
+                seen.append(await client.next_message())
 
         task = asyncio.get_running_loop().create_task(collect(), name="spy")
         try:
@@ -615,5 +615,5 @@ def test_bad_configuration_is_refused_at_construction(kwargs: dict[str, Any]) ->
 
 async def _publish_retained(broker: Mosquitto, topic: str, payload: str) -> None:
     assert broker.port is not None
-    async with aiomqtt.Client(broker.host, broker.port, identifier="retainer") as client:
-        await client.publish(topic, payload, qos=1, retain=True)
+    async with MqttTestClient(broker.host, broker.port, client_id="retainer") as client:
+        await client.publish(topic, payload, retain=True)

@@ -217,7 +217,7 @@ ALLOWED_CORE = {("asyncio", "classify.py"), ("socket", "classify.py")}
     [
         ("keeplink.testing.store_suite", "hypothesis"),
         ("keeplink.testing.modbus", "pymodbus"),
-        ("keeplink.testing.mqtt", "aiomqtt"),
+        ("keeplink.testing.mqtt", "mqtt5"),
     ],
 )
 def test_an_optional_testing_module_says_what_it_needs(
