@@ -12,7 +12,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import mqtt5
 
@@ -32,10 +32,14 @@ from keeplink.drivers.mqtt._protocol import (
     Keepalive,
     KeepaliveAction,
     PacketIds,
+    PublishWindow,
     connack_error,
+    connect_packet,
     puback_refusal,
+    publish_packet,
     session_error,
     suback_failure,
+    subscribe_packet,
 )
 
 if TYPE_CHECKING:
@@ -44,8 +48,6 @@ if TYPE_CHECKING:
 __all__ = ["MqttChannel"]
 
 _log = logging.getLogger("keeplink.mqtt")
-
-_QOS: Final = {0: mqtt5.QoS.AT_MOST_ONCE, 1: mqtt5.QoS.AT_LEAST_ONCE, 2: mqtt5.QoS.EXACTLY_ONCE}
 
 
 class MqttChannel:
@@ -79,11 +81,7 @@ class MqttChannel:
         self._connack: asyncio.Future[None] | None = None
         self._subacks: dict[int, tuple[tuple[str, ...], asyncio.Future[None]]] = {}
         self._ids = PacketIds()
-        self._unacked: dict[int, Publish] = {}
-        """Our QoS 1 publishes the broker has not acknowledged yet, by packet id."""
-        self._waiting: collections.deque[Publish] = collections.deque()
-        """Publishes past the broker's receive maximum, sent as PUBACKs free room."""
-        self._receive_max = 65535
+        self._window = PublishWindow(self._ids)
         self._keepalive = Keepalive(driver.keepalive_s, clock.now())
         self._timer: Timer | None = None
         stream.deliver_to(self._on_packet)
@@ -99,12 +97,8 @@ class MqttChannel:
         self._connack = asyncio.get_running_loop().create_future()
         try:
             self._write(
-                mqtt5.ConnectPacket(
-                    driver.client_id,
-                    username=driver.username,
-                    password=driver.password.encode() if driver.password is not None else None,
-                    clean_start=True,
-                    keep_alive=driver.keepalive_s,
+                connect_packet(
+                    driver.client_id, driver.username, driver.password, driver.keepalive_s
                 )
             )
             await self._connack
@@ -169,17 +163,7 @@ class MqttChannel:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._subacks[packet_id] = (frame.topics, done)
         try:
-            self._write(
-                mqtt5.SubscribePacket(
-                    packet_id,
-                    [
-                        # retain_as_published off: the retain flag then marks what the
-                        # broker kept, as MQTT 3.1.1 does, not how a device published it.
-                        mqtt5.TopicFilter(topic, max_qos=_QOS[frame.qos], retain_as_published=False)
-                        for topic in frame.topics
-                    ],
-                )
-            )
+            self._write(subscribe_packet(packet_id, frame))
             await done
         finally:
             if self._subacks.pop(packet_id, None) is not None:
@@ -203,35 +187,21 @@ class MqttChannel:
             raise self._ended
         if not isinstance(frame, Publish):
             raise InvalidRequestError(f"mqtt: cannot send a {type(frame).__name__} frame")
-        if frame.qos not in _QOS or frame.qos == 2:
+        if frame.qos not in (0, 1):
             raise InvalidRequestError(f"mqtt: cannot publish with QoS {frame.qos!r}")
         if frame.qos == 0:
-            self._write(self._packet(frame, None))
-        elif len(self._unacked) >= self._receive_max:
-            self._waiting.append(frame)
-        else:
-            self._send_qos1(frame)
-
-    def _send_qos1(self, frame: Publish) -> None:
-        packet_id = self._ids.take()
+            self._write(publish_packet(frame, None))
+            return
+        if len(self._window) >= self._window.receive_max:
+            publish_packet(frame, 1)  # raises now for a publish that could never go out later
+        packet_id = self._window.offer(frame)
+        if packet_id is None:
+            return  # sent when a PUBACK frees room
         try:
-            self._write(self._packet(frame, packet_id))
+            self._write(publish_packet(frame, packet_id))
         except BaseException:
-            self._ids.release(packet_id)
+            self._window.withdraw(packet_id)
             raise
-        self._unacked[packet_id] = frame
-
-    def _packet(self, frame: Publish, packet_id: int | None) -> mqtt5.PublishPacket:
-        try:
-            return mqtt5.PublishPacket(
-                frame.topic,
-                frame.payload,
-                qos=_QOS[frame.qos],
-                retain=frame.retain,
-                packet_id=packet_id,
-            )
-        except ValueError as exc:  # mqtt5 refuses a topic with wildcards, an empty one, ...
-            raise InvalidRequestError(f"mqtt: cannot publish to {frame.topic!r}: {exc}") from exc
 
     def _write(self, packet: Any) -> None:
         self._stream.send_nowait(packet)  # writes (or corks) even when flow-controlled
@@ -274,7 +244,7 @@ class MqttChannel:
         if packet.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
             connack.set_exception(connack_error(packet.reason_code, f"MQTT broker {self.peer}"))
             return
-        self._receive_max = max(packet.receive_max, 1)
+        self._window.receive_max = max(packet.receive_max, 1)
         if packet.server_keep_alive is not None and packet.server_keep_alive > 0:
             self._keepalive.period_s = packet.server_keep_alive  # the broker's word wins
         connack.set_result(None)
@@ -291,8 +261,8 @@ class MqttChannel:
         self._put(item)
 
     def _on_puback(self, packet: mqtt5.PubAckPacket) -> None:
-        frame = self._unacked.pop(packet.packet_id, None)
-        if frame is None or not self._ids.release(packet.packet_id):
+        frame, now = self._window.acked(packet.packet_id)
+        if frame is None:
             _log.debug("mqtt %s: PUBACK for unknown packet %d", self.peer, packet.packet_id)
             return
         refused = puback_refusal(packet.reason_code)
@@ -300,8 +270,9 @@ class MqttChannel:
             _log.debug("mqtt %s: publish to %r refused: %s", self.peer, frame.topic, refused)
         if frame.ack_seq is not None:
             self._put(Delivered(seq=frame.ack_seq, topic=frame.topic, refused=refused))
-        while self._waiting and len(self._unacked) < self._receive_max:
-            self._send_qos1(self._waiting.popleft())
+        for packet_id, waiting in now:
+            # Checked when it was offered: a publish mqtt5 refuses raised then.
+            self._write(publish_packet(waiting, packet_id))
 
     def _on_suback(self, packet: mqtt5.SubAckPacket) -> None:
         entry = self._subacks.get(packet.packet_id)
@@ -370,8 +341,7 @@ class MqttChannel:
             if future is not None and not future.done():
                 future.set_exception(reason)
                 future.exception()  # retrieved: whoever awaits it sees it, or nobody does
-        self._unacked.clear()
-        self._waiting.clear()
+        self._window.clear()
         self._wake()
         if self._connected:
             self._announce(BrokerSessionEnded(devices=self._driver.devices))

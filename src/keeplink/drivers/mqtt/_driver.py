@@ -319,38 +319,41 @@ class MqttDriver:
             return Availability(
                 device=device, online=text == self.payload_online, payload=text, retained=retained
             )
-        return self._decode_response(device, topic, payload, retained, qos)
+        return _decode_response(device, topic, payload, retained, qos, self.seq_bits)
 
-    def _decode_response(
-        self, device: str, topic: str, payload: bytes, retained: bool, qos: int
-    ) -> MqttFrame | Malformed:
-        sample = payload[:SAMPLE_BYTES]
-        try:
-            obj = load_object(payload)
-        except ValueError as exc:
-            return Malformed(f"response from {device!r}: {exc}", sample)
-        if "cid" not in obj:
-            # Not a reply: something else the device says on that topic.
-            return Message(topic=topic, payload=payload, retained=retained, qos=qos)
-        cid, ok = obj.pop("cid"), obj.pop("ok", None)
-        result, code, message = obj.pop("result", None), obj.pop("code", None), obj.pop("msg", None)
-        if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < 1 << self.seq_bits:
-            return Malformed(f"response from {device!r}: bad cid {cid!r}", sample)
-        if not isinstance(ok, bool):
-            return Malformed(f"response from {device!r}: 'ok' must be true or false", sample)
-        if result is not None and not isinstance(result, dict):
-            return Malformed(f"response from {device!r}: 'result' must be an object", sample)
-        if not isinstance(code, str | None) or not isinstance(message, str | None):
-            return Malformed(f"response from {device!r}: 'code'/'msg' must be strings", sample)
-        return Response(
-            device=device,
-            cid=cid,
-            ok=ok,
-            result=result or {},
-            code=code,
-            message=message,
-            side=obj,
-        )
+
+def _decode_response(
+    device: str, topic: str, payload: bytes, retained: bool, qos: int, seq_bits: int
+) -> MqttFrame | Malformed:
+    """A message on ``device``'s response topic: a Response, a Message (no ``cid``: not a
+    reply), or Malformed (a reply that breaks the contract)."""
+    sample = payload[:SAMPLE_BYTES]
+    try:
+        obj = load_object(payload)
+    except ValueError as exc:
+        return Malformed(f"response from {device!r}: {exc}", sample)
+    if "cid" not in obj:
+        # Not a reply: something else the device says on that topic.
+        return Message(topic=topic, payload=payload, retained=retained, qos=qos)
+    cid, ok = obj.pop("cid"), obj.pop("ok", None)
+    result, code, message = obj.pop("result", None), obj.pop("code", None), obj.pop("msg", None)
+    if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < 1 << seq_bits:
+        return Malformed(f"response from {device!r}: bad cid {cid!r}", sample)
+    if not isinstance(ok, bool):
+        return Malformed(f"response from {device!r}: 'ok' must be true or false", sample)
+    if result is not None and not isinstance(result, dict):
+        return Malformed(f"response from {device!r}: 'result' must be an object", sample)
+    if not isinstance(code, str | None) or not isinstance(message, str | None):
+        return Malformed(f"response from {device!r}: 'code'/'msg' must be strings", sample)
+    return Response(
+        device=device,
+        cid=cid,
+        ok=ok,
+        result=result or {},
+        code=code,
+        message=message,
+        side=obj,
+    )
 
 
 def _check_template(key: str, template: object) -> None:

@@ -9,6 +9,7 @@ read is told apart from a broken packet without guessing from the codec's except
 
 from __future__ import annotations
 
+import collections
 import enum
 from collections.abc import Sequence
 from typing import Final
@@ -20,12 +21,14 @@ from keeplink._core.errors import (
     AuthError,
     ConfigError,
     ErrorCode,
+    InvalidRequestError,
     KeeplinkError,
     LinkBrokenError,
     ProtocolError,
     RequestTimeout,
 )
 from keeplink._core.jsonline import Malformed
+from keeplink.drivers.mqtt._frames import Publish, Subscribe
 
 __all__ = [
     "MAX_REMAINING_LENGTH",
@@ -33,11 +36,15 @@ __all__ = [
     "KeepaliveAction",
     "MqttCodec",
     "PacketIds",
+    "PublishWindow",
     "connack_error",
     "connect_failure",
+    "connect_packet",
     "puback_refusal",
+    "publish_packet",
     "session_error",
     "suback_failure",
+    "subscribe_packet",
 ]
 
 MAX_REMAINING_LENGTH: Final = 268_435_455
@@ -94,9 +101,7 @@ class MqttCodec:
                 break  # the rest of the packet is still on its way
             if size < 0:
                 self._broken = True
-                out.append(
-                    Malformed("MQTT fixed header: remaining length too long", bytes(buffer[:5]))
-                )
+                out.append(Malformed("MQTT packet length over 4 bytes", bytes(buffer[:5])))
                 buffer.clear()
                 break
             chunk = bytes(buffer[:size])
@@ -128,6 +133,52 @@ def _packet_size(buffer: bytearray) -> int | None:
         if not byte & 0x80:
             return index + 1 + length
     return -1
+
+
+_QOS: Final = {0: mqtt5.QoS.AT_MOST_ONCE, 1: mqtt5.QoS.AT_LEAST_ONCE, 2: mqtt5.QoS.EXACTLY_ONCE}
+
+
+def connect_packet(
+    client_id: str, username: str | None, password: str | None, keepalive_s: int
+) -> mqtt5.ConnectPacket:
+    """Our CONNECT: a clean session (nothing is kept at the broker between sessions).
+    Raises ConfigError for what the codec refuses."""
+    try:
+        return mqtt5.ConnectPacket(
+            client_id,
+            username=username,
+            password=password.encode() if password is not None else None,
+            clean_start=True,
+            keep_alive=keepalive_s,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"mqtt: cannot connect as {client_id!r}: {exc}") from exc
+
+
+def publish_packet(frame: Publish, packet_id: int | None) -> mqtt5.PublishPacket:
+    """The PUBLISH for ``frame``. Raises InvalidRequestError for what the codec refuses."""
+    try:
+        return mqtt5.PublishPacket(
+            frame.topic,
+            frame.payload,
+            qos=_QOS[frame.qos],
+            retain=frame.retain,
+            packet_id=packet_id,
+        )
+    except (ValueError, KeyError) as exc:  # a topic with wildcards, an empty one, a bad QoS
+        raise InvalidRequestError(f"mqtt: cannot publish to {frame.topic!r}: {exc}") from exc
+
+
+def subscribe_packet(packet_id: int, frame: Subscribe) -> mqtt5.SubscribePacket:
+    """The SUBSCRIBE for ``frame``. retain_as_published is off: the retain flag then marks
+    what the broker kept (as in MQTT 3.1.1), not how a device published it."""
+    return mqtt5.SubscribePacket(
+        packet_id,
+        [
+            mqtt5.TopicFilter(topic, max_qos=_QOS[frame.qos], retain_as_published=False)
+            for topic in frame.topics
+        ],
+    )
 
 
 # ---------------------------------------------------------------------------- keepalive
@@ -221,6 +272,62 @@ class PacketIds:
             self._used.discard(packet_id)
             return True
         return False
+
+
+class PublishWindow:
+    """Our QoS 1 publishes the broker has not acknowledged, within its receive maximum.
+
+    MQTT 5 (4.9) lets a client have at most ``receive_max`` QoS 1 publishes unacknowledged
+    (the broker says how many in its CONNACK; Mosquitto's default is 20, below the link's
+    window of 64); a broker that gets more disconnects. A publish past it waits here and
+    goes out as PUBACKs free room.
+    """
+
+    __slots__ = ("_unacked", "_waiting", "ids", "receive_max")
+
+    def __init__(self, ids: PacketIds, receive_max: int = PacketIds.LIMIT) -> None:
+        self.ids = ids
+        self.receive_max = receive_max
+        self._unacked: dict[int, Publish] = {}
+        self._waiting: collections.deque[Publish] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._unacked)
+
+    def offer(self, publish: Publish) -> int | None:
+        """The packet id to send ``publish`` with now, or None: it waits for room."""
+        if len(self._unacked) >= self.receive_max:
+            self._waiting.append(publish)
+            return None
+        packet_id = self.ids.take()
+        self._unacked[packet_id] = publish
+        return packet_id
+
+    def withdraw(self, packet_id: int) -> None:
+        """Forget a publish that could not be written after all."""
+        if self._unacked.pop(packet_id, None) is not None:
+            self.ids.release(packet_id)
+
+    def acked(self, packet_id: int) -> tuple[Publish | None, list[tuple[int, Publish]]]:
+        """The publish ``packet_id`` acknowledges (None: not ours, or acknowledged
+        already) and the waiting ones to send now, with their packet ids."""
+        publish = self._unacked.pop(packet_id, None)
+        if publish is None:
+            return None, []
+        self.ids.release(packet_id)
+        now: list[tuple[int, Publish]] = []
+        while self._waiting and len(self._unacked) < self.receive_max:
+            waiting = self._waiting.popleft()
+            taken = self.ids.take()
+            self._unacked[taken] = waiting
+            now.append((taken, waiting))
+        return publish, now
+
+    def clear(self) -> None:
+        for packet_id in self._unacked:
+            self.ids.release(packet_id)
+        self._unacked.clear()
+        self._waiting.clear()
 
 
 # ---------------------------------------------------------------------------- errors
