@@ -236,6 +236,12 @@ class StreamChannel(asyncio.Protocol, Generic[F]):
         self._write(self._codec.encode(frame))  # may raise InvalidRequestError: nothing written
         return True
 
+    def write(self, frame: F) -> None:
+        """Write ``frame`` now, even while the transport is flow-controlled (it buffers):
+        for what a protocol must send from a callback and cannot wait with, such as an
+        acknowledgement. Raises like send."""
+        self._write(self._codec.encode(frame))  # may raise InvalidRequestError: nothing written
+
     async def send(self, frame: F) -> None:
         self._write(self._codec.encode(frame))  # may raise InvalidRequestError: nothing written
         if self._write_paused:

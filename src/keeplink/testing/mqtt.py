@@ -82,7 +82,7 @@ class MqttTestClient:
         if self.will is not None:
             topic, payload = self.will
             will = mqtt5.Will(topic, payload=payload, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=True)
-        self._stream.send_nowait(mqtt5.ConnectPacket(self.client_id, clean_start=True, will=will))
+        self._stream.write(mqtt5.ConnectPacket(self.client_id, clean_start=True, will=will))
         try:
             await self._connack
         except BaseException:
@@ -139,7 +139,7 @@ class MqttTestClient:
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._acks[packet_id] = done
         try:
-            self._stream.send_nowait(packet)
+            self._stream.write(packet)
             await done
         finally:
             self._acks.pop(packet_id, None)
@@ -157,7 +157,7 @@ class MqttTestClient:
                 done.set_result(packet)
         elif isinstance(packet, mqtt5.PublishPacket):
             if packet.packet_id is not None and self._stream is not None:
-                self._stream.send_nowait(mqtt5.PubAckPacket(packet.packet_id))
+                self._stream.write(mqtt5.PubAckPacket(packet.packet_id))
             self._messages.append(packet)
             self._arrived.set()
         elif isinstance(packet, Malformed) and self._stream is not None:

@@ -134,12 +134,20 @@ class MqttChannel:
             sink(self._held.popleft())
 
     def send_nowait(self, frame: MqttFrame) -> bool:
-        """Send a publish now (queued behind the broker's receive maximum if it is full).
-        False for a subscribe, which :meth:`send` sends and waits for."""
+        """Send a publish now (or queue it behind the broker's receive maximum). False,
+        with nothing sent, for a subscribe or while the socket is flow-controlled: then
+        :meth:`send` does it."""
         if isinstance(frame, Subscribe):
             return False
-        self._publish(frame)
-        return True
+        packet = self._prepare(frame)
+        if packet is None:
+            return True  # waits for room in the window
+        if self._stream.send_nowait(packet):
+            self._keepalive.sent(self._clock.now())
+            return True
+        if packet.packet_id is not None:
+            self._window.withdraw(packet.packet_id)
+        return False
 
     async def send(self, frame: MqttFrame) -> None:
         """Send a publish, or subscribe and wait for the SUBACK.
@@ -155,7 +163,10 @@ class MqttChannel:
         sent) for a frame that cannot be sent.
         """
         if not isinstance(frame, Subscribe):
-            self._publish(frame)
+            packet = self._prepare(frame)
+            if packet is not None:
+                self._keepalive.sent(self._clock.now())
+                await self._stream.send(packet)  # waits while the socket is flow-controlled
             return
         if self._ended is not None:
             raise self._ended
@@ -182,7 +193,9 @@ class MqttChannel:
 
     # ------------------------------------------------------------------ sending
 
-    def _publish(self, frame: MqttFrame) -> None:
+    def _prepare(self, frame: MqttFrame) -> mqtt5.PublishPacket | None:
+        """The packet to write for ``frame`` now, or None: it waits in the window for a
+        PUBACK to free room. Raises (nothing taken) for a frame that cannot be sent."""
         if self._ended is not None:
             raise self._ended
         if not isinstance(frame, Publish):
@@ -190,21 +203,22 @@ class MqttChannel:
         if frame.qos not in (0, 1):
             raise InvalidRequestError(f"mqtt: cannot publish with QoS {frame.qos!r}")
         if frame.qos == 0:
-            self._write(publish_packet(frame, None))
-            return
+            return publish_packet(frame, None)
         if len(self._window) >= self._window.receive_max:
             publish_packet(frame, 1)  # raises now for a publish that could never go out later
         packet_id = self._window.offer(frame)
         if packet_id is None:
-            return  # sent when a PUBACK frees room
+            return None
         try:
-            self._write(publish_packet(frame, packet_id))
+            return publish_packet(frame, packet_id)
         except BaseException:
             self._window.withdraw(packet_id)
             raise
 
     def _write(self, packet: Any) -> None:
-        self._stream.send_nowait(packet)  # writes (or corks) even when flow-controlled
+        """Write now, even while flow-controlled (the transport buffers it): what the
+        session itself sends (CONNECT, acknowledgements, pings) cannot wait."""
+        self._stream.write(packet)
         self._keepalive.sent(self._clock.now())
 
     # ------------------------------------------------------------------ receiving
@@ -316,7 +330,7 @@ class MqttChannel:
             )
             return
         if action is KeepaliveAction.PING:
-            self._stream.send_nowait(mqtt5.PingReqPacket())
+            self._stream.write(mqtt5.PingReqPacket())
         self._arm_keepalive()
 
     # ------------------------------------------------------------------ ending
