@@ -82,8 +82,9 @@ class MqttChannel:
         self._subacks: dict[int, tuple[tuple[str, ...], asyncio.Future[None]]] = {}
         self._ids = PacketIds()
         self._window = PublishWindow(self._ids)
-        self._keepalive = Keepalive(driver.keepalive_s, clock.now())
-        self._timer: Timer | None = None
+        self._keepalive = _KeepaliveTimer(
+            Keepalive(driver.keepalive_s, clock.now()), clock, ping=self._ping, dead=self._dead
+        )
         stream.deliver_to(self._on_packet)
         stream.when_ended(self._on_stream_end)
 
@@ -106,7 +107,7 @@ class MqttChannel:
             self._stream.close()
             raise
         self._connected = True
-        self._arm_keepalive()
+        self._keepalive.start()
 
     # ------------------------------------------------------------------ Channel
 
@@ -143,7 +144,7 @@ class MqttChannel:
         if packet is None:
             return True  # waits for room in the window
         if self._stream.send_nowait(packet):
-            self._keepalive.sent(self._clock.now())
+            self._keepalive.sent()
             return True
         if packet.packet_id is not None:
             self._window.withdraw(packet.packet_id)
@@ -165,7 +166,7 @@ class MqttChannel:
         if not isinstance(frame, Subscribe):
             packet = self._prepare(frame)
             if packet is not None:
-                self._keepalive.sent(self._clock.now())
+                self._keepalive.sent()
                 await self._stream.send(packet)  # waits while the socket is flow-controlled
             return
         if self._ended is not None:
@@ -219,14 +220,14 @@ class MqttChannel:
         """Write now, even while flow-controlled (the transport buffers it): what the
         session itself sends (CONNECT, acknowledgements, pings) cannot wait."""
         self._stream.write(packet)
-        self._keepalive.sent(self._clock.now())
+        self._keepalive.sent()
 
     # ------------------------------------------------------------------ receiving
 
     def _on_packet(self, packet: mqtt5.Packet | Malformed) -> None:
         if self._ended is not None:
             return
-        self._keepalive.received(self._clock.now())
+        self._keepalive.received()
         if isinstance(packet, Malformed):
             self._fail(
                 LinkBrokenError(f"MQTT broker {self.peer} sent a bad packet: {packet.reason}")
@@ -260,7 +261,7 @@ class MqttChannel:
             return
         self._window.receive_max = max(packet.receive_max, 1)
         if packet.server_keep_alive is not None and packet.server_keep_alive > 0:
-            self._keepalive.period_s = packet.server_keep_alive  # the broker's word wins
+            self._keepalive.rule.period_s = packet.server_keep_alive  # the broker's word wins
         connack.set_result(None)
 
     def _on_publish(self, packet: mqtt5.PublishPacket) -> None:
@@ -309,31 +310,17 @@ class MqttChannel:
         self._held.append(item)
         self._wake()
 
-    # ------------------------------------------------------------------ keepalive
-
-    def _arm_keepalive(self) -> None:
-        if self._ended is None:
-            self._timer = self._clock.call_at(self._keepalive.due(), self._on_keepalive)
-
-    def _on_keepalive(self) -> None:
-        self._timer = None
-        if self._ended is not None:
-            return
-        action = self._keepalive.decide(self._clock.now())
-        if action is KeepaliveAction.DEAD:
-            self._fail(
-                session_error(
-                    self.peer,
-                    reason=mqtt5.DisconnectReasonCode.KEEP_ALIVE_TIMEOUT,
-                    what="no PINGRESP",
-                )
-            )
-            return
-        if action is KeepaliveAction.PING:
-            self._stream.write(mqtt5.PingReqPacket())
-        self._arm_keepalive()
-
     # ------------------------------------------------------------------ ending
+
+    def _ping(self) -> None:
+        try:
+            self._stream.write(mqtt5.PingReqPacket())
+        except LinkBrokenError as exc:  # the socket is going: its end is on its way too
+            self._end(exc)
+
+    def _dead(self) -> None:
+        reason = mqtt5.DisconnectReasonCode.KEEP_ALIVE_TIMEOUT
+        self._fail(session_error(self.peer, reason=reason, what="no PINGRESP"))
 
     def _on_stream_end(self, reason: LinkBrokenError) -> None:
         cause = reason.__cause__
@@ -348,9 +335,7 @@ class MqttChannel:
         if self._ended is not None:
             return
         self._ended = reason
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._keepalive.stop()
         for future in [self._connack, *(done for _, done in self._subacks.values())]:
             if future is not None and not future.done():
                 future.set_exception(reason)
@@ -363,3 +348,44 @@ class MqttChannel:
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+
+class _KeepaliveTimer:
+    """Runs a :class:`Keepalive` on a clock: one timer, armed at the rule's next due time
+    (never a polling loop), calling ``ping`` or ``dead`` when the rule says so."""
+
+    __slots__ = ("_clock", "_dead", "_ping", "_timer", "rule")
+
+    def __init__(
+        self, rule: Keepalive, clock: Clock, *, ping: Callable[[], None], dead: Callable[[], None]
+    ) -> None:
+        self.rule = rule
+        self._clock = clock
+        self._ping = ping
+        self._dead = dead
+        self._timer: Timer | None = None
+
+    def start(self) -> None:
+        self.stop()
+        self._timer = self._clock.call_at(self.rule.due(), self._fire)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def sent(self) -> None:
+        self.rule.sent(self._clock.now())
+
+    def received(self) -> None:
+        self.rule.received(self._clock.now())
+
+    def _fire(self) -> None:
+        self._timer = None
+        action = self.rule.decide(self._clock.now())
+        if action is KeepaliveAction.DEAD:
+            self._dead()
+            return
+        if action is KeepaliveAction.PING:
+            self._ping()
+        self._timer = self._clock.call_at(self.rule.due(), self._fire)
