@@ -229,9 +229,7 @@ class MqttChannel:
             return
         self._keepalive.received()
         if isinstance(packet, Malformed):
-            self._fail(
-                LinkBrokenError(f"MQTT broker {self.peer} sent a bad packet: {packet.reason}")
-            )
+            self._fail(LinkBrokenError(f"MQTT broker {self.peer}: bad packet: {packet.reason}"))
         elif isinstance(packet, mqtt5.PublishPacket):
             self._on_publish(packet)
         elif isinstance(packet, mqtt5.PubAckPacket):
@@ -245,11 +243,8 @@ class MqttChannel:
         elif isinstance(packet, mqtt5.DisconnectPacket):
             self._fail(session_error(self.peer, reason=packet.reason_code))
         elif not isinstance(packet, mqtt5.PingRespPacket | mqtt5.UnsubAckPacket):
-            self._fail(
-                LinkBrokenError(
-                    f"MQTT broker {self.peer} sent a {type(packet).__name__} a client never gets"
-                )
-            )
+            kind = type(packet).__name__
+            self._fail(LinkBrokenError(f"MQTT broker {self.peer} sent a client a {kind}"))
 
     def _on_connack(self, packet: mqtt5.ConnAckPacket) -> None:
         connack = self._connack
@@ -258,6 +253,7 @@ class MqttChannel:
             return
         if packet.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
             connack.set_exception(connack_error(packet.reason_code, f"MQTT broker {self.peer}"))
+            connack.exception()  # retrieved: connect() raises it, unless it gave up already
             return
         self._window.receive_max = max(packet.receive_max, 1)
         if packet.server_keep_alive is not None and packet.server_keep_alive > 0:
@@ -282,7 +278,11 @@ class MqttChannel:
             return
         refused = puback_refusal(packet.reason_code)
         if refused is not None:
-            _log.debug("mqtt %s: publish to %r refused: %s", self.peer, frame.topic, refused)
+            # Rare and never noise: the broker's ACL or quota refuses our commands. With a
+            # response topic no reply will come, so this line is all that says why.
+            _log.warning(
+                "mqtt %s: the broker refused the publish to %r: %s", self.peer, frame.topic, refused
+            )
         if frame.ack_seq is not None:
             self._put(Delivered(seq=frame.ack_seq, topic=frame.topic, refused=refused))
         for packet_id, waiting in now:
@@ -295,9 +295,9 @@ class MqttChannel:
             _log.debug("mqtt %s: SUBACK for unknown packet %d", self.peer, packet.packet_id)
             return
         topics, done = entry
+        error = suback_failure(topics, packet.reason_codes, self.peer)
         if done.done():
             return
-        error = suback_failure(topics, packet.reason_codes, self.peer)
         if error is None:
             done.set_result(None)
         else:
@@ -310,7 +310,7 @@ class MqttChannel:
         self._held.append(item)
         self._wake()
 
-    # ------------------------------------------------------------------ ending
+    # ------------------------------------------------------------------ keepalive
 
     def _ping(self) -> None:
         try:
@@ -321,6 +321,8 @@ class MqttChannel:
     def _dead(self) -> None:
         reason = mqtt5.DisconnectReasonCode.KEEP_ALIVE_TIMEOUT
         self._fail(session_error(self.peer, reason=reason, what="no PINGRESP"))
+
+    # ------------------------------------------------------------------ ending
 
     def _on_stream_end(self, reason: LinkBrokenError) -> None:
         cause = reason.__cause__
