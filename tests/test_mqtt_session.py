@@ -65,6 +65,7 @@ async def test_keepalive_pings_and_gives_up_on_the_links_clock(broker: Mosquitto
             await clock.advance(0.5)  # t = 60: PINGREQ (2 bytes), answered by PINGRESP
             await eventually(lambda: proxy.statistics().bytes_down == before.bytes_down + 2)
             assert proxy.statistics().bytes_up == before.bytes_up + 2
+            await io_settle()  # the PINGRESP, in our socket's buffer now, is read
 
             proxy.set_black_hole()  # from now on the broker hears nothing and says nothing
             await clock.advance(60)  # t = 120: the next ping, swallowed
