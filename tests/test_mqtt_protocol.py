@@ -62,6 +62,12 @@ def test_a_bad_packet_is_malformed_and_the_next_one_still_decodes() -> None:
     assert items[1:] == [mqtt5.PingRespPacket()]
 
 
+def test_a_3_1_1_brokers_refusal_of_mqtt_5_reads_as_unsupported_protocol_version() -> None:
+    assert MqttCodec().feed(b"\x20\x02\x00\x01") == [
+        mqtt5.ConnAckPacket(reason_code=mqtt5.ConnAckReasonCode.UNSUPPORTED_PROTOCOL_VERSION)
+    ]
+
+
 def test_a_length_longer_than_four_bytes_stops_decoding_for_good() -> None:
     codec = MqttCodec()
     items = codec.feed(b"\x30\xff\xff\xff\xff\x01")

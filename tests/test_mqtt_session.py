@@ -238,6 +238,24 @@ async def test_a_connack_that_refuses_the_credentials_fails_the_link_for_good() 
             assert "bad_user_name_or_password" in link.last_error.message
 
 
+async def test_a_broker_that_only_speaks_mqtt_3_1_1_is_a_config_error() -> None:
+    async with scripted_broker() as (peers, port):
+        link = Link(
+            MqttDriver("127.0.0.1", port, client_id="gw", devices=["plug"]),
+            name="broker",
+            heartbeat_s=None,
+        )
+        async with running(link):
+            peer = await within(peers.get())
+            assert isinstance(await peer.read(), mqtt5.ConnectPacket)
+            peer.writer.write(b"\x20\x02\x00\x01")  # 3.1.1: unacceptable protocol version
+            await within(until_state(link, LinkState.FAILED))
+            assert link.last_error is not None
+            assert link.last_error.code is ErrorCode.CONFIG_ERROR
+            assert "unsupported_protocol_version" in link.last_error.message
+            assert "speaks MQTT 5" in link.last_error.message
+
+
 # ---------------------------------------------------------------------------- presence
 
 

@@ -23,10 +23,10 @@ Why :mod:`mqtt5`: it is maintained, typed, sans-IO (bytes in, packets out), and 
 aiomqtt 3 is built on. It speaks MQTT 5 only, so keeplink's session with the broker is
 MQTT 5: Mosquitto (1.6 and later), EMQX, HiveMQ, VerneMQ and the large clouds' brokers take
 it, and the devices keep speaking whatever they speak (3.1.1 mostly), since the broker
-carries messages between versions. A broker that only knows 3.1.1 refuses our CONNECT
-(``unsupported_protocol_version``, a config error). MQTT 5 also says why a broker refuses
-or ends a session (bad credentials, session taken over, keepalive timeout), which the
-errors below carry.
+carries messages between versions. A broker that only knows 3.1.1 answers our CONNECT
+the 3.1.1 way, and the link fails with a ConfigError that says so. MQTT 5 also says why a
+broker refuses or ends a session (bad credentials, session taken over, keepalive
+timeout), which keeplink's errors carry.
 
 Wire contract, per configured device ``D`` (topics are the format strings, ``{device}`` → D;
 QoS 1 both ways):

@@ -4,7 +4,8 @@ socket: time comes in as ``now``.
 
 Packets are :mod:`mqtt5`'s (a maintained Rust codec, the one aiomqtt 3 is built on); this
 module only frames them: it finds where a packet ends from MQTT's fixed header, so a short
-read is told apart from a broken packet without guessing from the codec's exceptions.
+read is told apart from a broken packet without guessing from the codec's exceptions (and
+it reads the one MQTT 3.1.1 packet we may get, a 3.1.1 broker's refusal, as MQTT 5's).
 """
 
 from __future__ import annotations
@@ -74,6 +75,14 @@ ordered: sets and comparisons here go through ``int()``.)"""
 
 # ---------------------------------------------------------------------------- codec
 
+_V311_REFUSED: Final = {
+    b"\x20\x02\x00\x01": mqtt5.ConnAckPacket(
+        reason_code=mqtt5.ConnAckReasonCode.UNSUPPORTED_PROTOCOL_VERSION
+    ),
+}
+"""What a broker that does not speak MQTT 5 answers our CONNECT with (an MQTT 3.1.1 CONNACK,
+return code 1: unacceptable protocol version), read as the MQTT 5 CONNACK that means it."""
+
 
 class MqttCodec:
     """MQTT 5 packets as a keeplink :class:`~keeplink.Codec` (bytes in, packets out).
@@ -106,6 +115,9 @@ class MqttCodec:
                 break
             chunk = bytes(buffer[:size])
             del buffer[:size]
+            if chunk in _V311_REFUSED:
+                out.append(_V311_REFUSED[chunk])
+                continue
             try:
                 packet, used = mqtt5.read(memoryview(chunk))
             except (ValueError, IndexError) as exc:
@@ -354,6 +366,11 @@ def connack_error(reason: mqtt5.ConnAckReasonCode, where: str) -> KeeplinkError:
     unavailable, ...), which the link retries."""
     if int(reason) in _AUTH_CODES:
         return AuthError(f"{where} refused the credentials: {_name(reason)}")
+    if reason == mqtt5.ConnAckReasonCode.UNSUPPORTED_PROTOCOL_VERSION:
+        return ConfigError(
+            f"{where} refused the connection: {_name(reason)}; the MQTT driver needs a broker "
+            "that speaks MQTT 5"
+        )
     if int(reason) in _CONFIG_CODES:
         return ConfigError(f"{where} refused the connection: {_name(reason)}")
     return LinkBrokenError(f"{where} refused the connection: {_name(reason)}")
