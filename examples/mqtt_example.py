@@ -35,6 +35,7 @@ from keeplink import Backoff, Link, deadline
 from keeplink.drivers.mqtt import MqttDriver, MqttFrame
 from keeplink.outbox import Command, CommandStore, Outbox, SqliteStore
 from keeplink.presence import Presence, PresenceChanged
+from keeplink.presence.mqtt import MqttAvailability
 
 COMMAND_TTL_S: Final = 3600.0
 
@@ -65,17 +66,17 @@ class Plugs:
         self.plugs = tuple(plugs)
         self._debounce = (debounce_online_s, debounce_offline_s)
         self.outbox = Outbox(store, request_timeout_s=request_timeout_s)
-        # The driver reports availability straight into the outbox's presence tracker, the
-        # one that decides when a plug's commands go out.
         driver = MqttDriver(
             host,
             port,
             client_id=client_id or f"keeplink-plugs-{uuid.uuid4().hex[:8]}",
             devices=self.plugs,
-            presence=self.outbox.presence,
             response_topic=response_topic,
         )
-        # MQTT keeps itself alive (its keepalive, run by paho): no keeplink heartbeat.
+        # The plugs' availability messages go into the outbox's presence tracker, the one
+        # that decides when a plug's commands go out.
+        MqttAvailability(driver, self.outbox.presence)
+        # MQTT keeps itself alive (its keepalive, run by the driver): no keeplink heartbeat.
         self.link: Link[MqttFrame] = Link(
             driver,
             name=f"mqtt:{host}:{port}",

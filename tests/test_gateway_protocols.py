@@ -13,7 +13,7 @@ import pytest
 from helpers import eventually
 
 pytest.importorskip("pymodbus", minversion="3.16")
-pytest.importorskip("aiomqtt")
+pytest.importorskip("mqtt5")
 
 from keeplink.gateway.config import ConfigError, parse_config
 from keeplink.gateway.server import Server

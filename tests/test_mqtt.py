@@ -1,6 +1,6 @@
 """The MQTT driver against a real Mosquitto on a loopback port started by each test.
 
-The device is a fake one built on aiomqtt, like real firmware: a last will "offline" and a
+The device is a fake one (keeplink.testing.mqtt), like real firmware: a last will "offline" and a
 retained "online" on its availability topic, commands on its command topic, applied once
 per idempotency key (a duplicate is acknowledged again, not applied again), and, where the
 test wants it, a reply on its response topic.
@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
+import mqtt5
 import pytest
 
 from helpers import IO_BOUND_S, eventually, until_state
@@ -42,12 +42,13 @@ from keeplink.drivers.mqtt import (
     MqttDriver,
     Publish,
     Response,
-    _session_error,
 )
+from keeplink.drivers.mqtt._protocol import connect_failure, session_error
 from keeplink.outbox import CommandState, MemoryStore, Outbox
 from keeplink.presence import Presence, PresenceTracker, Source
+from keeplink.presence.mqtt import MqttAvailability
 from keeplink.testing import FaultProxy
-from keeplink.testing.mqtt import mqtt_device_on
+from keeplink.testing.mqtt import MqttTestClient, mqtt_device_on
 from mosquitto import Mosquitto, require_mosquitto
 
 Q = CommandState
@@ -65,7 +66,7 @@ def presence() -> Iterator[PresenceTracker]:
 
 
 def broker_link(driver: MqttDriver, **kwargs: Any) -> Link[Any]:
-    """A link with quick reconnects; no heartbeat (MQTT keepalive is paho's)."""
+    """A link with quick reconnects; no heartbeat (MQTT keepalive is the driver's)."""
     kwargs.setdefault("backoff", Backoff(initial_s=0.05, cap_s=0.2))
     kwargs.setdefault("connect_timeout_s", 3)
     kwargs.setdefault("handshake_timeout_s", 3)
@@ -89,16 +90,16 @@ async def running(*links: Link[Any]) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def spy(broker: Mosquitto, topic: str) -> AsyncIterator[list[aiomqtt.Message]]:
+async def spy(broker: Mosquitto, topic: str) -> AsyncIterator[list[mqtt5.PublishPacket]]:
     """Every message published on ``topic`` while the block runs (subscribed first)."""
-    seen: list[aiomqtt.Message] = []
+    seen: list[mqtt5.PublishPacket] = []
     assert broker.port is not None
-    async with aiomqtt.Client(broker.host, broker.port, identifier=f"spy-{topic}") as client:
-        await client.subscribe(topic, qos=1)
+    async with MqttTestClient(broker.host, broker.port, client_id=f"spy-{topic}") as client:
+        await client.subscribe(topic)
 
         async def collect() -> None:
-            async for message in client.messages:
-                seen.append(message)
+            while True:
+                seen.append(await client.next_message())
 
         task = asyncio.get_running_loop().create_task(collect(), name="spy")
         try:
@@ -108,10 +109,16 @@ async def spy(broker: Mosquitto, topic: str) -> AsyncIterator[list[aiomqtt.Messa
             await asyncio.wait([task])
 
 
-def driver_for(broker: Mosquitto, **kwargs: Any) -> MqttDriver:
+def driver_for(
+    broker: Mosquitto, *, presence: PresenceTracker | None = None, **kwargs: Any
+) -> MqttDriver:
+    """A driver for ``broker``; with ``presence``, its availability is reported there."""
     assert broker.port is not None
     kwargs.setdefault("client_id", "keeplink-test")
-    return MqttDriver(broker.host, broker.port, **kwargs)
+    driver = MqttDriver(broker.host, broker.port, **kwargs)
+    if presence is not None:
+        MqttAvailability(driver, presence)
+    return driver
 
 
 # The Outbox as it stands reports a link's state as Source.LINK presence for the device
@@ -419,7 +426,7 @@ async def test_a_broker_that_is_not_there_is_a_connection_failure_retried(
         error = link.last_error
         assert isinstance(error, LinkBrokenError)
         assert error.code is ErrorCode.CONNECTION_FAILED
-        assert isinstance(error.__cause__, aiomqtt.MqttError)
+        assert isinstance(error.__cause__, ConnectionRefusedError)
         broker.start()  # it comes: the link connects on its own
         await within(link.wait_connected())
 
@@ -429,14 +436,8 @@ async def test_a_silent_broker_is_detected_by_the_mqtt_keepalive(
 ) -> None:
     assert broker.port is not None
     async with FaultProxy(broker.host, broker.port, name="broker") as proxy:
-        driver = MqttDriver(
-            proxy.host,
-            proxy.port,
-            client_id="gw",
-            keepalive_s=1,
-            devices=["plug"],
-            presence=presence,
-        )
+        driver = MqttDriver(proxy.host, proxy.port, client_id="gw", keepalive_s=1, devices=["plug"])
+        MqttAvailability(driver, presence)
         link = broker_link(driver)
         async with running(link):
             await within(link.wait_connected())
@@ -542,18 +543,6 @@ def test_a_reply_id_outside_the_sequence_width_is_malformed_not_matched() -> Non
         assert "bad cid" in decoded.reason, decoded
 
 
-def _mqtt_error_after(cause: OSError) -> aiomqtt.MqttError:
-    """An MqttError raised the way aiomqtt raises a failed connect: ``from None``, with the
-    socket's OSError as its context."""
-    try:
-        try:
-            raise cause
-        except OSError:
-            raise aiomqtt.MqttError("connect failed") from None
-    except aiomqtt.MqttError as exc:
-        return exc
-
-
 UNREACHABLE = (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN)
 
 
@@ -563,17 +552,14 @@ def test_an_unreachable_broker_is_a_connection_failure_not_an_absent_device(numb
     # For a device's own link an unreachable host means the device is away...
     assert classify(cause) == ErrorCode.DEVICE_UNAVAILABLE
     # ...but a broker is infrastructure: connecting to it and losing it are retried failures.
-    driver = MqttDriver("127.0.0.1", 1883, client_id="gw", devices=["a"])
-    err = driver._connect_error(_mqtt_error_after(cause))
+    err = connect_failure(cause, "MQTT broker 127.0.0.1:1883")
     assert isinstance(err, LinkBrokenError), f"connect {errno.errorcode[number]}: {err!r}"
     assert err.code == ErrorCode.CONNECTION_FAILED, (
         f"an unreachable broker ({errno.errorcode[number]}) must be connection_failed, "
         f"not {err.code}"
     )
     assert errno.errorcode[number] in err.message, err.message
-    lost = aiomqtt.MqttError("lost")
-    lost.__cause__ = cause
-    ended = _session_error(lost, "127.0.0.1:1883")
+    ended = session_error("127.0.0.1:1883", cause=cause)
     assert isinstance(ended, LinkBrokenError) and ended.code == ErrorCode.CONNECTION_FAILED, (
         f"session lost with {errno.errorcode[number]}: {ended!r} ({ended.code})"
     )
@@ -582,8 +568,7 @@ def test_an_unreachable_broker_is_a_connection_failure_not_an_absent_device(numb
 def test_a_broker_connect_timing_out_is_a_timeout() -> None:
     cause = OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
     assert classify(cause) == ErrorCode.TIMEOUT
-    driver = MqttDriver("127.0.0.1", 1883, client_id="gw", devices=["a"])
-    err = driver._connect_error(_mqtt_error_after(cause))
+    err = connect_failure(cause, "MQTT broker 127.0.0.1:1883")
     assert err.code == ErrorCode.TIMEOUT, f"connect ETIMEDOUT: {err!r} ({err.code})"
 
 
@@ -630,5 +615,5 @@ def test_bad_configuration_is_refused_at_construction(kwargs: dict[str, Any]) ->
 
 async def _publish_retained(broker: Mosquitto, topic: str, payload: str) -> None:
     assert broker.port is not None
-    async with aiomqtt.Client(broker.host, broker.port, identifier="retainer") as client:
-        await client.publish(topic, payload, qos=1, retain=True)
+    async with MqttTestClient(broker.host, broker.port, client_id="retainer") as client:
+        await client.publish(topic, payload, retain=True)

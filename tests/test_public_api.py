@@ -235,7 +235,7 @@ ALLOWED_CORE = {("asyncio", "classify.py"), ("socket", "classify.py")}
     [
         ("keeplink.testing.store_suite", "hypothesis"),
         ("keeplink.testing.modbus", "pymodbus"),
-        ("keeplink.testing.mqtt", "aiomqtt"),
+        ("keeplink.testing.mqtt", "mqtt5"),
         ("keeplink.testing.esphome", "aioesphomeapi"),
         ("keeplink.drivers.esphome", "aioesphomeapi"),
     ],

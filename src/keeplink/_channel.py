@@ -109,6 +109,7 @@ class StreamChannel(asyncio.Protocol, Generic[F]):
         self._read_paused = False
         self._drain_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._lost: asyncio.Future[None] | None = None
+        self._on_end: list[Callable[[LinkBrokenError], None]] = []
         # The first frame written in an event-loop iteration leaves at once; the rest of
         # that iteration's frames leave together at its end: pipelined requests cost about
         # one send() a batch, not one each.
@@ -166,14 +167,28 @@ class StreamChannel(asyncio.Protocol, Generic[F]):
                 waiter.set_result(None)
 
     def _end(self, reason: LinkBrokenError) -> None:
+        first = self._ended is None
         if self._ended is None:
             self._ended = reason
+        ended = self._ended
         self._wake()
         while self._drain_waiters:
             waiter = self._drain_waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(self._ended)
+                waiter.set_exception(ended)
                 waiter.exception()  # retrieved here: the sender sees it, or nobody waits
+        if first:
+            callbacks, self._on_end = self._on_end, []
+            for callback in callbacks:
+                callback(ended)
+
+    def when_ended(self, callback: Callable[[LinkBrokenError], None]) -> None:
+        """Call ``callback(reason)`` once, when the connection ends (the peer closed it, it
+        broke, or it is gone after :meth:`close`); at once if it has. It must not raise."""
+        if self._ended is not None:
+            callback(self._ended)
+        else:
+            self._on_end.append(callback)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -221,6 +236,12 @@ class StreamChannel(asyncio.Protocol, Generic[F]):
         self._write(self._codec.encode(frame))  # may raise InvalidRequestError: nothing written
         return True
 
+    def write(self, frame: F) -> None:
+        """Write ``frame`` now, even while the transport is flow-controlled (it buffers):
+        for what a protocol must send from a callback and cannot wait with, such as an
+        acknowledgement. Raises like send."""
+        self._write(self._codec.encode(frame))  # may raise InvalidRequestError: nothing written
+
     async def send(self, frame: F) -> None:
         self._write(self._codec.encode(frame))  # may raise InvalidRequestError: nothing written
         if self._write_paused:
@@ -250,16 +271,34 @@ class StreamChannel(asyncio.Protocol, Generic[F]):
         self._flush()
 
     def _flush(self) -> None:
+        if not self.closed:
+            self._flush_now()
+        else:
+            self._out, self._out_size = [], 0
+
+    def _flush_now(self) -> None:
         out, self._out, self._out_size = self._out, [], 0
-        if out and not self.closed:
-            assert self._transport is not None
+        if out and self._transport is not None:
             self._transport.write(out[0] if len(out) == 1 else b"".join(out))
 
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            if self._transport is not None:
-                self._transport.abort()
+    def close(self, *, last: bytes = b"") -> None:
+        """Close now. ``last``: bytes to send first (a protocol's goodbye); they go, and
+        the connection ends with a FIN, only when they leave at once, with nothing else
+        still buffered. Otherwise the transport is aborted like without them: closing
+        never waits for a peer that may not read."""
+        if self._closed:
+            return
+        self._closed = True
+        transport = self._transport
+        if transport is None:
+            return
+        if last and self._ended is None and not transport.is_closing():
+            self._flush_now()
+            transport.write(last)
+            if transport.get_write_buffer_size() == 0:
+                transport.close()
+                return
+        transport.abort()
 
     async def wait_closed(self) -> None:
         if self._lost is not None:

@@ -222,6 +222,7 @@ def _mqtt(
 ) -> Built:
     """The devices on one MQTT broker: one link; presence from their availability topics."""
     from keeplink.drivers.mqtt import MqttDriver
+    from keeplink.presence.mqtt import MqttAvailability
 
     first = devices[0]
     host, port = first.host, first.port
@@ -231,9 +232,9 @@ def _mqtt(
         port,
         client_id=str(options.pop("client_id", f"keeplink-{uuid.uuid4().hex[:8]}")),
         devices=[d.id for d in devices],
-        presence=presence,
         **options,
     )
+    MqttAvailability(mqtt, presence)  # held by the driver, as its listener
     link: Link[Any] = Link(
         mqtt,
         name=f"mqtt:{host}:{port}",
@@ -269,7 +270,7 @@ REGISTRY: Final[Mapping[str, DriverSpec]] = {
         options=MqttOptions,
         build=_mqtt,
         extra="mqtt",
-        needs="aiomqtt",
+        needs="mqtt5",
         hub=True,
         hub_settings=("backoff",),
         seq_bits=16,

@@ -12,8 +12,8 @@
 - ``keeplink.testing.pytest_plugin``: a ``virtual_clock`` fixture and a leak check.
 - ``keeplink.testing.modbus``: a pymodbus gateway on loopback with misbehaving units
   (imported on its own: it needs pymodbus).
-- ``keeplink.testing.mqtt``: a fake MQTT device on a real broker (imported on its own: it
-  needs aiomqtt).
+- ``keeplink.testing.mqtt``: a fake MQTT device and a small MQTT test client on a real
+  broker (imported on its own: it needs mqtt5).
 - ``keeplink.testing.store_suite``: the conformance tests every command store must pass,
   for a store of your own (imported on its own: it needs pytest and hypothesis).
 """
