@@ -32,6 +32,9 @@ a connection is closed when both directions are done or either side fails. When 
 upstream refuses the connection, the client connection is reset.
 
 The proxy is not thread-safe: call every method from the event loop it runs on.
+
+Here are the server, its lifecycle and ``set_down``; the faults as plain data are in
+``_faults``, the other setters in ``_controls``, and each connection's pump in ``_pump``.
 """
 
 from __future__ import annotations
@@ -46,13 +49,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from keeplink.testing.faultproxy._controls import FaultControls
-from keeplink.testing.faultproxy._faults import (
-    Changes,
-    Faults,
-    check_loopback,
-    check_port,
-    resolve,
-)
+from keeplink.testing.faultproxy._faults import Changes, Faults, check_loopback, check_port, resolve
 from keeplink.testing.faultproxy._pump import CHUNK, Connection, Traffic
 
 __all__ = ["FaultProxy", "ProxyStatistics"]
