@@ -266,6 +266,21 @@ async def test_send_wait_waits_for_the_device_to_come_back(world: World) -> None
     assert re.search(r"succeeded \{\"state\":\{\"v\":1\}\}$", out.strip()), out
 
 
+def _commands_of(url: str, device: str) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"{url}/api/commands?device={device}", timeout=10) as r:
+        commands: list[dict[str, Any]] = json.loads(r.read())["commands"]
+    return commands
+
+
+async def _stored(url: str, device: str) -> None:
+    """Wait until the gateway has stored a command for ``device``: the CLI, started a moment
+    ago, has submitted it (on a busy machine its start alone can take seconds)."""
+    deadline = time.monotonic() + CLI_BOUND_S
+    while not await asyncio.to_thread(_commands_of, url, device):
+        assert time.monotonic() < deadline, f"the CLI never submitted a command for {device}"
+        await asyncio.sleep(0.05)
+
+
 @pytest.mark.slow
 async def test_send_wait_follows_the_command_across_a_gateway_restart(tmp_path: Path) -> None:
     procs = Procs(tmp_path)
@@ -280,7 +295,8 @@ async def test_send_wait_follows_the_command_across_a_gateway_restart(tmp_path: 
             run("send", "shed", "set", "v=4", "--wait", "--url", url, "--token", TOKEN)
         )
         try:
-            await asyncio.sleep(2)  # submitted, and following the stream
+            await _stored(url, "shed")
+            await asyncio.sleep(1)  # the CLI, past its submit, is following the stream
             assert await gateway.stop() == 0
             await asyncio.sleep(1)  # the CLI finds no gateway for a while
             assert await procs.gateway(config).start_ready() == url

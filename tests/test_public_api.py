@@ -120,6 +120,33 @@ def test_the_package_is_typed() -> None:
     assert (PACKAGE / "py.typed").is_file()
 
 
+SPLIT_MODULE_LINES = 600
+SPLIT_CLASS_LINES = 300
+"""The testing tools and the client commands are split by what they do (the fault proxy's
+faults, pump and server; the simulator's server, session and firmware receiving; the store
+suite by topic; one module per command group): past these, a part is growing back into
+the whole it was split from."""
+
+
+@pytest.mark.parametrize(
+    "package", ["testing/faultproxy", "testing/sim", "testing/store_suite", "cli_client"]
+)
+def test_the_split_testing_tools_and_client_commands_stay_small(package: str) -> None:
+    too_big: list[str] = []
+    paths = sorted((PACKAGE / package).glob("*.py"))
+    assert paths, f"{package} is not a package any more"
+    for path in paths:
+        text = path.read_text("utf-8")
+        if len(text.splitlines()) > SPLIT_MODULE_LINES:
+            too_big.append(f"{path.name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
+                lines = node.end_lineno - node.lineno + 1
+                if lines > SPLIT_CLASS_LINES:
+                    too_big.append(f"{path.name}: class {node.name} is {lines} lines")
+    assert too_big == []
+
+
 # Lower number = lower layer. A module may import only from its own layer or lower ones.
 # The runtime (layers 1-3) is ordered too: clock, events and logs below the channel, the
 # driver seam and the slots, and those below the link that is built on all of them.
