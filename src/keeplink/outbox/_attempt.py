@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from keeplink._core.commands import Command, CommandState, DeviceRecord, transition
 from keeplink._core.dispatch import Gate, Send, Settlement, breaker, settle
-from keeplink._core.errors import ErrorInfo, InvalidRequestError
+from keeplink._core.errors import ErrorInfo, InvalidRequestError, PreconditionFailedError
 from keeplink._core.outcomes import Cancelled, Outcome
 from keeplink.outbox._state import Attempt, DeviceState, Pending, Shared
 from keeplink.outbox._writes import PutDevice, Update
@@ -62,19 +62,21 @@ class Sender:
                 return True  # cancelled or superseded meanwhile
             state.in_flight = sending.id
             episode = state.episode
-            refused: InvalidRequestError | None = None
+            refused: InvalidRequestError | PreconditionFailedError | None = None
             if sending.id in self.cancel_requested:
                 # cancel() arrived while "sending" was being committed: nothing was written.
                 outcome: Outcome = Cancelled(reason="cancelled by a user")
             else:
                 try:
                     outcome = await self._execute(state, sending, attempt)
-                except InvalidRequestError as exc:
-                    # The link (its driver) can never carry this command as it is: a frame
-                    # too long, args its protocol cannot say. Nothing went out; retrying
-                    # would only block the queue behind it. (Not the device's fault: the
-                    # breaker does not count it.)
-                    refused, outcome = exc, Cancelled(reason="refused by the link")
+                except (InvalidRequestError, PreconditionFailedError) as exc:
+                    # This command can never be delivered as it is: the link (its driver)
+                    # cannot carry it (a frame too long, args its protocol cannot say), or
+                    # its executor found it broken here (the image file changed). Nothing
+                    # went out; retrying would only block the queue behind it. It fails,
+                    # with that error: the device refused nothing, and the breaker does
+                    # not count it.
+                    refused, outcome = exc, Cancelled(reason="refused before sending")
             if refused is not None:
                 settlement = Settlement(
                     transition(

@@ -33,6 +33,13 @@ class Precondition(Protocol):
 
 
 Executor = Callable[[Link[Any], Command, DeliveryContext], Awaitable[Outcome]]
+"""Delivers one command over the link (a firmware transfer, say) and says how it went.
+
+Its outcome is settled as a plain request's would be. It raises
+:class:`~keeplink.InvalidRequestError` or :class:`~keeplink.PreconditionFailedError` for a
+command that can never be delivered as it is (args it cannot send, an image file that
+changed since it was queued): nothing went out, and the command ends ``failed`` with that
+error, not ``rejected`` (the device refused nothing) and without retries."""
 
 
 async def min_online(command: Command, ctx: DeliveryContext) -> PreconditionResult:

@@ -25,7 +25,12 @@ from typing import Any, Final
 from keeplink._clock import deadline
 from keeplink._core.commands import Command
 from keeplink._core.dispatch import PreconditionResult
-from keeplink._core.errors import ConfigError, InvalidRequestError, KeeplinkError
+from keeplink._core.errors import (
+    ConfigError,
+    InvalidRequestError,
+    KeeplinkError,
+    PreconditionFailedError,
+)
 from keeplink._core.outcomes import Acknowledged, Outcome, Rejected
 from keeplink._link import Link
 from keeplink.outbox._context import DeliveryContext
@@ -164,17 +169,15 @@ class FirmwareTransfer:
     async def __call__(self, link: Link[Any], command: Command, ctx: DeliveryContext) -> Outcome:
         problem = _args_problem(command.args)
         if problem is not None:
-            return Rejected(seq=0, code="invalid_request", message=f"firmware: {problem}")
+            raise InvalidRequestError(f"firmware: {problem}")
         path: str = command.args["path"]
         digest: str = command.args["sha256"]
         try:
             data = await asyncio.to_thread(_read, path)
         except OSError as exc:
-            return Rejected(seq=0, code="precondition_failed", message=f"cannot read {path}: {exc}")
+            raise PreconditionFailedError(f"cannot read {path}: {exc}") from None
         if hashlib.sha256(data).hexdigest() != digest:
-            return Rejected(
-                seq=0, code="precondition_failed", message=f"{path} no longer matches its sha256"
-            )
+            raise PreconditionFailedError(f"{path} no longer matches its sha256")
         run = _Run(self, link, command, ctx, data, digest)
         return await run.go()
 
