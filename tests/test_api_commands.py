@@ -21,10 +21,10 @@ from helpers import eventually
 from keeplink._core.commands import new_command
 from keeplink._core.errors import InvalidRequestError
 from keeplink._core.jsonline import MAX_LINE, encoded_request
-from keeplink.client import GatewayClient
 from keeplink.gateway import models, schema
 from keeplink.gateway.config import parse_config
 from keeplink.gateway.server import Server
+from keeplink.gateway_client import GatewayClient
 from keeplink.testing import DeviceSimulator
 
 TOKEN = "commands-test-write-token"

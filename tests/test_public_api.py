@@ -167,7 +167,7 @@ LAYERS: list[tuple[str, int]] = [
     ("keeplink.gateway", 7),
     ("keeplink.cli", 7),
     ("keeplink.cli_client", 7),
-    ("keeplink.client", 7),
+    ("keeplink.gateway_client", 7),
     ("keeplink.__main__", 7),
     ("keeplink", 7),  # the package __init__ re-exports from everywhere
 ]

@@ -9,7 +9,7 @@ from typing import Any
 
 from keeplink.cli_client._common import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from keeplink.cli_client._output import error_cell, print_error, print_json, seconds, table
-from keeplink.client import ApiError, GatewayClient
+from keeplink.gateway_client import ApiError, GatewayClient
 
 
 def _age(at: Any, now: float) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 from keeplink.cli_client._common import EXIT_OK
 from keeplink.cli_client._output import error_cell, print_json, seconds, table
-from keeplink.client import GatewayClient
+from keeplink.gateway_client import GatewayClient
 
 
 def _devices_table(document: dict[str, Any]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from keeplink.client import FINAL_STATES
+from keeplink.gateway_client import FINAL_STATES
 
 
 def _human_bytes(n: float) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from keeplink.cli_client._common import COMMAND_STATES, DEFAULT_TIMEOUT_S, DEFAULT_WAIT_TIMEOUT_S
-from keeplink.client import DEFAULT_URL
+from keeplink.gateway_client import DEFAULT_URL
 
 
 def _positive_float(text: str) -> float:

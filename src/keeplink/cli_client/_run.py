@@ -25,7 +25,13 @@ from keeplink.cli_client._devices import devices, reconnect, resume
 from keeplink.cli_client._output import print_error
 from keeplink.cli_client._parser import add_client_commands
 from keeplink.cli_client._send import send
-from keeplink.client import DEFAULT_URL, ApiError, GatewayClient, GatewayUnreachableError, check_url
+from keeplink.gateway_client import (
+    DEFAULT_URL,
+    ApiError,
+    GatewayClient,
+    GatewayUnreachableError,
+    check_url,
+)
 
 _HANDLERS: Final = {
     "devices": devices,

@@ -12,7 +12,7 @@ from typing import Any
 from keeplink.cli_client._common import EXIT_FAILED, EXIT_OK, EXIT_WAIT_TIMEOUT, UsageError
 from keeplink.cli_client._follow import Follower
 from keeplink.cli_client._output import print_error, print_json
-from keeplink.client import FINAL_STATES, GatewayClient, WaitTimeoutError
+from keeplink.gateway_client import FINAL_STATES, GatewayClient, WaitTimeoutError
 
 
 def _firmware_args(args: dict[str, Any]) -> dict[str, Any]:
