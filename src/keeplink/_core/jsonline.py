@@ -327,13 +327,12 @@ class JsonLineDecoder:
     newline, without buffering it: memory stays bounded whatever the peer sends.
     """
 
-    __slots__ = ("_buffer", "_discarded", "_discarding", "max_line")
+    __slots__ = ("_buffer", "_discarding", "max_line")
 
     def __init__(self, *, max_line: int = MAX_LINE) -> None:
         self.max_line = max_line
         self._buffer = bytearray()
         self._discarding = False
-        self._discarded = b""
 
     def feed(self, data: bytes) -> list[Frame | Malformed]:
         """Consume ``data``; return every item completed by it."""
