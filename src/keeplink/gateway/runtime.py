@@ -32,7 +32,7 @@ from keeplink._core.presence import Presence
 from keeplink._core.states import LinkState
 from keeplink._events import LinkEvent, LinkStateChanged, ProtocolErrorSeen
 from keeplink._link import Link, LinkStatistics
-from keeplink._slots import SlotPool
+from keeplink._slots import SlotPool, SlotPools
 from keeplink.drivers.jsonline import JsonLineDriver
 from keeplink.gateway.config import (
     DEFAULT_DEBOUNCE_OFFLINE_S,
@@ -225,7 +225,8 @@ class Gateway:
         self.devices: dict[str, DeviceConfig] = {d.id: d for d in config.devices}
         self.links: dict[str, Link[Any]] = {}
         """Device id → the link it is reached through (shared by a hub's devices)."""
-        self.pools: dict[str, SlotPool] = {}
+        self.pools = SlotPools()
+        """The slot pools of the hubs that devices name (``hub``), one per hub."""
         self.probes: list[Any] = []
         self.mdns: list[Any] = []
         """One :class:`~keeplink.presence.mdns.MdnsPresence` per service type that devices with
@@ -364,10 +365,7 @@ class Gateway:
     def _pool(self, device: DeviceConfig) -> SlotPool | None:
         if device.hub is None:
             return None
-        pool = self.pools.get(device.hub)
-        if pool is None:
-            pool = self.pools[device.hub] = SlotPool(size=device.hub_slots, name=device.hub)
-        return pool
+        return self.pools.get(device.hub, size=device.hub_slots)
 
     def _plan(self) -> list[tuple[Link[Any], list[DeviceConfig], bool]]:
         """Every link to start; a driver's ConfigError names the file and the device's key."""
@@ -395,9 +393,8 @@ class Gateway:
         for (driver, host, port), devices in hubs.items():
             first = devices[0]
             if driver == "modbus":
-                with _naming(self.config, first, "driver"):
-                    _needs("modbus", "pymodbus")
-                from keeplink.drivers.modbus import ProbeTarget, UnitProbe, modbus_link
+                from keeplink.drivers.modbus import modbus_link
+                from keeplink.presence.modbus import ProbeTarget, UnitProbe
 
                 link = modbus_link(
                     host,
@@ -467,8 +464,7 @@ class Gateway:
             await probe.close()
         await asyncio.gather(*(link.stop() for link in set(self.links.values())))
         await self.outbox.close()
-        for pool in self.pools.values():
-            await pool.close()
+        await self.pools.close()
         for unsubscribe in self._unsubscribers:
             unsubscribe()
         self._unsubscribers.clear()
