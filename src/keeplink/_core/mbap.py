@@ -82,6 +82,8 @@ _SAMPLE: Final = 32  # bytes of a malformed input kept for the log
 # A request whose PDU is a function code and two 16-bit fields (reads, single writes).
 _FIXED: Final = struct.Struct(">HHHBBHH")
 _MULTIPLE: Final = struct.Struct(">HHHBBHHB")  # ... and a byte count (multiple writes)
+# A register read's data, by its byte count: unpackers made once, not per reply.
+_UNPACK_REGISTERS: Final = tuple(struct.Struct(f">{n // 2}H").unpack_from for n in range(256))
 # Each byte's 8 bits, least significant first (the order Modbus packs coils in).
 _BITS_OF_BYTE: Final = tuple(tuple(bool(b >> i & 1) for i in range(8)) for b in range(256))
 
@@ -132,7 +134,7 @@ def encode_write_coils(tid: int, unit: int, address: int, bits: Sequence[bool]) 
 
 def registers_of(data: bytes) -> list[int]:
     """The registers of a register read's data (a byte count, then 2 bytes a register)."""
-    return list(struct.unpack_from(f">{data[0] // 2}H", data, 1))
+    return list(_UNPACK_REGISTERS[data[0]](data, 1))
 
 
 def bits_of(data: bytes, count: int) -> list[bool]:

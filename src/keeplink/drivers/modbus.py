@@ -355,7 +355,7 @@ class ModbusDriver:
         spec = _OPS.get(op) if isinstance(op, str) else None
         if spec is None:
             raise InvalidRequestError(f"modbus: unknown op {op!r}; known: {sorted(_OPS)}")
-        if not isinstance(args, Mapping):
+        if args.__class__ is not dict and not isinstance(args, Mapping):
             raise InvalidRequestError(
                 f"modbus {op}: args must be a mapping, got {type(args).__name__}"
             )
