@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -228,3 +230,21 @@ def test_an_optional_testing_module_says_what_it_needs(
     monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(ImportError, match=f"{module} needs {needs}"):
         importlib.import_module(module)
+
+
+def test_the_modbus_driver_and_its_probe_need_no_modbus_library() -> None:
+    """keeplink speaks Modbus TCP with its own codec: the driver and the unit probe import
+    (and encode a request) with pymodbus unimportable; only the test peer needs it."""
+    code = (
+        "import sys; sys.modules['pymodbus'] = None\n"
+        "import keeplink.drivers.modbus as m, keeplink.presence.modbus\n"
+        "d = m.ModbusDriver(host='h')\n"
+        "r = d.build_request(1, 'read_coils', {'unit': 1, 'address': 0, 'count': 1}, None)\n"
+        "assert r.adu == bytes.fromhex('00010000000601010000 0001'.replace(' ', ''))\n"
+        "assert not [n for n in sys.modules if n.startswith('pymodbus.')]\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
