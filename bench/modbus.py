@@ -31,11 +31,9 @@ import time
 from collections.abc import Awaitable, Callable
 
 from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.framer import FramerSocket
-from pymodbus.pdu import DecodePDU
-from pymodbus.pdu.register_message import ReadHoldingRegistersRequest
 
 from keeplink import Acknowledged, Link
+from keeplink._core import mbap  # keeplink's own codec, not re-exported
 from keeplink._slots import SlotPool  # not re-exported by keeplink (yet)
 from keeplink.drivers.modbus import ModbusFrame, modbus_link
 
@@ -106,12 +104,8 @@ async def start_server(peer: str) -> tuple[asyncio.subprocess.Process, int]:
 
 async def server_pipelines(port: int) -> bool:
     """Whether the server answers two requests sent in one segment (both within 1 s)."""
-    framer = FramerSocket(DecodePDU(is_server=False))
     frames = b"".join(
-        framer.buildFrame(
-            ReadHoldingRegistersRequest(address=0, count=1, dev_id=UNIT, transaction_id=tid)
-        )
-        for tid in (1, 2)
+        mbap.encode_read(tid, UNIT, mbap.READ_HOLDING_REGISTERS, 0, 1) for tid in (1, 2)
     )
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:

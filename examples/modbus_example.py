@@ -5,9 +5,9 @@ gives the gateway one supervised link (:func:`keeplink.drivers.modbus.modbus_lin
 by every unit behind it and holding the gateway's single client slot; each request names
 its ``unit``. Values are typed by the driver (``float32`` over two registers, ``int16``…),
 a Modbus exception answer is a refusal with the code ``modbus_exception_<n>``, and
-:class:`~keeplink.drivers.modbus.UnitProbe` turns a cheap read per unit into presence.
+:class:`~keeplink.presence.modbus.UnitProbe` turns a cheap read per unit into presence.
 
-Against a real gateway (needs ``pip install 'keeplink[modbus]'``)::
+Against a real gateway (keeplink alone: its Modbus driver needs no other library)::
 
     python -m examples.modbus_example --host 192.0.2.7 --port 502 --unit 1
 
@@ -40,8 +40,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
 
 from keeplink import Acknowledged, Backoff, KeeplinkError, Link, Rejected, enum_or_none
-from keeplink.drivers.modbus import ModbusFrame, ProbeTarget, UnitProbe, modbus_link
+from keeplink.drivers.modbus import ModbusFrame, modbus_link
 from keeplink.presence import Presence, PresenceChanged, PresenceTracker
+from keeplink.presence.modbus import ProbeTarget, UnitProbe
 
 SETPOINT: Final = 0
 MODE: Final = 2

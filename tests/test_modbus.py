@@ -5,7 +5,7 @@ Each test starts its own :class:`~keeplink.testing.modbus.ModbusGateway` (a pymo
 ``ModbusTcpServer`` on 127.0.0.1 and a free port, with units 1..3 behind it) and stops it
 afterwards; the bytes no real gateway sends come from a
 :class:`~keeplink.testing.modbus.RawModbusGateway`. The codec is also tested on its own,
-sans-IO, with replies encoded by pymodbus itself.
+sans-IO, with replies encoded by pymodbus' own PDU classes.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ pytest.importorskip("pymodbus", minversion="3.16")
 
 from pymodbus.client.mixin import ModbusClientMixin
 from pymodbus.constants import ExcCodes
-from pymodbus.framer import FramerSocket
-from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
+from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from pymodbus.pdu.bit_message import (
     ReadCoilsResponse,
     ReadDiscreteInputsResponse,
@@ -65,19 +64,20 @@ from keeplink.drivers.modbus import (
     ModbusFrame,
     ModbusRequest,
     ModbusResponse,
-    ProbeTarget,
-    UnitProbe,
     gateway_slots,
     modbus_link,
 )
 from keeplink.outbox import CommandState, MemoryStore, Outbox
 from keeplink.presence import Presence, PresenceTracker, Source
+from keeplink.presence.modbus import ProbeTarget, UnitProbe
 from keeplink.testing.modbus import (
     INPUT_VALUE,
     REGISTERS,
     UNITS,
     ModbusGateway,
     RawModbusGateway,
+    adu_of,
+    read_request,
 )
 
 S = LinkState
@@ -634,8 +634,6 @@ async def test_a_queued_write_for_an_offline_unit_is_delivered_once_when_it_retu
 
 # ------------------------------------------------------------------------------ codec
 
-PYMODBUS = FramerSocket(DecodePDU(is_server=False))  # encodes replies like a real server
-SERVER_SIDE = FramerSocket(DecodePDU(is_server=True))  # decodes requests like a real server
 DRIVER = ModbusDriver(host=HOST, port=502)
 
 units = st.integers(0, 247)
@@ -736,7 +734,7 @@ def test_replies_survive_any_split_of_the_byte_stream(
     codec = ModbusCodec()
     for request, _, _ in conversation:
         codec.encode(request)
-    stream = b"".join(PYMODBUS.buildFrame(pdu) for _, pdu, _ in conversation)
+    stream = b"".join(adu_of(pdu) for _, pdu, _ in conversation)
     items: list[ModbusFrame | Malformed] = []
     for chunk in split(stream, cuts):
         items.extend(codec.feed(chunk))
@@ -759,7 +757,7 @@ def test_noise_between_replies_is_malformed_and_every_reply_still_decodes(
     parts: list[bytes] = []
     for i, (_, pdu, _) in enumerate(conversation):
         parts.append(noise[i] if i < len(noise) else b"")
-        parts.append(PYMODBUS.buildFrame(pdu))
+        parts.append(adu_of(pdu))
     items: list[ModbusFrame | Malformed] = []
     for chunk in split(b"".join(parts), cuts):
         items.extend(codec.feed(chunk))
@@ -780,11 +778,11 @@ def test_replies_that_do_not_fit_their_request_are_malformed() -> None:
         ReadHoldingRegistersResponse(registers=[1], dev_id=2, transaction_id=5),  # short
     ]
     for pdu in wrong:
-        [item] = codec.feed(PYMODBUS.buildFrame(pdu))
+        [item] = codec.feed(adu_of(pdu))
         assert isinstance(item, Malformed), pdu
     # The transaction stayed open: the right reply still resolves it.
     right = ReadHoldingRegistersResponse(registers=[1, 2], dev_id=2, transaction_id=5)
-    [item] = codec.feed(PYMODBUS.buildFrame(right))
+    [item] = codec.feed(adu_of(right))
     assert isinstance(item, ModbusResponse)
     assert DRIVER.match_reply(item) == Reply(seq=5, ok=True, result={"registers": [1, 2]})
 
@@ -821,7 +819,7 @@ def test_typed_writes_encode_like_pymodbus_and_reads_decode_back(
     args = {"unit": unit, "address": address, "values": values, **typed}
     request = DRIVER.build_request(tid, "write_registers", args, None)
     # A real server's decoder reads the request off the wire...
-    used, pdu = SERVER_SIDE.handleFrame(request.adu, 0, 0)
+    used, pdu = read_request(request.adu)
     assert pdu is not None and used == len(request.adu)
     assert (pdu.dev_id, pdu.transaction_id, pdu.address) == (unit, tid, address)
     # ...and finds what pymodbus' own converter makes of the values.
@@ -839,7 +837,7 @@ def test_typed_writes_encode_like_pymodbus_and_reads_decode_back(
         )
     )
     answer = ReadHoldingRegistersResponse(registers=oracle, dev_id=unit, transaction_id=tid)
-    [item] = codec.feed(PYMODBUS.buildFrame(answer))
+    [item] = codec.feed(adu_of(answer))
     assert isinstance(item, ModbusResponse)
     reply = DRIVER.match_reply(item)
     assert reply is not None and reply.result["values"] == values
@@ -891,7 +889,7 @@ def test_a_write_echo_that_does_not_repeat_the_write_is_malformed(
 ) -> None:
     codec = ModbusCodec()
     codec.encode(request_)
-    [item] = codec.feed(PYMODBUS.buildFrame(echo))
+    [item] = codec.feed(adu_of(echo))
     assert isinstance(item, Malformed), (
         f"{request_.op} echoed with {problem} was taken as its reply: "
         f"{DRIVER.match_reply(item) if isinstance(item, ModbusResponse) else item}"
@@ -908,6 +906,6 @@ def test_a_write_echo_that_does_not_repeat_the_write_is_malformed(
         ),
         "write_coils": WriteMultipleCoilsResponse(address=10, count=2, dev_id=1, transaction_id=1),
     }[request_.op]
-    [reply] = codec.feed(PYMODBUS.buildFrame(right))
+    [reply] = codec.feed(adu_of(right))
     assert isinstance(reply, ModbusResponse), reply
     assert DRIVER.match_reply(reply) is not None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -295,3 +297,21 @@ def test_the_gateways_modules_and_classes_stay_small() -> None:
                 if lines > GATEWAY_CLASS_LINES:
                     too_big.append(f"{path.name}: class {node.name} is {lines} lines")
     assert too_big == []
+
+
+def test_the_modbus_driver_and_its_probe_need_no_modbus_library() -> None:
+    """keeplink speaks Modbus TCP with its own codec: the driver and the unit probe import
+    (and encode a request) with pymodbus unimportable; only the test peer needs it."""
+    code = (
+        "import sys; sys.modules['pymodbus'] = None\n"
+        "import keeplink.drivers.modbus as m, keeplink.presence.modbus\n"
+        "d = m.ModbusDriver(host='h')\n"
+        "r = d.build_request(1, 'read_coils', {'unit': 1, 'address': 0, 'count': 1}, None)\n"
+        "assert r.adu == bytes.fromhex('00010000000601010000 0001'.replace(' ', ''))\n"
+        "assert not [n for n in sys.modules if n.startswith('pymodbus.')]\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from keeplink import (
     SlotsExhaustedError,
     VirtualClock,
 )
-from keeplink._slots import Slot, SlotPool
+from keeplink._slots import Slot, SlotPool, SlotPools
 
 
 def make_pool(
@@ -772,3 +773,31 @@ async def test_random_operation_sequences_keep_the_pool_sound(
         for task, _ in driver.tasks:
             task.cancel()
         await driver.clock.settle()
+
+
+# ------------------------------------------------------------------------------ registry
+
+
+async def test_one_hub_one_pool_of_one_size_until_it_is_closed_or_forgotten() -> None:
+    pools = SlotPools()
+    pool = pools.get("hub-a", size=2)
+    assert pools.get("hub-a", size=2) is pool
+    assert pool.name == "hub-a" and pool.size == 2
+    other = pools.get("hub-b", size=1)
+    assert other is not pool
+    with pytest.raises(ConfigError, match="hub-a already has a slot pool of size 2; asked for 3"):
+        pools.get("hub-a", size=3)
+    assert set(pools) == {pool, other}
+
+    await pool.close()
+    fresh = pools.get("hub-a", size=3)  # a closed pool is replaced, with the size asked for
+    assert fresh is not pool and not fresh.closed and fresh.size == 3
+
+    del other  # held by nothing: the registry forgets it
+    gc.collect()
+    assert set(pools) == {fresh}
+
+    await pools.close()
+    assert fresh.closed
+    with pytest.raises(AbortedError):
+        await fresh.acquire("late")

@@ -26,8 +26,9 @@ import asyncio
 import contextlib
 import enum
 import logging
+import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
@@ -41,7 +42,7 @@ from keeplink._core.errors import (
     SlotsExhaustedError,
 )
 
-__all__ = ["Slot", "SlotPool", "SlotPoolStatistics"]
+__all__ = ["HUB_SLOTS", "Slot", "SlotPool", "SlotPoolStatistics", "SlotPools"]
 
 DEFAULT_ACQUIRE_TIMEOUT_S: Final = 20.0
 """How long a queued acquire waits for a slot by default (the field-tested bound)."""
@@ -550,3 +551,47 @@ class SlotPool:
             f" {waiting} other acquire(s) waiting. Increase the pool size / connection_slots"
             f" on the hub, add another hub, or {stop}."
         )
+
+
+class SlotPools:
+    """Slot pools by hub: every link to one hub takes its slot from the same pool.
+
+    ``get(key, size=…)`` returns the hub's pool, creating it (named ``key``) on first use,
+    or afresh once the old one was closed. Pools are held weakly: an entry lives as long as
+    something (a link) holds its pool, so a forgotten hub leaves nothing behind. Keys are
+    compared as given (``"localhost"`` and ``"127.0.0.1"`` are different hubs).
+    """
+
+    __slots__ = ("_pools",)
+
+    def __init__(self) -> None:
+        self._pools: weakref.WeakValueDictionary[str, SlotPool] = weakref.WeakValueDictionary()
+
+    def get(self, key: str, *, size: int) -> SlotPool:
+        """The pool of hub ``key``. Raises ConfigError if it exists with another ``size``:
+        one hub, one truth."""
+        pool = self._pools.get(key)
+        if pool is not None and not pool.closed:
+            if pool.size != size:
+                raise ConfigError(
+                    f"{key} already has a slot pool of size {pool.size}; asked for {size}."
+                    " Use the same size everywhere."
+                )
+            return pool
+        pool = SlotPool(size=size, name=key)
+        self._pools[key] = pool
+        return pool
+
+    def __iter__(self) -> Iterator[SlotPool]:
+        """The pools alive now (a snapshot)."""
+        return iter(list(self._pools.values()))
+
+    async def close(self) -> None:
+        """Close every pool alive now (see :meth:`SlotPool.close`)."""
+        for pool in self:
+            await pool.close()
+
+
+HUB_SLOTS: Final = SlotPools()
+"""The process-wide pools of hubs that every link in the process shares (a Modbus gateway's
+one slot, see :func:`keeplink.drivers.modbus.gateway_slots`)."""

@@ -197,7 +197,8 @@ def _modbus(
     devices: Sequence[DeviceConfig], presence: PresenceTracker, slots: SlotPool | None
 ) -> Built:
     """The units behind one Modbus TCP gateway: one link, and a probe for their presence."""
-    from keeplink.drivers.modbus import ProbeTarget, UnitProbe, modbus_link
+    from keeplink.drivers.modbus import modbus_link
+    from keeplink.presence.modbus import ProbeTarget, UnitProbe
 
     first = devices[0]
     link = modbus_link(
@@ -255,8 +256,6 @@ REGISTRY: Final[Mapping[str, DriverSpec]] = {
         name="modbus",
         options=ModbusOptions,
         build=_modbus,
-        extra="modbus",
-        needs="pymodbus",
         hub=True,
         hub_settings=("backoff", "max_in_flight", "hub", "hub_slots"),
         seq_bits=16,

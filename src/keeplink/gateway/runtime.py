@@ -23,7 +23,7 @@ from keeplink._core.errors import ConfigError, DeviceNotFoundError
 from keeplink._core.presence import Presence
 from keeplink._events import LinkEvent, LinkStateChanged, ProtocolErrorSeen
 from keeplink._link import Link
-from keeplink._slots import SlotPool
+from keeplink._slots import SlotPool, SlotPools
 from keeplink.gateway import control, views
 from keeplink.gateway.config import DeviceConfig, GatewayConfig
 from keeplink.gateway.drivers import REGISTRY, PresenceSource
@@ -105,7 +105,8 @@ class Gateway:
         self.devices: dict[str, DeviceConfig] = {d.id: d for d in config.devices}
         self.links: dict[str, Link[Any]] = {}
         """Device id → the link it is reached through (shared by a hub's devices)."""
-        self.pools: dict[str, SlotPool] = {}
+        self.pools = SlotPools()
+        """The slot pools of the hubs that devices name (``hub``), one per hub."""
         self.probes: list[PresenceSource] = []
         """The presence sources the drivers made besides their links (unit probes)."""
         self.mdns: list[MdnsPresence] = []
@@ -192,10 +193,7 @@ class Gateway:
     def _pool(self, device: DeviceConfig) -> SlotPool | None:
         if device.hub is None:
             return None
-        pool = self.pools.get(device.hub)
-        if pool is None:
-            pool = self.pools[device.hub] = SlotPool(size=device.hub_slots, name=device.hub)
-        return pool
+        return self.pools.get(device.hub, size=device.hub_slots)
 
     def _plan(self) -> list[Plan]:
         """Every link to start, as the driver registry builds them; a driver's ConfigError
@@ -231,8 +229,7 @@ class Gateway:
             await probe.close()
         await asyncio.gather(*(link.stop() for link in set(self.links.values())))
         await self.outbox.close()
-        for pool in self.pools.values():
-            await pool.close()
+        await self.pools.close()
         for unsubscribe in self._unsubscribers:
             unsubscribe()
         self._unsubscribers.clear()

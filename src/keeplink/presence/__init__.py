@@ -7,6 +7,8 @@ module each, and all report through one :class:`PresenceSink`:
 - the device's own link (the gateway and the outbox report its connects and drops);
 - :mod:`keeplink.presence.mdns`: DNS-SD announcements (extra ``mdns``), which also wake a
   link out of a backoff wait;
+- :mod:`keeplink.presence.modbus`: a cheap read per unit behind a Modbus gateway
+  (:class:`~keeplink.presence.modbus.UnitProbe`);
 - :mod:`keeplink.presence.mqtt`: the availability messages (and last wills) the MQTT
   driver receives for its devices (extra ``mqtt``);
 

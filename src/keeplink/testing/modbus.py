@@ -6,10 +6,12 @@
     gateway.offline.add(2)         # unit 2 answers exception 0x0B from now on
     await gateway.stop()           # start() again comes back on the same port
 
-It needs pymodbus (keeplink's ``modbus`` extra). Every unit has 64 coils (off), 64 discrete
-inputs (on), 200 holding registers (0) and 200 input registers (``INPUT_VALUE``).
-:class:`RawModbusGateway` is a hand-made peer for the bytes no real gateway sends: noise,
-replies out of order, replies made up by the test.
+It needs pymodbus (a test dependency of keeplink; the driver itself does not use it). Every
+unit has 64 coils (off), 64 discrete inputs (on), 200 holding registers (0) and 200 input
+registers (``INPUT_VALUE``). :class:`RawModbusGateway` is a hand-made peer for the bytes no
+real gateway sends: noise, replies out of order, replies made up by the test.
+:func:`adu_of` and :func:`read_request` frame pymodbus PDUs for the wire and back, with
+pymodbus' own PDU encoders and decoders: an oracle independent of keeplink's codec.
 """
 
 from __future__ import annotations
@@ -18,22 +20,31 @@ import asyncio
 import collections
 import contextlib
 import functools
+import struct
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 try:
     from pymodbus.constants import ExcCodes
-    from pymodbus.framer import FramerSocket
     from pymodbus.pdu import DecodePDU, ModbusPDU
     from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
     from pymodbus.server import ModbusTcpServer
     from pymodbus.simulator import DataType, SimData, SimDevice
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "keeplink.testing.modbus needs pymodbus: pip install 'keeplink[modbus]'"
+        "keeplink.testing.modbus needs pymodbus: pip install 'keeplink[test]' (or pymodbus)"
     ) from exc
 
-__all__ = ["BITS", "INPUT_VALUE", "REGISTERS", "UNITS", "ModbusGateway", "RawModbusGateway"]
+__all__ = [
+    "BITS",
+    "INPUT_VALUE",
+    "REGISTERS",
+    "UNITS",
+    "ModbusGateway",
+    "RawModbusGateway",
+    "adu_of",
+    "read_request",
+]
 
 HOST: Final = "127.0.0.1"
 UNITS: Final = (1, 2, 3)
@@ -44,6 +55,33 @@ INPUT_VALUE: Final = 7
 """What every input register holds."""
 BITS: Final = 64
 """Coils and discrete inputs per unit."""
+
+
+_MBAP: Final = struct.Struct(">HHHB")  # transaction id, protocol id (0), length, unit id
+_REQUESTS: Final = DecodePDU(is_server=True)
+
+
+def adu_of(pdu: ModbusPDU) -> bytes:
+    """``pdu`` as a Modbus TCP ADU: the MBAP header, the function code and pymodbus'
+    encoding of the PDU's data."""
+    body = bytes([pdu.function_code]) + pdu.encode()
+    return _MBAP.pack(pdu.transaction_id, 0, len(body) + 1, pdu.dev_id) + body
+
+
+def read_request(buf: bytes) -> tuple[int, ModbusPDU | None]:
+    """The first request ADU in ``buf``, decoded by pymodbus as a server would: (bytes
+    used, the PDU). (0, None): not a whole ADU yet. A frame pymodbus cannot decode is
+    used up and gives None."""
+    if len(buf) < _MBAP.size + 1:
+        return 0, None
+    tid, _, length, unit = _MBAP.unpack_from(buf)
+    end = 6 + length
+    if len(buf) < end:
+        return 0, None
+    pdu = _REQUESTS.decode(buf[_MBAP.size : end])
+    if pdu is not None:
+        pdu.transaction_id, pdu.dev_id = tid, unit
+    return end, pdu
 
 
 class ModbusGateway:
@@ -176,7 +214,6 @@ class RawModbusGateway:
         self.port = 0
         self.served = 0
         self._server: asyncio.Server | None = None
-        self._framer = FramerSocket(DecodePDU(is_server=True))
         self._conns: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> RawModbusGateway:
@@ -203,9 +240,11 @@ class RawModbusGateway:
             while data := await reader.read(4096):
                 buf += data
                 while True:
-                    used, pdu = self._framer.handleFrame(buf, 0, 0)
+                    used, pdu = read_request(buf)
                     buf = buf[used:]
                     if pdu is None:
+                        if used:
+                            continue
                         break
                     self.served += 1
                     reply = (
@@ -217,7 +256,7 @@ class RawModbusGateway:
                             transaction_id=pdu.transaction_id,
                         )
                     )
-                    held.append(self.noise(self.served, pdu) + self._framer.buildFrame(reply))
+                    held.append(self.noise(self.served, pdu) + adu_of(reply))
                     if len(held) == self.batch:
                         writer.write(b"".join(reversed(held)))
                         held.clear()
