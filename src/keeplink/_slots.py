@@ -220,6 +220,17 @@ class _Scope:
         self._pool._leave_scope(self.name)
 
 
+def _check_settings(name: str, size: int, acquire_timeout_s: float | None) -> None:
+    if not name:
+        raise ConfigError("a slot pool needs a non-empty name")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"slot pool {name!r}: size must be an integer >= 1, got {size!r}")
+    if acquire_timeout_s is not None and not acquire_timeout_s > 0:
+        raise ConfigError(
+            f"slot pool {name!r}: acquire_timeout_s must be > 0 or None, got {acquire_timeout_s!r}"
+        )
+
+
 class SlotPool:
     """A hub's connection slots, granted in strict FIFO order. See the module docstring.
 
@@ -236,15 +247,7 @@ class SlotPool:
         clock: Clock | None = None,
         acquire_timeout_s: float | None = DEFAULT_ACQUIRE_TIMEOUT_S,
     ) -> None:
-        if not name:
-            raise ConfigError("a slot pool needs a non-empty name")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ConfigError(f"slot pool {name!r}: size must be an integer >= 1, got {size!r}")
-        if acquire_timeout_s is not None and not acquire_timeout_s > 0:
-            raise ConfigError(
-                f"slot pool {name!r}: acquire_timeout_s must be > 0 or None,"
-                f" got {acquire_timeout_s!r}"
-            )
+        _check_settings(name, size, acquire_timeout_s)
         self.name = name
         self.size = size
         self.clock: Clock = clock if clock is not None else SystemClock()
@@ -535,22 +538,28 @@ class SlotPool:
         return self._aborted_error(holder, reason)
 
     def _exhausted_error(self, holder: str, *, waited_s: float | None) -> SlotsExhaustedError:
-        now = self.clock.now()
-        held = list(self._held)
-        if held:
-            who = ", ".join(f"{s.holder!r} (for {now - s.acquired_at:.1f} s)" for s in held)
-            stop = f"stop holder {held[0].holder!r}"
-        else:
-            who = "nobody"
-            stop = "stop a holder"
-        waiting = self._live_waiters()
-        after = "" if waited_s is None else f" after waiting {waited_s:g} s"
-        return SlotsExhaustedError(
-            f"slot pool {self.name!r} ({self.size} slot{'s' if self.size != 1 else ''}):"
-            f" no free connection slot for {holder!r}{after}; held by {who};"
-            f" {waiting} other acquire(s) waiting. Increase the pool size / connection_slots"
-            f" on the hub, add another hub, or {stop}."
-        )
+        held, waiting = list(self._held), self._live_waiters()
+        return _exhausted(self, holder, held=held, waited_s=waited_s, waiting=waiting)
+
+
+def _exhausted(
+    pool: SlotPool, holder: str, *, held: list[Slot], waited_s: float | None, waiting: int
+) -> SlotsExhaustedError:
+    """What ``holder`` is told when ``pool`` has no free slot: who holds them, and what to do."""
+    now = pool.clock.now()
+    if held:
+        who = ", ".join(f"{s.holder!r} (for {now - s.acquired_at:.1f} s)" for s in held)
+        stop = f"stop holder {held[0].holder!r}"
+    else:
+        who = "nobody"
+        stop = "stop a holder"
+    after = "" if waited_s is None else f" after waiting {waited_s:g} s"
+    return SlotsExhaustedError(
+        f"slot pool {pool.name!r} ({pool.size} slot{'s' if pool.size != 1 else ''}):"
+        f" no free connection slot for {holder!r}{after}; held by {who};"
+        f" {waiting} other acquire(s) waiting. Increase the pool size / connection_slots"
+        f" on the hub, add another hub, or {stop}."
+    )
 
 
 class SlotPools:
