@@ -48,6 +48,7 @@ F = TypeVar("F")
 _log = logging.getLogger("keeplink.link")
 
 _NUMBER: Final = (int, float)
+_INF: Final = math.inf
 
 
 def check_timeout(timeout: object) -> float:
@@ -116,11 +117,12 @@ class Requests(Generic[F]):
         key: str | None,
         fail_on_drop: bool,
     ) -> Outcome:
-        """See :meth:`Link.request`."""
-        timeout = check_timeout(timeout)
+        """See :meth:`Link.request`. One coroutine, no task switch but the reply's wait."""
+        kind = timeout.__class__
+        if (kind is not float and kind is not int) or not 0 < timeout < _INF:
+            timeout = check_timeout(timeout)  # raises, or accepts a number of another type
         call_args: Mapping[str, Any] = {} if args is None else args
-        clock = self.clock
-        expires = clock.now() + timeout
+        expires = self.clock.now() + timeout
         session = self.sessions.current
         if session is None or session.broken is not None or not self._free or self._queued:
             # Off the fast path, validate first: bad arguments fail at once, whatever the
@@ -137,59 +139,48 @@ class Requests(Generic[F]):
                 return self._tally(Unavailable(cause=self.unavailable()))
         else:
             self._free -= 1  # a free slot, taken without suspending
-        try:
-            outcome = await self._exchange(
-                session, op, call_args, key, timeout, expires, fail_on_drop
-            )
-        finally:
-            self._release()
-        self.counters.outcomes[OUTCOME_NAMES[type(outcome)]] += 1
-        return outcome
-
-    async def _exchange(
-        self,
-        session: Session[F],
-        op: str,
-        args: Mapping[str, Any],
-        key: str | None,
-        timeout: float,
-        expires: float,
-        fail_on_drop: bool,
-    ) -> Outcome:
         counters = self.counters
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(future, timeout, counters.protocol_errors, counters.late_replies)
-        seq = self.correlator.allocate_nowait(waiter, deadline=expires)
+        outcome: Outcome
         try:
-            frame = self.driver.build_request(seq, op, args, key)
-        except BaseException:
-            self.correlator.cancel(seq)
-            raise
-        if self._expiry_at is None or self._expiry_at > expires:
-            self._arm_expiry(expires)
-        try:
+            future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+            waiter = _Waiter(future, timeout, counters.protocol_errors, counters.late_replies)
+            seq = self.correlator.allocate_nowait(waiter, deadline=expires)
             try:
-                if not session.send_nowait(frame):
-                    limit = min(self.send_timeout_s, max(expires - self.clock.now(), 0.0))
-                    await session.send(frame, limit)
-            except RequestTimeout:
-                return self._withdraw(seq, future, TimedOut(after_s=timeout, seq=seq))
-            except InvalidRequestError:
+                frame = self.driver.build_request(seq, op, call_args, key)
+            except BaseException:
+                self.correlator.cancel(seq)
+                raise
+            if self._expiry_at is None or self._expiry_at > expires:
+                self._arm_expiry(expires)
+            try:
+                try:
+                    if not session.send_nowait(frame):
+                        limit = min(self.send_timeout_s, max(expires - self.clock.now(), 0.0))
+                        await session.send(frame, limit)
+                except RequestTimeout:
+                    outcome = self._withdraw(seq, future, TimedOut(after_s=timeout, seq=seq))
+                except InvalidRequestError:
+                    self._withdraw(seq, future, None)
+                    raise
+                except KeeplinkError as exc:
+                    outcome = self._withdraw(seq, future, Unavailable(cause=exc, seq=seq))
+                else:
+                    counters.requests_sent += 1
+                    if fail_on_drop:
+                        session.fragile.add(seq)
+                        try:
+                            outcome = await future
+                        finally:
+                            session.fragile.discard(seq)
+                    else:
+                        outcome = await future
+            except asyncio.CancelledError:
                 self._withdraw(seq, future, None)
                 raise
-            except KeeplinkError as exc:
-                return self._withdraw(seq, future, Unavailable(cause=exc, seq=seq))
-            counters.requests_sent += 1
-            if fail_on_drop:
-                session.fragile.add(seq)
-                try:
-                    return await future
-                finally:
-                    session.fragile.discard(seq)
-            return await future
-        except asyncio.CancelledError:
-            self._withdraw(seq, future, None)
-            raise
+        finally:
+            self._release()
+        counters.outcomes[OUTCOME_NAMES[type(outcome)]] += 1
+        return outcome
 
     # ------------------------------------------------------------------ the window
 
