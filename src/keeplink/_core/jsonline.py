@@ -368,8 +368,14 @@ class JsonLineDecoder:
 
     def feed(self, data: bytes) -> list[Frame | Malformed]:
         """Consume ``data``; return every item completed by it."""
-        out: list[Frame | Malformed] = []
         buffer = self._buffer
+        if data and not buffer and not self._discarding and data.find(b"\n") == len(data) - 1:
+            # The usual case, one whole line in one read: nothing to buffer.
+            line = bytes(data[:-1]).rstrip(b"\r")
+            if len(line) > self.max_line:
+                return [self._too_long(line[:_SAMPLE])]
+            return [_decode_line(line)] if line.strip() else []
+        out: list[Frame | Malformed] = []
         buffer += data
         start = 0
         while True:
