@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from keeplink._core.backoff import Backoff
 from keeplink._core.errors import ErrorCode, error_class_of
@@ -89,15 +89,15 @@ class Action(enum.Enum):
     SPAWN_SUPERVISOR = "spawn_supervisor"
     """Start the supervisor task; it opens the channel."""
     HANDSHAKE = "handshake"
-    """Run the driver's handshake on the open channel."""
+    """Run the driver's handshake on the open channel (the supervisor's next step)."""
     RUN_SESSION = "run_session"
-    """Start the session's reader and keepalive; requests may flow."""
+    """Start the session's reader and keepalive; requests may flow (its next step)."""
     CLEAN_UP_SESSION = "clean_up_session"
     """Once: end the requests bound to the session (``fail_on_drop``), count, log."""
     WAIT_BACKOFF = "wait_backoff"
     """Wait until ``retry_at`` (a wake signal cuts it short)."""
     CONNECT = "connect"
-    """Open the channel again."""
+    """Open the channel again (the supervisor's next step)."""
     GIVE_UP = "give_up"
     """A terminal error: report it and end supervising (until ``start()``/``connect()``)."""
     CANCEL_SUPERVISOR = "cancel_supervisor"
@@ -118,8 +118,8 @@ class Rule:
     actions: tuple[Action, ...] = ()
     retry: bool = False
     reset_attempts: bool = False
-    count: str | None = None
-    """Which counter the transition adds one to."""
+    count: Literal["connects", "disconnects", "failed_attempts"] | None = None
+    """Which of the machine's counters the transition adds one to."""
 
 
 _S = LinkState
