@@ -159,6 +159,30 @@ async def test_half_open_socket_is_found_by_the_liveness_limit(
         await connected(link)
 
 
+async def test_no_heartbeat_goes_out_while_the_peer_is_talking(
+    make_link: LinkFactory, sim: DeviceSimulator, virtual_clock: VirtualClock
+) -> None:
+    """Traffic is proof of life: a frame from the peer in the interval makes the ping
+    unnecessary, and the next one is due an interval after the last frame."""
+    link = make_link()
+    async with link:
+        await connected(link)
+        start = virtual_clock.now()
+        for n in range(1, 5):  # a state push every 20 s, inside every 30 s interval
+            await virtual_clock.advance(20)
+            assert await sim.push_state({"n": n}) == 1
+            await eventually(lambda n=n: link.statistics().frames_in == 1 + n, what=f"push {n}")  # type: ignore[misc]
+        assert virtual_clock.now() == start + 80
+        assert (sim.statistics().pings, link.statistics().heartbeats_sent) == (0, 0)
+        await virtual_clock.advance(HEARTBEAT_S - 0.001)
+        await asyncio.sleep(0.05)  # room for a ping that should not be there to arrive
+        assert sim.statistics().pings == 0
+        await virtual_clock.advance(0.001)  # 30 s after the last push
+        await eventually(lambda: sim.statistics().pings == 1, what="the first ping")
+        assert link.statistics().heartbeats_sent == 1
+        assert link.state is S.CONNECTED
+
+
 async def test_peer_that_never_answers_pings_is_not_declared_dead(
     make_link: LinkFactory, sim: DeviceSimulator, virtual_clock: VirtualClock
 ) -> None:

@@ -365,6 +365,35 @@ async def test_a_request_waiting_for_the_window_times_out_unsent(
     assert sim.statistics().requests == 1
 
 
+async def test_a_request_cancelled_while_waiting_for_the_window_leaves_its_turn_to_the_next(
+    proxy: FaultProxy, sim: DeviceSimulator, virtual_clock: VirtualClock
+) -> None:
+    sim.ack_delay_s = 1
+    driver = JsonLineDriver(host=proxy.host, port=proxy.port, token=TOKEN, max_in_flight=1)
+    link = Link(driver, name="strict", clock=virtual_clock, heartbeat_s=None)
+    async with link:
+        await connected(link)
+        first = asyncio.create_task(link.request("echo", {"i": 0}, timeout=60))
+        await eventually(lambda: sim.statistics().requests == 1)
+        given_up = asyncio.create_task(link.request("echo", {"i": 1}, timeout=60))
+        third = asyncio.create_task(link.request("echo", {"i": 2}, timeout=60))
+        await asyncio.sleep(0.01)  # both wait for the window, in this order
+        given_up.cancel()
+        await virtual_clock.advance(1)
+        assert (await first).result == {"i": 0}  # type: ignore[union-attr]
+        await eventually(lambda: sim.statistics().requests == 2)
+        await virtual_clock.advance(1)
+        assert (await third).result == {"i": 2}  # type: ignore[union-attr]
+        with pytest.raises(asyncio.CancelledError):
+            await given_up
+        # The window is whole again: one more request goes straight out.
+        fourth = asyncio.create_task(link.request("echo", {"i": 3}, timeout=60))
+        await eventually(lambda: sim.statistics().requests == 3)
+        await virtual_clock.advance(1)
+        assert (await fourth).result == {"i": 3}  # type: ignore[union-attr]
+    assert sim.statistics().max_outstanding == 1
+
+
 class FanSpeed(enum.IntEnum):
     LOW = 1
     HIGH = 2

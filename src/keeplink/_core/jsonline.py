@@ -178,7 +178,32 @@ def _seq(obj: Mapping[str, Any]) -> int:
 _ACK_FIELDS: Final = frozenset({"t", "seq", "ok", "result", "code", "msg"})
 
 
+def _ack_fast(obj: Mapping[str, Any]) -> Ack | None:
+    """The common, well-formed ack, checked by exact type (what the JSON decoder makes).
+    None: not sure, so :func:`_parse` checks it field by field and says what is wrong."""
+    ok = obj.get("ok")
+    seq = obj.get("seq")
+    result = obj.get("result")
+    code = obj.get("code")
+    msg = obj.get("msg")
+    if type(ok) is not bool or type(seq) is not int or not 0 <= seq <= _MAX_SEQ:
+        return None
+    if result is not None and type(result) is not dict:
+        return None
+    if (code is not None and type(code) is not str) or (msg is not None and type(msg) is not str):
+        return None
+    if not ok and code is None:
+        code = "rejected"
+    if obj.keys() <= _ACK_FIELDS:
+        extra: dict[str, Any] = {}
+    else:
+        extra = {k: v for k, v in obj.items() if k not in _ACK_FIELDS}
+    return Ack(seq=seq, ok=ok, result=result, code=code, msg=msg, extra=extra)
+
+
 def _parse(obj: Mapping[str, Any]) -> Frame:
+    if obj.get("t") == "ack" and (ack := _ack_fast(obj)) is not None:
+        return ack  # the hot path: one reply per request
     kind = _field(obj, "t", str)
     if kind == "ack":
         ok: bool = _field(obj, "ok", bool)
@@ -235,6 +260,12 @@ def _finite(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"the number {text[:40]} is too large for a double")
     return value
+
+
+# Built once: json.loads() and json.dumps() with options build a new decoder or encoder on
+# every call, which costs more than the work on a short frame. Both are stateless.
+_DECODER: Final = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite)
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _deeper_than(value: object, limit: int) -> bool:
@@ -294,7 +325,7 @@ def load_object(data: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ValueError(f"invalid UTF-8 at byte {exc.start}") from None
     try:
-        obj = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite)
+        obj = _DECODER.decode(text)
     except ValueError as exc:  # JSONDecodeError, and the NaN/Infinity/overflow refusals
         raise ValueError(f"invalid JSON: {exc}") from None
     except RecursionError:
@@ -303,7 +334,7 @@ def load_object(data: bytes) -> dict[str, Any]:
         raise ValueError(f"not a JSON object but {type(obj).__name__}")
     if _may_nest_deeper(data, MAX_DEPTH) and _deeper_than(obj, MAX_DEPTH):
         raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
-    if _SURROGATE_ESCAPE.search(text) and _lone_surrogate(obj):
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text) and _lone_surrogate(obj):
         # "\ud800" alone is valid JSON but not text: no store or log can keep it.
         raise ValueError("a string holds an unpaired UTF-16 surrogate")
     return obj
@@ -336,8 +367,14 @@ class JsonLineDecoder:
 
     def feed(self, data: bytes) -> list[Frame | Malformed]:
         """Consume ``data``; return every item completed by it."""
-        out: list[Frame | Malformed] = []
         buffer = self._buffer
+        if data and not buffer and not self._discarding and data.find(b"\n") == len(data) - 1:
+            # The usual case, one whole line in one read: nothing to buffer.
+            line = bytes(data[:-1]).rstrip(b"\r")
+            if len(line) > self.max_line:
+                return [self._too_long(line[:_SAMPLE])]
+            return [_decode_line(line)] if line.strip() else []
+        out: list[Frame | Malformed] = []
         buffer += data
         start = 0
         while True:
@@ -441,7 +478,7 @@ def encode_frame(frame: Frame, *, max_line: int = MAX_LINE) -> bytes:
 
 def _encode_obj(obj: dict[str, Any], max_line: int) -> bytes:
     try:
-        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = _ENCODER.encode(obj)
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"frame cannot be encoded as JSON: {exc}") from exc
     except RecursionError as exc:

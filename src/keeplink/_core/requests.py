@@ -33,8 +33,9 @@ def check_request(op: object, args: object, key: object) -> Mapping[str, Any]:
         raise InvalidRequestError(f"op must be a non-empty string, got {op!r}")
     if not isinstance(args, Mapping):
         raise InvalidRequestError(f"args must be a mapping, got {type(args).__name__}")
-    if any(not isinstance(k, str) for k in args):
-        raise InvalidRequestError("args keys must be strings")
+    for k in args:
+        if not isinstance(k, str):
+            raise InvalidRequestError("args keys must be strings")
     if not is_key(key):
         raise InvalidRequestError(f"key must be a non-empty string or None, got {key!r}")
     return args
