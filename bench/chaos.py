@@ -8,7 +8,7 @@ link. Each cycle (20–50 ms of real time) the seeded schedule may switch a faul
 proxy (every fault the proxy has: down, black hole, reset now, reset/cut after N bytes,
 latency with jitter, slow close, slicer, bandwidth limit and stall, or clear), reboot,
 put to sleep, slow down or silence a simulator, flip a simulator's token (the link must go
-``failed`` on auth; once the token is restored the soak calls ``link.connect()``, as an
+``failed`` on auth; once the token is restored the soak calls ``link.connect_soon()``, as an
 operator would) or restart a link; it submits a few commands to the outbox (plain, keyed
 for supersede, with a TTL, refused by the device, cancelled later) and fires a few direct
 ``link.request()`` calls with short timeouts. Every fault is undone after a few cycles.
@@ -609,7 +609,7 @@ class _Soak:
         dev.flip_until = None
         dev.flip_failed = False
         dev.auth_grace_until = now + AUTH_GRACE_S
-        dev.link.connect()  # as an operator would, once the credentials are fixed
+        dev.link.connect_soon()  # as an operator would, once the credentials are fixed
 
     # ------------------------------------------------------------------ commands
 
@@ -701,7 +701,7 @@ class _Soak:
                     continue  # expected: the token is wrong
                 if now < dev.auth_grace_until and isinstance(link.last_error, AuthError):
                     self.late_auth += 1
-                    link.connect()
+                    link.connect_soon()
                     continue
                 problem = f"failed unexpectedly: {link.last_error!r}"
             elif state not in _RUNNING:
@@ -719,7 +719,7 @@ class _Soak:
                     f"{phase}: link {dev.name}: {problem} "
                     f"(internal errors {stats.internal_errors}, last error {stats.last_error})"
                 )
-            link.connect()  # an operator would; keeps the soak going
+            link.connect_soon()  # an operator would; keeps the soak going
 
     # ------------------------------------------------------------------ settle
 
@@ -738,7 +738,7 @@ class _Soak:
             dev.drop_acks_until = dev.ack_delay_until = None
             if dev.flip_until is not None:
                 self.restore_token(dev, now)
-            dev.link.connect()
+            dev.link.connect_soon()
         for _, command_id, device in self.cancels:
             await self.cancel_command(command_id, device)
         self.cancels = []
@@ -775,7 +775,7 @@ class _Soak:
                     waiting = True  # an attempt under way ends by its own timeout
                     continue
                 if dev.link.state is not LinkState.CONNECTED:
-                    dev.link.connect()
+                    dev.link.connect_soon()
                     waiting = True
                     continue
                 if self.presence.presence(name) is not Presence.ONLINE:

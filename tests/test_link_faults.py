@@ -216,7 +216,7 @@ async def test_auth_refused_is_terminal_and_reported(
 
         # Fixing the credentials and connecting again works.
         sim.token = "wrong"
-        link.connect()
+        link.connect_soon()
         await connected(link)
 
 

@@ -322,7 +322,7 @@ async def test_wake_never_cancels_a_handshake_in_progress(
     async with link:
         await until_state(link, S.HANDSHAKING)
         assert link.wake("mdns") is False
-        link.connect()  # a manual connect is a wake signal too
+        link.connect_soon()  # a manual connect is a wake signal too
         await connected(link)
     assert rec.states()[:3] == [S.CONNECTING, S.HANDSHAKING, S.CONNECTED]
     assert link.statistics().failed_attempts == 0

@@ -130,7 +130,7 @@ async def apply(op: str, link: Link[str], driver: ScriptedDriver, clock: Virtual
     if op in ("start", "connect"):
         # While a stop is still in progress both are refused with a typed LinkClosedError.
         with contextlib.suppress(LinkClosedError):
-            link.start() if op == "start" else link.connect()
+            link.start() if op == "start" else link.connect_soon()
     elif op == "stop":
         await link.stop()
         assert link.state is S.STOPPED

@@ -194,10 +194,11 @@ class Link(Generic[F]):
         if Action.SPAWN_SUPERVISOR in step.actions:
             self._supervisor.spawn()
 
-    def connect(self) -> None:
-        """A manual connect: start the link if it is not running, else skip the backoff wait.
-
-        Never cancels a connect or handshake in progress.
+    def connect_soon(self) -> None:
+        """Connect as soon as possible: start the link if it is not running (a ``failed``
+        link too), else skip the rest of its backoff wait. It does not wait for the
+        connection (that is :meth:`wait_connected`), and never cancels a connect or
+        handshake in progress.
         """
         if not self._supervisor.running or self._life.stop_requested:
             self.start()

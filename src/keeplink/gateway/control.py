@@ -80,7 +80,7 @@ async def reconnect(gateway: Gateway, device_id: str) -> dict[str, Any]:
     error = link.last_error
     state = link.state
     if state is LinkState.FAILED:
-        link.connect()
+        link.connect_soon()
         action = "started"
         why = f" ({error.wire_code}: {error.message[:NOTE_MESSAGE_CHARS]})" if error else ""
         note = f"the failed link{why} tries again now"
