@@ -43,6 +43,7 @@ import contextlib
 import logging
 import math
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -54,6 +55,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "keeplink.testing.esphome needs aioesphomeapi: pip install 'keeplink[esphome]'"
     ) from exc
+
+from keeplink.testing.espota import Flash, OtaReceiver
 
 __all__ = ["EsphomeSimulator", "SimEntity", "main", "message_types"]
 
@@ -181,6 +184,9 @@ class EsphomeSimulator:
         model: str = "esp32dev",
         awake_s: float | None = None,
         asleep_s: float | None = None,
+        ota_port: int | None = None,
+        ota_password: str | None = None,
+        reboot_s: float = 0.05,
     ) -> None:
         if (awake_s is None) != (asleep_s is None):
             raise ValueError("awake_s and asleep_s go together")
@@ -218,6 +224,20 @@ class EsphomeSimulator:
         self._conns: dict[int, _Conn] = {}
         self._handlers: set[asyncio.Task[None]] = set()
         self._schedule: asyncio.Task[None] | None = None
+        self.ota: OtaReceiver | None = None
+        """Its OTA port (``ota_port``; 0 picks one), or None without one. A verified image
+        makes the device reboot ``reboot_s`` later into a new build (:meth:`flashed`)."""
+        if ota_port is not None:
+            self.ota = OtaReceiver(
+                password=ota_password, host=host, port=ota_port, on_flash=self._flashed
+            )
+        self.reboot_s = reboot_s
+        self.next_build: dict[str, str] | None = None
+        """What the next flash reboots into (``project_version``, ``compilation_time``,
+        ``esphome_version``); None: the same project version, a new compilation time."""
+        self.builds: list[dict[str, str]] = []
+        """Every build a flash rebooted it into, in order."""
+        self._reboots: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         mode = "noise" if self._psk is not None else "plaintext"
@@ -228,6 +248,8 @@ class EsphomeSimulator:
     async def start(self) -> None:
         """Listen (on the same port again after a stop/kill), and start the sleep schedule."""
         await self._listen()
+        if self.ota is not None:
+            await self.ota.start()
         if self.awake_s is not None and self._schedule is None:
             self._schedule = asyncio.get_running_loop().create_task(
                 self._sleep_cycle(), name=f"esphome-sim[{self.name}].sleep"
@@ -257,12 +279,16 @@ class EsphomeSimulator:
             await server.wait_closed()
 
     async def stop(self) -> None:
-        """Say goodbye to every client (DisconnectRequest) and close the server."""
+        """Say goodbye to every client (DisconnectRequest) and close the servers."""
         schedule, self._schedule = self._schedule, None
         if schedule is not None:
             schedule.cancel()
             await asyncio.wait((schedule,))
+        if self._reboots:
+            await asyncio.wait(set(self._reboots))
         await self._close_server(abort=False)
+        if self.ota is not None:
+            await self.ota.close()
 
     async def kill(self) -> None:
         """Power loss: every connection aborted at once, no goodbye, the server gone."""
@@ -293,6 +319,30 @@ class EsphomeSimulator:
             self.esphome_version = esphome_version
         await self.restart()
 
+    def _flashed(self, flash: Flash) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._reboot_after_flash(), name=f"esphome-sim[{self.name}].reboot"
+        )
+        self._reboots.add(task)
+        task.add_done_callback(self._reboots.discard)
+
+    async def _reboot_after_flash(self) -> None:
+        # (After the OTA session's last answer, as the firmware reboots once it is sent.)
+        await asyncio.sleep(self.reboot_s)
+        build = self.next_build or {}
+        self.next_build = None
+        when = time.strftime("%b %d %Y, %H:%M:%S", time.gmtime())
+        if when == self.compilation_time:
+            when += f" #{len(self.builds) + 1}"  # two flashes within one second
+        new = {
+            "project_version": build.get("project_version", self.project_version),
+            "compilation_time": build.get("compilation_time", when),
+            "esphome_version": build.get("esphome_version", self.esphome_version),
+        }
+        self.builds.append(new)
+        _log.debug("esphome sim %s: flashed, rebooting into %s", self.name, new)
+        await self.reboot_into(**new)
+
     def go_silent(self) -> None:
         """Stop answering and sending anything; sockets stay open (a half-open peer)."""
         self.silent = True
@@ -319,9 +369,13 @@ class EsphomeSimulator:
             await asyncio.sleep(self.awake_s)
             _log.debug("esphome sim %s: going to deep sleep for %gs", self.name, self.asleep_s)
             await self._close_server(abort=False)
+            if self.ota is not None:
+                await self.ota.close()
             self.asleep = True
             await asyncio.sleep(self.asleep_s)
             await self._listen()
+            if self.ota is not None:
+                await self.ota.start()
 
     # ------------------------------------------------------------------ states
 
@@ -611,6 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--noise-psk", help="base64 of 32 bytes: encrypted sessions only")
     parser.add_argument("--password", help="legacy API password (plaintext)")
     parser.add_argument("--project-version", default="1.0.0")
+    parser.add_argument("--ota-port", type=int, help="listen for espota2 firmware (0: any)")
+    parser.add_argument("--ota-password", help="the OTA password")
     parser.add_argument("--awake-s", type=float, help="deep sleep: awake this long…")
     parser.add_argument("--asleep-s", type=float, help="…then asleep this long")
     return parser
@@ -627,9 +683,12 @@ async def _run(args: argparse.Namespace) -> None:
         project_version=args.project_version,
         awake_s=args.awake_s,
         asleep_s=args.asleep_s,
+        ota_port=args.ota_port,
+        ota_password=args.ota_password,
     )
     await sim.start()
-    print(f"esphome device {sim.name!r} listening on {sim.host}:{sim.port}", flush=True)
+    ota = f", OTA on port {sim.ota.port}" if sim.ota is not None else ""
+    print(f"esphome device {sim.name!r} listening on {sim.host}:{sim.port}{ota}", flush=True)
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
