@@ -284,8 +284,7 @@ class EsphomeSimulator:
         if schedule is not None:
             schedule.cancel()
             await asyncio.wait((schedule,))
-        if self._reboots:
-            await asyncio.wait(set(self._reboots))
+        await self.wait_rebooted()
         await self._close_server(abort=False)
         if self.ota is not None:
             await self.ota.close()
@@ -318,6 +317,12 @@ class EsphomeSimulator:
         if esphome_version is not None:
             self.esphome_version = esphome_version
         await self.restart()
+
+    async def wait_rebooted(self) -> None:
+        """Wait until the reboot a flash began (if any) is over: the device is up on its
+        new build."""
+        while self._reboots:
+            await asyncio.wait(set(self._reboots))
 
     def _flashed(self, flash: Flash) -> None:
         task = asyncio.get_running_loop().create_task(
