@@ -11,6 +11,8 @@ import base64
 import contextlib
 import hashlib
 import os
+import signal
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,3 +376,66 @@ async def test_a_device_already_reporting_the_target_build_is_not_flashed(tmp_pa
         assert done["state"] == "succeeded", done
         assert done["result"]["reason"] == "the device already runs the target build"
         assert sim.ota is not None and sim.ota.sessions == 0
+
+
+# ---------------------------------------------------------------------------- a process
+
+
+@contextlib.asynccontextmanager
+async def device_process(port: int, ota_port: int) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``keeplink sim --esphome`` with an OTA port, in a process of its own."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "keeplink", "sim", "--esphome", "--port", str(port),
+        "--name", "porch-light", "--noise-psk", PSK, "--ota-port", str(ota_port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert f"listening on 127.0.0.1:{port}, OTA on port {ota_port}" in line, line
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.communicate()
+
+
+async def test_a_device_process_killed_after_its_flash_is_found_again_and_not_reflashed(
+    tmp_path: Path,
+) -> None:
+    port, ota_port = free_port(), free_port()
+    config = {
+        "gateway": {"listen": "127.0.0.1:0", "store": "memory:", "token": TOKEN},
+        "devices": [
+            {
+                "id": "porch-light", "driver": "esphome", "port": port, "noise_psk": PSK,
+                "ota_port": ota_port, "backoff": FAST, "debounce_online_s": 0,
+                "debounce_offline_s": 0,
+            }
+        ],
+    }  # fmt: skip
+    server = Server(parse_config(config, source="test_gateway_esphome"), token=TOKEN)
+    await server.start()
+    try:
+        link = server.gateway.links["porch-light"]
+        async with device_process(port, ota_port) as first:
+            command = await server.gateway.outbox.submit(
+                "porch-light", "firmware", image_args(tmp_path)
+            )
+            async with asyncio.timeout(IO_BOUND_S):
+                done = await server.gateway.outbox.wait(command.id)
+            assert done.state.value == "succeeded", done.last_error
+            assert done.result is not None and done.result["installed"] is True
+            first.send_signal(signal.SIGKILL)
+            assert await asyncio.wait_for(first.wait(), IO_BOUND_S) == -signal.SIGKILL
+            async with asyncio.timeout(IO_BOUND_S):
+                await link.wait_for_state(LinkState.BACKOFF)
+        connects = link.statistics().connects
+        async with device_process(port, ota_port):
+            async with asyncio.timeout(IO_BOUND_S):
+                await link.wait_for_state(LinkState.CONNECTED)
+            assert link.statistics().connects > connects
+            again = await server.gateway.outbox.get(command.id)
+            assert (again.state.value, again.attempts) == ("succeeded", 1)
+    finally:
+        await server.stop()
