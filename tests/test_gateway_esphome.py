@@ -39,7 +39,7 @@ FAST = {"initial_s": 0.05, "cap_s": 0.2}
 
 def device_keys(sim: EsphomeSimulator, **extra: Any) -> dict[str, Any]:
     assert sim.ota is not None
-    return {
+    keys = {
         "id": "porch-light",
         "driver": "esphome",
         "host": "127.0.0.1",
@@ -52,8 +52,9 @@ def device_keys(sim: EsphomeSimulator, **extra: Any) -> dict[str, Any]:
         "debounce_offline_s": 0,
         "heartbeat_s": 5,
         "options": {"ota_retry_delay_s": 0.05, "ota_settle_s": 3},
-        **extra,
     }
+    keys.update(extra)
+    return {key: value for key, value in keys.items() if value is not None}  # None: left out
 
 
 def image_args(tmp_path: Path, image: bytes = IMAGE) -> dict[str, Any]:
@@ -89,7 +90,8 @@ class Rig:
 def simulator(**kw: Any) -> EsphomeSimulator:
     """``porch-light`` with Noise and an OTA port, not started (asleep)."""
     kw.setdefault("ota_port", free_port())
-    return EsphomeSimulator(name="porch-light", port=free_port(), noise_psk=PSK, **kw)
+    kw.setdefault("noise_psk", PSK)
+    return EsphomeSimulator(name="porch-light", port=free_port(), **kw)
 
 
 @contextlib.asynccontextmanager
@@ -198,6 +200,33 @@ async def test_the_device_view_shows_device_info_and_entity_commands_work() -> N
             {"op": "switch", "args": {"entity": "nope", "state": True}}
         )
         assert (status, refused["code"]) == (422, "invalid_request"), refused
+
+
+@pytest.mark.parametrize(
+    ("device", "keys", "code"),
+    [
+        ({"password": "api-pw"}, {"noise_psk": None, "password": "api-pw"}, None),
+        ({"password": "api-pw"}, {"noise_psk": None, "password": "wrong"}, "auth_failed"),
+        ({}, {"noise_psk": base64.b64encode(bytes(32)).decode()}, "auth_failed"),
+        ({}, {"expected_name": "someone-else"}, "device_mismatch"),
+        ({}, {"mac": "AA:BB:CC:DD:EE:99"}, "device_mismatch"),
+    ],
+    ids=["password", "wrong-password", "wrong-key", "wrong-name", "wrong-mac"],
+)
+async def test_the_config_keys_decide_who_may_connect(
+    device: dict[str, Any], keys: dict[str, Any], code: str | None
+) -> None:
+    sim = simulator(noise_psk=None, **device) if device else simulator()
+    async with sim, rig(sim, **keys) as r:
+        link = r.server.gateway.links["porch-light"]
+        if code is None:
+            await connected(r)
+            return
+        async with asyncio.timeout(IO_BOUND_S):
+            await link.wait_for_state(LinkState.FAILED)  # terminal: no auth_retry_s
+        assert link.last_error is not None
+        assert link.last_error.code.value == code
+        assert sim.commands == []
 
 
 async def test_a_killed_device_is_found_again_and_a_silent_one_is_declared_dead() -> None:
