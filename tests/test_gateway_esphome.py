@@ -468,3 +468,22 @@ async def test_a_device_process_killed_after_its_flash_is_found_again_and_not_re
             assert (again.state.value, again.attempts) == ("succeeded", 1)
     finally:
         await server.stop()
+
+
+async def test_a_firmware_waits_until_the_device_has_been_online_long_enough(
+    tmp_path: Path,
+) -> None:
+    sim = simulator()
+    options = {"ota_min_online_s": 0.5, "ota_retry_delay_s": 0.05}
+    async with sim, rig(sim, options=options) as r:
+        await connected(r)
+        online_since = r.server.gateway.presence.online_since("porch-light")
+        assert online_since is not None
+        status, accepted = await r.submit({"op": "firmware", "args": image_args(tmp_path)})
+        assert status == 202, accepted
+        stored = await r.server.gateway.outbox.get(accepted["id"])
+        assert (stored.precondition, stored.precondition_args) == ("min_online", {"seconds": 0.5})
+        done = await r.final(accepted["id"])
+        assert done["state"] == "succeeded", done
+        assert done["updated_at"] >= online_since + 0.5  # not flashed in its first 0.5 s
+        assert sim.ota is not None and len(sim.ota.flashes) == 1

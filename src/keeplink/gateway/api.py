@@ -31,6 +31,7 @@ from keeplink._core.commands import Command
 from keeplink._core.errors import CommandNotFoundError, InvalidRequestError
 from keeplink._link import Link
 from keeplink.gateway import models
+from keeplink.gateway.drivers import REGISTRY
 from keeplink.gateway.edge import (
     GATEWAY_KEY,
     MAX_BODY,
@@ -104,10 +105,14 @@ async def submit_command(request: web.Request) -> web.Response:
     link = gateway.links[device_id]
     args = gateway.command_args(device_id, body.args or {})
     await _check_deliverable(gateway, device_id, link, body.op, args, body.idempotency_key)
+    spec = REGISTRY[config.driver]
+    precondition, precondition_args = spec.preconditions(config).get(body.op, (None, None))
     command = await gateway.outbox.submit(
         device_id,
         body.op,
         args,
+        precondition=precondition,
+        precondition_args=precondition_args,
         key=body.key,
         ttl_s=body.ttl_s if body.ttl_s is not None else gateway.config.ttl_s,
         max_attempts=body.max_attempts,

@@ -178,6 +178,9 @@ class EsphomeOptions(DriverOptions):
     ota_settle_s: Delay = 60.0
     """After a connection lost past the data phase: how long to wait for the device to
     reconnect reporting a new build before the image is sent again."""
+    ota_min_online_s: Delay = 0.0
+    """A firmware command waits until the device has been online this long (the outbox's
+    ``min_online`` precondition); 0: no wait."""
 
 
 class DeviceKeys(BaseModel):
@@ -280,6 +283,11 @@ class DriverSpec:
     """Device keys of its own, at the top level of ``[[devices]]`` (names, types and
     defaults); a device of another driver that gives one is refused."""
     executors: Executors = _firmware_transfer
+    preconditions: Callable[[DeviceConfig], Mapping[str, tuple[str, Mapping[str, Any]]]] = (
+        lambda _device: {}
+    )
+    """``op -> (precondition, its args)`` each such command of the device is submitted with
+    (checked at delivery by the outbox)."""
     """How its devices' ``firmware`` (and any other executor op) is delivered: by default
     as ``ota.*`` requests on the device's link (:class:`~keeplink.outbox.FirmwareTransfer`)."""
 
@@ -401,6 +409,11 @@ def _esphome_ota(device: DeviceConfig) -> Mapping[str, Executor]:
     return {"firmware": ota}
 
 
+def _esphome_preconditions(device: DeviceConfig) -> Mapping[str, tuple[str, Mapping[str, Any]]]:
+    seconds = EsphomeOptions.model_validate(device.options).ota_min_online_s
+    return {"firmware": ("min_online", {"seconds": seconds})} if seconds > 0 else {}
+
+
 REGISTRY: Final[Mapping[str, DriverSpec]] = {
     "jsonline": DriverSpec(
         name="jsonline",
@@ -448,6 +461,7 @@ REGISTRY: Final[Mapping[str, DriverSpec]] = {
         # The native API has no token, sequence numbers or window of keeplink's.
         refused=frozenset({"token", "seq_bits", "max_in_flight"}),
         executors=_esphome_ota,
+        preconditions=_esphome_preconditions,
     ),
 }
 """Every driver the gateway runs, by the name a device's ``driver`` key gives."""

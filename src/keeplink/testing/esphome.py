@@ -26,10 +26,16 @@ server gone) and :meth:`~EsphomeSimulator.restart`. The firmware it reports
 flash changes them (:meth:`~EsphomeSimulator.reboot_into` does that and reboots), and the
 next DeviceInfoResponse says so.
 
+With ``ota_port`` it also has an OTA port (:class:`~keeplink.testing.espota.OtaReceiver`,
+``sim.ota``): after a verified image it reboots into a new build (a new compilation time,
+or ``next_build``), as a real device does after an update; both ports close while it
+sleeps.
+
 Message ids come from the ``id`` option that ESPHome's ``api.proto`` puts on each message,
 read from the protobuf descriptors of :mod:`aioesphomeapi.api_pb2` (public protobuf API).
 
-Run one from a shell: ``keeplink sim --esphome --port 6053 --name kitchen [--noise-psk KEY]``.
+Run one from a shell: ``keeplink sim --esphome --port 6053 --name kitchen [--noise-psk KEY]
+[--ota-port 3232 [--ota-password PW]]``.
 
 It needs aioesphomeapi (keeplink's ``esphome`` extra).
 """
