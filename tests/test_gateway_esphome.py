@@ -243,7 +243,11 @@ async def test_a_killed_device_is_found_again_and_a_silent_one_is_declared_dead(
         sim.go_silent()  # half-open: the socket stays, nothing answers
         async with asyncio.timeout(IO_BOUND_S):
             await link.wait_for_state(LinkState.LOST, LinkState.BACKOFF)
-        assert link.statistics().last_error is not None
+        error = link.statistics().last_error
+        assert error is not None
+        assert (error.code, "liveness" in error.message) == ("timeout", True)
+        _, view = await r.call("GET", "/api/devices/porch-light")
+        assert view["link"]["last_error"]["code"] == "timeout", view
         sim.speak()
         await connected(r)
 
