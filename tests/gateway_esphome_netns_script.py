@@ -45,9 +45,10 @@ PSK = base64.b64encode(bytes(range(32))).decode()
 IMAGE = os.urandom(256 * 1024)
 FLAPS = 3
 """Sleep cycles after the flash (ten in-process: tests/test_gateway_esphome.py)."""
-ASLEEP_S = 1.1
-"""A goodbye's records live on for 1 s (RFC 6762 10.1): an announcement sooner would be
-a refresh of them, not a new arrival."""
+ASLEEP_S = 0.5
+"""How long it sleeps. Its goodbye must have reached the gateway before it announces itself
+again: an announcement of a record the gateway still holds is a refresh (it extends the
+device's presence but wakes no link), not a new arrival."""
 
 
 def announcement(sim: EsphomeSimulator) -> AsyncServiceInfo:
