@@ -56,6 +56,20 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, str]]:
             f"all {wake['commands']} in {wake['drain_s']:.2f} s (goal p99 <= 100 ms)",
         )
     )
+    if importlib.util.find_spec("aioesphomeapi") is not None:
+        from bench import esphome_ota
+
+        flash = await esphome_ota.wake_to_flash(rounds=args.rounds)
+        rows.append(
+            (
+                f"ESPHome wake to flash, {esphome_ota.WAKE_IMAGE // 1024} KiB image",
+                f"first OTA block p50 {flash['first_p50_ms']:.1f} ms, "
+                f"done p50 {flash['done_p50_ms']:.1f} ms (wake-up to ack)",
+                f"max {flash['done_max_ms']:.1f} ms (goal <= 1 s)",
+            )
+        )
+    else:
+        rows.append(("ESPHome wake to flash", "skipped: aioesphomeapi not installed", "-"))
     from bench import outbox
 
     durable = await outbox.measure(commands=args.commands, rounds=args.outbox_rounds)

@@ -19,6 +19,12 @@ and that many bytes and answers one byte.
 
 Each round measures every mode once, interleaved; the table shows the median. Bounded:
 ``--rounds`` rounds, and no new round starts after ``--max-s`` seconds.
+
+Wake to flash: a firmware command queued for an asleep ESPHome device (the simulator, with
+its OTA port, and the native API link waiting out a 30 s backoff), then the device comes
+up and its link is woken as an mDNS announcement wakes it (``link.wake``): the time from
+then to the first acknowledged OTA block, and to the command's success (a 64 KiB image).
+Over real mDNS the same path is run by ``tests/gateway_esphome_netns_script.py``.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ from keeplink.drivers import JsonLineDriver
 from keeplink.outbox import DeliveryContext, MemoryStore, Outbox
 from keeplink.outbox.esphome_ota import EsphomeOta
 from keeplink.testing.espota import OtaReceiver
+
+WAKE_IMAGE = 64 * 1024
 
 Measure = Callable[[], Awaitable[float]]
 WINDOWS = (1, 2, 8)
@@ -186,6 +194,77 @@ async def measure(*, mib: float, rounds: int, max_s: float) -> tuple[dict[str, f
     return {name: len(image) / statistics.median(t) / 1e6 for name, t in times.items()}, len(image)
 
 
+async def wake_to_flash(*, rounds: int, max_s: float = 30.0) -> dict[str, float]:
+    """Median and worst milliseconds from the wake-up to the first acknowledged block and
+    to the command's success, over ``rounds`` (no new round after ``max_s``)."""
+    from keeplink import Backoff, LinkState
+    from keeplink.drivers.esphome import EsphomeDriver
+    from keeplink.outbox import CommandStateChanged, FirmwareProgress, OutboxEvent
+    from keeplink.presence import PresenceTracker
+    from keeplink.testing import free_port
+    from keeplink.testing.esphome import EsphomeSimulator
+
+    sim = EsphomeSimulator(name="porch", port=free_port(), ota_port=free_port())
+    assert sim.ota is not None
+    presence = PresenceTracker(debounce_online_s=0.0, debounce_offline_s=0.0)
+    ota = EsphomeOta(address=lambda device: ("127.0.0.1", sim.ota.port if sim.ota else 0))
+    outbox = Outbox(MemoryStore(), presence=presence, executors={"firmware": ota})
+    driver = EsphomeDriver(host="127.0.0.1", port=sim.port, expected_name="porch")
+    link: Link[Any] = Link(driver, name="porch", backoff=Backoff(initial_s=30.0, cap_s=30.0))
+    marks: dict[str, float] = {}
+
+    def on_event(event: OutboxEvent) -> None:
+        if isinstance(event, FirmwareProgress):
+            marks.setdefault("first", time.perf_counter())
+        elif isinstance(event, CommandStateChanged) and event.command.state.value == "succeeded":
+            marks.setdefault("done", time.perf_counter())
+
+    outbox.subscribe(on_event)
+    first: list[float] = []
+    done: list[float] = []
+    started = time.perf_counter()
+    await outbox.start()
+    try:
+        await outbox.attach("porch", link)
+        link.start()
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in range(rounds):
+                if time.perf_counter() - started > max_s:
+                    break
+                image = random.Random(n).randbytes(WAKE_IMAGE)
+                path = Path(tmp) / f"fw{n}.bin"
+                path.write_bytes(image)
+                args = {"path": str(path), "sha256": hashlib.sha256(image).hexdigest()}
+                async with asyncio.timeout(10):
+                    while link.state is not LinkState.BACKOFF:  # asleep: a long wait
+                        await link.wait_for_state(LinkState.BACKOFF)
+                command = await outbox.submit("porch", "firmware", args)
+                marks.clear()
+                await sim.start()
+                woken = time.perf_counter()
+                link.wake("bench")
+                async with asyncio.timeout(10):
+                    finished = await outbox.wait(command.id)
+                if finished.state is not CommandState.SUCCEEDED:
+                    raise RuntimeError(f"the flash failed: {finished.last_error}")
+                first.append(marks["first"] - woken)
+                done.append(marks["done"] - woken)
+                await sim.wait_rebooted()  # into the new build
+                await sim.kill()  # and back to sleep
+    finally:
+        await link.stop()
+        await outbox.close()
+        presence.close()
+        await sim.stop()
+    return {
+        "rounds": len(done),
+        "first_p50_ms": 1e3 * statistics.median(first),
+        "first_max_ms": 1e3 * max(first),
+        "done_p50_ms": 1e3 * statistics.median(done),
+        "done_max_ms": 1e3 * max(done),
+    }
+
+
 async def main(args: argparse.Namespace) -> None:
     if args.serve:
         await serve()
@@ -199,6 +278,13 @@ async def main(args: argparse.Namespace) -> None:
             f"  {name:36} {rate:8.1f} MB/s   {rate / floor:5.2f}x of raw"
             f"   {rate / by_hand:5.2f}x of espota2 by hand"
         )
+    wake = await wake_to_flash(rounds=args.rounds)
+    print(
+        f"  wake to flash, {WAKE_IMAGE // 1024} KiB: first block p50 "
+        f"{wake['first_p50_ms']:.1f} ms (max {wake['first_max_ms']:.1f}), done p50 "
+        f"{wake['done_p50_ms']:.1f} ms (max {wake['done_max_ms']:.1f}), "
+        f"{wake['rounds']:.0f} rounds"
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ ROWS = [
     r"requests, window 32 .* req/s vs raw asyncio .* req/s .*x",
     r"modbus, window 1 .* req/s vs pymodbus client .* req/s .*x",
     r"wake-to-delivery, \d+ devices x 10 .*p50 \d+ ms, p99 \d+ ms .* in [\d.]+ s",
+    r"ESPHome wake to flash, 64 KiB image .*first OTA block p50 [\d.]+ ms, done p50 [\d.]+ ms",
     r"durable submits, SQLite FULL, 1 producer .*/s vs persist-queue .*/s .*x",
     r"durable submits, SQLite FULL, 32 producers .*/s vs persist-queue sequential .*x",
     r"one device's drain, SQLite FULL .* deliveries/s",

@@ -24,3 +24,10 @@ async def test_the_ota_benchmark_prints_every_row() -> None:
     for row in rows:
         found = re.search(rf"{row} +[\d.]+ MB/s +[\d.]+x of raw +[\d.]+x of espota2 by hand", text)
         assert found, f"{row!r} in:\n{text}"
+    wake = re.search(
+        r"wake to flash, 64 KiB: first block p50 ([\d.]+) ms \(max [\d.]+\), "
+        r"done p50 ([\d.]+) ms \(max [\d.]+\), 1 rounds",
+        text,
+    )
+    assert wake, text
+    assert float(wake.group(1)) <= float(wake.group(2))

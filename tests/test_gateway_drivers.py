@@ -27,6 +27,7 @@ BASE: dict[str, dict[str, Any]] = {
     "jsonline": {"driver": "jsonline", "port": 7001},
     "modbus": {"driver": "modbus", "port": 502, "unit": 1},
     "mqtt": {"driver": "mqtt", "port": 1883},
+    "esphome": {"driver": "esphome", "host": "192.0.2.20", "port": 6053},
 }
 
 # driver -> case -> (extra device keys, the key named, the problem)
@@ -65,6 +66,11 @@ MISTAKES: dict[str, dict[str, tuple[dict[str, Any], str, str]]] = {
             "options.payload_online",
             "must be a non-empty string, got ''",
         ),
+    },
+    "esphome": {
+        "option key": ({"options": {"ota": 1}}, "options.ota", "unknown option; the esphome"),
+        "wrong type": ({"ota_port": "3232"}, "ota_port", "must be an integer in 1..65535"),
+        "bad value": ({"mac": "AA:BB"}, "mac", "must be a MAC address like"),
     },
 }
 

@@ -39,7 +39,8 @@ ADDED, UPDATED, REMOVED = (
 PTR_TTL = 120  # what the fake announcements below carry
 SCRIPT = Path(__file__).with_name("mdns_netns_script.py")
 GATEWAY_SCRIPT = Path(__file__).with_name("gateway_mdns_netns_script.py")
-NETNS_BOUND_S = 20.0
+ESPHOME_SCRIPT = Path(__file__).with_name("gateway_esphome_netns_script.py")
+NETNS_BOUND_S = 30.0
 
 
 # ---------------------------------------------------------------------- name -> device
@@ -449,3 +450,32 @@ async def test_the_gateway_takes_presence_from_mdns_for_devices_configured_so() 
         "event": "goodbye", "mdns_claim_online": False, "presence": "online", "link": "connected"
     }  # fmt: skip
     assert events["closed"] == {"event": "closed", "tasks_left": [], "mdns_running": [False]}
+
+
+async def test_a_firmware_queued_for_an_asleep_esphome_device_is_flashed_once_it_announces() -> (
+    None
+):
+    """Over real mDNS: the device's announcement on _esphomelib._tcp wakes its link out of
+    a 300 s backoff, the queued image goes out once, and the sleep cycles that follow the
+    reboot into the new build (goodbye, announcement) flash nothing again."""
+    events = await run_in_private_netns(ESPHOME_SCRIPT)
+    assert events["netns"]["interfaces"] == ["lo"]
+    assert events["netns"]["netns"] != os.readlink("/proc/self/ns/net")
+
+    asleep = events["asleep"]
+    assert asleep["retry_in_s"] > 10  # the link waits out a long backoff
+    assert (asleep["state"], asleep["watched"]) == ("queued", ["porch-light"])
+
+    flashed = events["flashed"]
+    assert flashed["woke_in_s"] < 1.0  # the announcement, not the backoff
+    assert flashed["woke_in_s"] <= flashed["first_block_in_s"] <= flashed["done_in_s"] < 5.0
+    assert (flashed["state"], flashed["flashes"], flashed["sessions"]) == ("succeeded", 1, 1)
+    assert flashed["result"]["installed"] is True
+    assert flashed["image_ok"] is True
+
+    flapped = events["flapped"]
+    assert (flapped["flashes"], flapped["sessions"]) == (1, 1)
+    assert flapped["connects"] >= 5  # the wake, the reboot and three sleep cycles
+    assert flapped["build"] == flapped["new_build"]
+
+    assert events["closed"] == {"event": "closed", "tasks_left": []}

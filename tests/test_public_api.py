@@ -59,7 +59,8 @@ def test_the_testing_export_list_is_pinned() -> None:
 
 ESPOTA_MODULES = {
     "keeplink.outbox.esphome_ota": {
-        "DEFAULT_PORT", "Address", "EsphomeOta", "Installed", "PasswordFor",
+        "BUILD_KEYS", "DEFAULT_PORT", "Address", "EsphomeOta", "Installed", "PasswordFor",
+        "build_of", "runs_build",
     },
     "keeplink.testing.espota": {"DeviceAuth", "Flash", "OtaFault", "OtaReceiver"},
 }  # fmt: skip

@@ -61,60 +61,38 @@ Needs aioesphomeapi (keeplink's ``esphome`` extra).
 
 from __future__ import annotations
 
-import asyncio
 import binascii
-import collections
-import enum
 import logging
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final, TypeAlias
+from typing import Any, Final
 
 try:
     from aioesphomeapi.client import APIClient
-    from aioesphomeapi.core import (
-        APIConnectionError,
-        BadMACAddressAPIError,
-        BadNameAPIError,
-        EncryptionPlaintextAPIError,
-        InvalidAuthAPIError,
-        InvalidEncryptionKeyAPIError,
-        PingFailedAPIError,
-        RequiresEncryptionAPIError,
-        ResolveAPIError,
-        TimeoutAPIError,
-    )
-    from aioesphomeapi.model import (
-        ButtonInfo,
-        ConnectionClosedEvent,
-        DeviceInfo,
-        EntityInfo,
-        EntityState,
-        LightInfo,
-        LightState,
-        NumberInfo,
-        SwitchInfo,
-    )
+    from aioesphomeapi.core import APIConnectionError
+    from aioesphomeapi.model import DeviceInfo, EntityInfo, EntityState
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "keeplink.drivers.esphome needs aioesphomeapi: pip install 'keeplink[esphome]'"
     ) from exc
 
-from keeplink._core.classify import broken_from, describe
-from keeplink._core.errors import (
-    AuthError,
-    ConfigError,
-    DeviceMismatchError,
-    ErrorCode,
-    InvalidRequestError,
-    KeeplinkError,
-    LinkBrokenError,
-    RequestTimeout,
-)
-from keeplink._core.jsonline import Malformed, StatePush
+from keeplink._core.errors import ConfigError, DeviceMismatchError, InvalidRequestError
+from keeplink._core.jsonline import StatePush
 from keeplink._core.requests import check_request
 from keeplink._driver import FrameChannel, HeartbeatReply, Reply, SessionInfo
+from keeplink.drivers._esphome_channel import (
+    Confirmed,
+    EntityCommand,
+    EsphomeChannel,
+    EsphomeFrame,
+    Heartbeat,
+    HeartbeatAnswer,
+    Introduce,
+    Introduced,
+    Subscribe,
+    api_error,
+)
+from keeplink.drivers._esphome_entities import MAX_AWAITING as MAX_AWAITING
+from keeplink.drivers._esphome_entities import OPS, Entities, number_arg
 
 __all__ = [
     "Confirmed",
@@ -136,20 +114,6 @@ _log = logging.getLogger("keeplink.esphome")
 DEFAULT_PORT: Final = 6053
 CLIENT_KEEPALIVE_S: Final = 20.0
 """aioesphomeapi's own ping interval: its default, a backstop behind keeplink's liveness."""
-HEARTBEAT_TIMEOUT_S: Final = 10.0
-"""How long one heartbeat's DeviceInfoRequest waits; the link's liveness limit decides."""
-MAX_AWAITING: Final = 32
-"""Commands per entity waiting for their state: past this the oldest is forgotten (it
-times out by its own deadline). A bound, so a device that never confirms grows nothing."""
-FLOAT_TOLERANCE: Final = 1e-4
-"""Numbers travel as 32-bit floats: 21.3 comes back as 21.2999992; closer than this is equal."""
-OPS: Final = ("switch", "number", "light", "button")
-_INFO_OF_OP: Final[dict[str, type[EntityInfo]]] = {
-    "switch": SwitchInfo,
-    "number": NumberInfo,
-    "light": LightInfo,
-    "button": ButtonInfo,
-}
 
 
 def normalize_mac(mac: str) -> str:
@@ -162,274 +126,7 @@ def normalize_mac(mac: str) -> str:
     return plain
 
 
-# ---------------------------------------------------------------------------- frames
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EntityCommand:
-    """Outgoing: a command for one entity (what :meth:`EsphomeDriver.build_request` makes)."""
-
-    seq: int
-    op: str
-    entity: str
-    state: bool | None = None
-    value: float | None = None
-    brightness: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    """Outgoing: ask for DeviceInfo; the answer proves the device is alive."""
-
-
-@dataclass(frozen=True, slots=True)
-class Introduce:
-    """Outgoing, in the handshake: fetch DeviceInfo and the entity list."""
-
-
-@dataclass(frozen=True, slots=True)
-class Subscribe:
-    """Outgoing, in the handshake: subscribe to state updates."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Introduced:
-    """Incoming, in the handshake: what the device said it is and has."""
-
-    info: DeviceInfo
-    entities: tuple[EntityInfo, ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HeartbeatAnswer:
-    """Incoming: the DeviceInfo a heartbeat asked for."""
-
-    info: DeviceInfo
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Confirmed:
-    """Incoming, synthetic: the state update that confirms request ``seq`` (or, for a
-    button, the command was written)."""
-
-    seq: int
-    entity: str
-    state: Any = None
-
-
-EsphomeFrame: TypeAlias = (
-    EntityCommand
-    | Heartbeat
-    | Introduce
-    | Subscribe
-    | Introduced
-    | HeartbeatAnswer
-    | Confirmed
-    | StatePush
-)
-
-
-# ---------------------------------------------------------------------------- errors
-
-
-def api_error(exc: BaseException, where: str) -> KeeplinkError:
-    """The typed error for what aioesphomeapi raised (the caller chains it)."""
-    detail = str(exc) or type(exc).__name__
-    if isinstance(exc, BadNameAPIError | BadMACAddressAPIError):
-        return DeviceMismatchError(f"{where}: {detail}; session refused, nothing sent")
-    if isinstance(exc, InvalidEncryptionKeyAPIError):
-        return AuthError(f"{where}: the device refused the Noise key ({detail})")
-    if isinstance(exc, RequiresEncryptionAPIError):
-        return AuthError(f"{where}: the device requires encryption; configure its noise_psk")
-    if isinstance(exc, EncryptionPlaintextAPIError):
-        return AuthError(f"{where}: a noise_psk is configured but the device is plaintext")
-    if isinstance(exc, InvalidAuthAPIError):
-        return AuthError(f"{where}: the device refused the API password")
-    if isinstance(exc, ResolveAPIError):
-        return LinkBrokenError(f"{where}: {detail}", code=ErrorCode.DISCOVERY_FAILED)
-    if isinstance(exc, TimeoutAPIError | TimeoutError):
-        return RequestTimeout(f"{where}: {detail}")
-    if isinstance(exc, PingFailedAPIError):
-        return LinkBrokenError(f"{where}: {detail}", code=ErrorCode.TIMEOUT)
-    cause = exc.__cause__
-    if isinstance(cause, OSError):
-        err = broken_from(cause, where)
-        return err if isinstance(err, LinkBrokenError | AuthError) else LinkBrokenError(err.message)
-    if isinstance(exc, OSError):
-        err = broken_from(exc, where)
-        return err if isinstance(err, LinkBrokenError) else LinkBrokenError(err.message)
-    return LinkBrokenError(f"{where}: {describe(exc)}")
-
-
-# ---------------------------------------------------------------------------- channel
-
-
-class EsphomeChannel:
-    """A :class:`~keeplink.Channel` over one connected :class:`aioesphomeapi.APIClient`.
-
-    Incoming items (state pushes, confirmations, heartbeat answers) queue for
-    :meth:`receive`, which raises :class:`LinkBrokenError` once the session is over: the
-    device closed it, aioesphomeapi gave up on it, or :meth:`close` was called.
-    """
-
-    def __init__(self, driver: EsphomeDriver, client: APIClient) -> None:
-        self._driver = driver
-        self.client = client
-        self.peer = f"{driver.host}:{driver.port}"
-        self._queue: collections.deque[EsphomeFrame] = collections.deque()
-        self._wake: asyncio.Future[None] | None = None
-        self._ended: KeeplinkError | None = None
-        """Why the session is over: the typed error send() raises."""
-        self._broken: LinkBrokenError | None = None
-        """The same as receive() raises it (the channel contract: LinkBrokenError)."""
-        self._closed_error: BaseException | None = None
-        """The error aioesphomeapi reported when the connection closed, if any."""
-        self._beat: asyncio.Task[None] | None = None
-        self._unsubscribe = client.add_connection_closed_callback(self._on_closed)
-
-    # ------------------------------------------------------------------ Channel
-
-    async def receive(self) -> EsphomeFrame | Malformed:
-        while True:
-            if self._queue:
-                return self._queue.popleft()
-            if self._broken is not None:
-                raise self._broken
-            self._wake = asyncio.get_running_loop().create_future()
-            try:
-                await self._wake
-            finally:
-                self._wake = None
-
-    async def send(self, frame: EsphomeFrame) -> None:
-        """Carry out an outgoing frame. Raises LinkBrokenError (the session is over, or
-        aioesphomeapi refused), the typed error of a failed handshake step, or
-        InvalidRequestError (nothing sent) for a command the device's entities cannot take."""
-        if self._ended is not None:
-            raise self._ended
-        client = self.client
-        try:
-            if isinstance(frame, EntityCommand):
-                self._command(frame)
-            elif isinstance(frame, Heartbeat):
-                if self._beat is None or self._beat.done():
-                    self._beat = asyncio.get_running_loop().create_task(
-                        self._heartbeat(), name=f"keeplink.esphome[{self.peer}].heartbeat"
-                    )
-            elif isinstance(frame, Introduce):
-                info, entities, _services = await client.device_info_and_list_entities()
-                self._put(Introduced(info=info, entities=tuple(entities)))
-            elif isinstance(frame, Subscribe):
-                client.subscribe_states(self._on_state)
-            else:
-                raise InvalidRequestError(f"esphome: cannot send a {type(frame).__name__} frame")
-        except APIConnectionError as exc:
-            raise self._failure(exc, f"esphome device {self.peer}") from exc
-
-    def close(self) -> None:
-        """End the session now (a DisconnectRequest is sent, not waited for). Idempotent."""
-        self._end(LinkBrokenError(f"channel to ESPHome device {self.peer} is closed"))
-        self.client.force_disconnect()
-
-    async def wait_closed(self) -> None:
-        beat = self._beat
-        if beat is not None and not beat.done():
-            await asyncio.wait((beat,))
-
-    # ------------------------------------------------------------------ machinery
-
-    def _command(self, frame: EntityCommand) -> None:
-        info = self._driver.entity(frame.entity)
-        if info is None:
-            raise InvalidRequestError(
-                f"esphome: the device {self.peer} has no entity {frame.entity!r}; "
-                f"it has {sorted(self._driver.entity_ids())}"
-            )
-        self._driver.check_fits(frame, info)
-        client, key = self.client, info.key
-        if frame.op == "button":
-            client.button_command(key)
-            self._put(Confirmed(seq=frame.seq, entity=frame.entity))
-            return
-        self._driver.expect(frame)  # before the write: the state may follow at once
-        if frame.op == "switch":
-            assert frame.state is not None
-            client.switch_command(key, frame.state)
-        elif frame.op == "number":
-            assert frame.value is not None
-            client.number_command(key, frame.value)
-        else:
-            client.light_command(key, state=frame.state, brightness=frame.brightness)
-
-    async def _heartbeat(self) -> None:
-        try:
-            async with asyncio.timeout(HEARTBEAT_TIMEOUT_S):
-                info = await self.client.device_info()
-        except (APIConnectionError, TimeoutError) as exc:
-            # Not an error of its own: silence is the link's liveness limit to judge, and a
-            # closed connection ends the session through _on_closed.
-            _log.debug("esphome %s: heartbeat unanswered: %s", self.peer, exc)
-            return
-        self._put(HeartbeatAnswer(info=info))
-
-    def _on_state(self, state: EntityState) -> None:
-        for frame in self._driver.on_state(state):
-            self._put(frame)
-
-    def _on_closed(self, event: ConnectionClosedEvent) -> None:
-        self._closed_error = event.error
-        if event.error is not None:
-            err = self._failure(event.error, f"ESPHome device {self.peer}")
-        elif event.expected_disconnect:
-            err = LinkBrokenError(
-                f"ESPHome device {self.peer} closed the session (reboot, deep sleep or "
-                "another disconnect it asked for)"
-            )
-        else:
-            err = LinkBrokenError(f"ESPHome device {self.peer}: connection lost")
-        self._end(err)
-
-    def _failure(self, exc: BaseException, where: str) -> KeeplinkError:
-        # A refused password arrives after connect() returned, as the closed connection's
-        # error; whatever failed next only says "not connected". The first error tells why.
-        first = self._closed_error
-        if first is not None and first is not exc and isinstance(exc, APIConnectionError):
-            err = api_error(first, where)
-            err.__cause__ = first
-            return err
-        return api_error(exc, where)
-
-    def _put(self, frame: EsphomeFrame) -> None:
-        self._queue.append(frame)
-        self._wake_up()
-
-    def _wake_up(self) -> None:
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
-
-    def _end(self, reason: KeeplinkError) -> None:
-        if self._ended is not None:
-            return
-        self._ended = reason
-        if isinstance(reason, LinkBrokenError):
-            self._broken = reason
-        else:
-            # receive() raises LinkBrokenError by contract; the code says what it was.
-            self._broken = LinkBrokenError(reason.message, code=reason.code)
-            self._broken.__cause__ = reason
-        self._unsubscribe()
-        if self._beat is not None and not self._beat.done():
-            self._beat.cancel()
-        self._wake_up()
-
-
 # ---------------------------------------------------------------------------- driver
-
-
-@dataclass(slots=True)
-class _Awaiting:
-    seq: int
-    want: dict[str, Any] = field(default_factory=dict)
 
 
 class EsphomeDriver:
@@ -495,10 +192,8 @@ class EsphomeDriver:
         self.client_keepalive_s = client_keepalive_s
         self.provide_time = provide_time
         self._heartbeat = heartbeat
-        # The last entity list the device gave; kept across reconnects (never wiped).
-        self._entities: dict[str, EntityInfo] = {}
-        self._object_ids: dict[int, str] = {}
-        self._awaiting: dict[str, list[_Awaiting]] = {}
+        self.entities = Entities()
+        """The last entity list the device gave; kept across reconnects (never wiped)."""
         self.device_info: DeviceInfo | None = None
         """The last DeviceInfo the device sent (handshake or heartbeat)."""
 
@@ -550,8 +245,7 @@ class EsphomeDriver:
                 break
         info = frame.info
         self._check_identity(info)
-        self._entities = {e.object_id: e for e in frame.entities if e.object_id}
-        self._object_ids = {e.key: e.object_id for e in frame.entities if e.object_id}
+        self.entities.learn(frame.entities)
         self.device_info = info
         await channel.send(Subscribe())
         return self.session_info(info)
@@ -627,8 +321,8 @@ class EsphomeDriver:
         state = args.get("state")
         if state is not None and not isinstance(state, bool):
             raise InvalidRequestError(f"esphome {op}: state must be true or false, got {state!r}")
-        value = _number(op, "value", args.get("value"))
-        brightness = _number(op, "brightness", args.get("brightness"))
+        value = number_arg(op, "value", args.get("value"))
+        brightness = number_arg(op, "brightness", args.get("brightness"))
         if op == "switch" and state is None:
             raise InvalidRequestError("esphome switch: args['state'] (true/false) is required")
         if op == "number" and value is None:
@@ -643,11 +337,12 @@ class EsphomeDriver:
         frame = EntityCommand(
             seq=seq, op=op, entity=entity, state=state, value=value, brightness=brightness
         )
-        if self._entities:
-            info = self._entities.get(entity)
+        if self.entities.by_id:
+            info = self.entities.by_id.get(entity)
             if info is None:
                 raise InvalidRequestError(
-                    f"esphome: the device has no entity {entity!r}; it has {sorted(self._entities)}"
+                    f"esphome: the device has no entity {entity!r}; "
+                    f"it has {sorted(self.entities.by_id)}"
                 )
             self.check_fits(frame, info)
         return frame
@@ -664,105 +359,19 @@ class EsphomeDriver:
 
     def entity(self, object_id: str) -> EntityInfo | None:
         """The entity with this object id, from the last entity list (None if unknown)."""
-        return self._entities.get(object_id)
+        return self.entities.by_id.get(object_id)
 
     def entity_ids(self) -> list[str]:
-        return list(self._entities)
+        return list(self.entities.by_id)
 
     def check_fits(self, frame: EntityCommand, info: EntityInfo) -> None:
         """Raise InvalidRequestError if the command does not fit the entity."""
-        if not isinstance(info, _INFO_OF_OP[frame.op]):
-            raise InvalidRequestError(
-                f"esphome {frame.op}: {frame.entity!r} is a {entity_kind(info)}, not a {frame.op}"
-            )
-        if isinstance(info, NumberInfo) and frame.value is not None:
-            low, high = float(info.min_value), float(info.max_value)
-            # A device that leaves the range out sends 0..0: then there is nothing to check.
-            if low < high and not low <= frame.value <= high:
-                raise InvalidRequestError(
-                    f"esphome number: {frame.value!r} is outside {frame.entity!r}'s "
-                    f"range {low:g}..{high:g}"
-                )
+        self.entities.check_fits(frame, info)
 
     def expect(self, frame: EntityCommand) -> None:
         """Note that ``frame`` waits for the state that shows it applied."""
-        want: dict[str, Any] = {}
-        if frame.op == "number":
-            want["value"] = frame.value
-        else:
-            if frame.state is not None:
-                want["state"] = frame.state
-            if frame.brightness is not None and frame.state is not False:
-                want["brightness"] = frame.brightness
-        waiting = self._awaiting.setdefault(frame.entity, [])
-        waiting.append(_Awaiting(frame.seq, want))
-        del waiting[:-MAX_AWAITING]
+        self.entities.expect(frame)
 
     def on_state(self, state: EntityState) -> list[EsphomeFrame]:
-        """The frames one state update makes: a Confirmed for each command it shows
-        applied, then the StatePush. Pure apart from the waiting list it updates."""
-        object_id = self._object_ids.get(state.key)
-        if object_id is None:
-            return []  # an entity we were not told about (listed after we asked)
-        value = state_value(state)
-        frames: list[EsphomeFrame] = []
-        waiting = self._awaiting.get(object_id)
-        if waiting:
-            for entry in list(waiting):
-                if _satisfied(entry.want, value):
-                    waiting.remove(entry)
-                    frames.append(Confirmed(seq=entry.seq, entity=object_id, state=value))
-            if not waiting:
-                del self._awaiting[object_id]
-        frames.append(StatePush(values={object_id: value}))
-        return frames
-
-
-def entity_kind(info: EntityInfo) -> str:
-    """``SwitchInfo`` → ``"switch"``, ``BinarySensorInfo`` → ``"binarysensor"``, …"""
-    name = type(info).__name__
-    return name.removesuffix("Info").lower()
-
-
-def state_value(state: EntityState) -> Any:
-    """A state update's value as plain data: a bool, a number, a string, None (missing),
-    or for a light ``{"state", "brightness"}``; other kinds: their fields."""
-    if isinstance(state, LightState):
-        return {"state": state.state, "brightness": state.brightness}
-    if getattr(state, "missing_state", False):
-        return None
-    fields = state.to_dict()
-    if "state" in fields:
-        return _plain(fields["state"])
-    return {k: _plain(v) for k, v in fields.items() if k not in ("key", "device_id")}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, enum.Enum):
-        return value.name.lower()
-    if isinstance(value, bool | int | float | str) or value is None:
-        return value
-    return str(value)
-
-
-def _number(op: str, name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidRequestError(f"esphome {op}: {name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _satisfied(want: Mapping[str, Any], value: Any) -> bool:
-    if "value" in want:
-        return isinstance(value, int | float) and math.isclose(
-            value, want["value"], rel_tol=FLOAT_TOLERANCE, abs_tol=FLOAT_TOLERANCE
-        )
-    if isinstance(value, dict):  # a light
-        if "state" in want and value.get("state") != want["state"]:
-            return False
-        if "brightness" in want:
-            got = value.get("brightness")
-            return isinstance(got, int | float) and abs(got - want["brightness"]) <= 1e-3
-        return True
-    return "state" in want and value == want["state"]
+        """The frames one state update makes (see :meth:`Entities.on_state`)."""
+        return self.entities.on_state(state)

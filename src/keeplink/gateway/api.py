@@ -31,6 +31,7 @@ from keeplink._core.commands import Command
 from keeplink._core.errors import CommandNotFoundError, InvalidRequestError
 from keeplink._link import Link
 from keeplink.gateway import models
+from keeplink.gateway.drivers import REGISTRY
 from keeplink.gateway.edge import (
     GATEWAY_KEY,
     MAX_BODY,
@@ -47,10 +48,10 @@ from keeplink.gateway.edge import (
     parse_body,
     parse_query,
 )
+from keeplink.gateway.executors import Checked
 from keeplink.gateway.metrics import ApiMetrics
 from keeplink.gateway.pages import dashboard, openapi
 from keeplink.gateway.runtime import Gateway
-from keeplink.outbox.firmware import FirmwareTransfer
 
 __all__ = ["MAX_BODY", "build_app"]
 
@@ -103,11 +104,15 @@ async def submit_command(request: web.Request) -> web.Response:
     body = await parse_body(request, models.Submit)
     link = gateway.links[device_id]
     args = gateway.command_args(device_id, body.args or {})
-    await _check_deliverable(gateway, link, body.op, args, body.idempotency_key)
+    await _check_deliverable(gateway, device_id, link, body.op, args, body.idempotency_key)
+    spec = REGISTRY[config.driver]
+    precondition, precondition_args = spec.preconditions(config).get(body.op, (None, None))
     command = await gateway.outbox.submit(
         device_id,
         body.op,
         args,
+        precondition=precondition,
+        precondition_args=precondition_args,
         key=body.key,
         ttl_s=body.ttl_s if body.ttl_s is not None else gateway.config.ttl_s,
         max_attempts=body.max_attempts,
@@ -142,16 +147,23 @@ _ID_STANDIN: Final = "0" * 32
 
 
 async def _check_deliverable(
-    gateway: Gateway, link: Link[Any], op: str, args: dict[str, Any], key: str | None
+    gateway: Gateway,
+    device: str,
+    link: Link[Any],
+    op: str,
+    args: dict[str, Any],
+    key: str | None,
 ) -> None:
     """Refuse (InvalidRequestError: 422, nothing stored) a command that could never be
     delivered, rather than store it to fail on delivery: the checks of the device's driver
     (op and args, as the largest sequence number and the key it goes out with encode), or
     of the executor that delivers the op (a firmware transfer: its ``ota.*`` requests on
-    this link, its args, the image file)."""
-    executor = gateway.outbox.executors.get(op)
-    if isinstance(executor, FirmwareTransfer):
+    this link, its args, the image file), as the device's driver made it."""
+    executor = gateway.executor(device, op)
+    if isinstance(executor, Checked):
         await executor.check(link, args)
+    elif executor is None and op in gateway.executors:
+        raise InvalidRequestError(f"the device {device!r} takes no {op!r} command")
     elif executor is None:
         seq = (1 << link.driver.seq_bits) - 1
         link.driver.build_request(seq, op, args, key or _ID_STANDIN)

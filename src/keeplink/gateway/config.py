@@ -96,6 +96,12 @@ DEFAULT_DEBOUNCE_ONLINE_S: Final = 1.0
 DEFAULT_DEBOUNCE_OFFLINE_S: Final = 3.0
 PRESENCE_SOURCES: Final = ("link", "mdns")
 DEFAULT_MDNS_SERVICE: Final = "_keeplink._tcp.local."
+MDNS_SERVICE_OF: Final = {"esphome": "_esphomelib._tcp.local."}
+"""A driver whose devices announce themselves on a service of their own: its devices'
+default ``mdns_service`` is their instance on it, named by their node name
+(``expected_name``, default the ``id``)."""
+_SECRET_KEYS: Final = frozenset({"noise_psk", "password", "ota_password"})
+"""Device keys whose value an error never repeats."""
 MAX_INSTANCE_BYTES: Final = 63
 """An mDNS instance label is one DNS label: at most 63 bytes of UTF-8 (RFC 6763 4.1.1)."""
 _SERVICE_LABEL: Final = re.compile(r"_[A-Za-z0-9]([A-Za-z0-9-]{0,13}[A-Za-z0-9])?")
@@ -117,8 +123,9 @@ DEVICE_KEYS: Final = frozenset({
     "heartbeat_s", "backoff", "hub", "hub_slots", "unit", "options", "max_queued",
     "device_id", "auth_retry_s", "debounce_online_s", "debounce_offline_s",
     "presence", "mdns_service",
-})  # fmt: skip
-"""The keys each ``[[devices]]`` table takes; any other is refused."""
+}) | frozenset(key for spec in REGISTRY.values() for key in spec.keys.model_fields)  # fmt: skip
+"""The keys each ``[[devices]]`` table takes; any other is refused. Those a driver declares
+as its own (``keys`` in :mod:`keeplink.gateway.drivers`) only its devices take."""
 BACKOFF_KEYS: Final = frozenset({"initial_s", "cap_s", "factor"})
 """The keys a device's ``backoff`` table takes."""
 _HOST_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
@@ -143,6 +150,9 @@ class DeviceConfig:
     """Devices with the same hub share one slot pool of ``hub_slots`` connections."""
     hub_slots: int = 1
     unit: int | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    """The driver's own device keys (its ``keys`` model: an ESPHome device's ``noise_psk``,
+    ``mac``, ``ota_port`` …), checked, with their defaults filled in."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """The driver's ``options`` as given (checked against its declared options model, see
     :mod:`keeplink.gateway.drivers`; defaults are not filled in)."""
@@ -253,13 +263,13 @@ def split_mdns_service(value: str) -> tuple[str | None, str]:
     return instance, service_type
 
 
-def _mdns_service(c: Checker, table: Mapping[str, Any], presence: str) -> str | None:
+def _mdns_service(c: Checker, table: Mapping[str, Any], presence: str, default: str) -> str | None:
     """``mdns_service`` normalised (``….local.``), or None when presence is not mDNS."""
     if presence != "mdns":
         if "mdns_service" in table:
             c.fail("mdns_service", f'is only for presence = "mdns", this device has {presence!r}')
         return None
-    value = c.text("mdns_service", DEFAULT_MDNS_SERVICE) or DEFAULT_MDNS_SERVICE
+    value = c.text("mdns_service", default) or default
     try:
         instance, service_type = split_mdns_service(value)
     except ValueError as exc:
@@ -290,6 +300,29 @@ def _options(c: Checker, spec: DriverSpec, raw: object) -> dict[str, Any]:
         problem = str(first["msg"]).removeprefix("Value error, ")
         c.fail(f"options.{key}", f"{problem}, got {got}")
     return options.model_dump(exclude_unset=True)
+
+
+def _settings(c: Checker, spec: DriverSpec, table: Mapping[str, Any]) -> dict[str, Any]:
+    """The driver's own device keys, checked against its ``keys`` model, defaults filled;
+    another driver's own key is refused, naming whose it is."""
+    declared = spec.keys.model_fields
+    for other in REGISTRY.values():
+        for key in other.keys.model_fields:
+            if key in table and key not in declared:
+                c.fail(key, f"only {other.name} devices take it, this one is {spec.name}")
+    given = {key: table[key] for key in declared if key in table}
+    try:
+        keys = spec.keys.model_validate(given)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        key = ".".join(str(part) for part in first["loc"])
+        got = repr(first.get("input"))
+        got = got if len(got) <= 80 else got[:77] + "..."
+        if key in _SECRET_KEYS:
+            got = f"a value of {len(str(first.get('input')))} characters"
+        problem = str(first["msg"]).removeprefix("Value error, ")
+        c.fail(key, f"{problem}, got {got}")
+    return keys.model_dump()
 
 
 def _device(source: str, index: int, table: object) -> DeviceConfig:
@@ -347,6 +380,10 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
     named = c.text("device_id", device_id) if "device_id" in spec.own else None
     if named is not None and len(named) > 256:
         c.fail("device_id", "must be at most 256 characters")
+    settings = _settings(c, spec, table)
+    mdns_default = DEFAULT_MDNS_SERVICE
+    if driver in MDNS_SERVICE_OF:
+        mdns_default = f"{settings.get('expected_name') or device_id}.{MDNS_SERVICE_OF[driver]}"
     presence = c.text("presence", "link") or "link"
     if presence not in PRESENCE_SOURCES:
         c.fail("presence", f'must be "link" or "mdns", got {presence!r}')
@@ -366,13 +403,14 @@ def _device(source: str, index: int, table: object) -> DeviceConfig:
         hub=c.text("hub"),
         hub_slots=c.integer("hub_slots", 1, 1, 64) or 1,
         unit=c.integer("unit", None, 0, 247),
+        settings=settings,
         options=options,
         max_queued=c.integer("max_queued", DEFAULT_MAX_QUEUED, 1, MAX_MAX_QUEUED)
         or DEFAULT_MAX_QUEUED,
         debounce_online_s=c.debounce("debounce_online_s", DEFAULT_DEBOUNCE_ONLINE_S),
         debounce_offline_s=c.debounce("debounce_offline_s", DEFAULT_DEBOUNCE_OFFLINE_S),
         presence=presence,
-        mdns_service=_mdns_service(c, table, presence),
+        mdns_service=_mdns_service(c, table, presence, mdns_default),
     )
 
 

@@ -8,23 +8,31 @@ sources. The config parser (:mod:`keeplink.gateway.config`) validates from these
 declarations, the runtime plans its links from them, and ``tests/test_docs.py`` checks that
 ``docs/gateway.md`` describes every option they declare.
 
+A driver may also take device keys of its own at the top level of ``[[devices]]`` (an
+ESPHome device's ``noise_psk``, ``mac``, ``ota_port``: its ``keys`` model, validated like
+``options``) and deliver some ops with executors of its own (ESPHome firmware over espota2,
+jsonline firmware as ``ota.*`` requests: its ``executors``).
+
 Adding a driver is one entry in :data:`REGISTRY` (its options model and its ``build``) and
 its protocol module under ``keeplink.drivers``.
 """
 
 from __future__ import annotations
 
+import binascii
 import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Final, Protocol
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo, field_validator
 
 from keeplink._link import Link
 from keeplink._slots import SlotPool
 from keeplink.drivers.jsonline import JsonLineDriver
+from keeplink.outbox import Executor, FirmwareTransfer
+from keeplink.outbox.esphome_ota import EsphomeOta
 from keeplink.presence import PresenceTracker
 
 if TYPE_CHECKING:
@@ -33,7 +41,10 @@ if TYPE_CHECKING:
 __all__ = [
     "REGISTRY",
     "Built",
+    "DeviceKeys",
     "DriverSpec",
+    "EsphomeKeys",
+    "EsphomeOptions",
     "JsonLineOptions",
     "ModbusOptions",
     "MqttOptions",
@@ -73,8 +84,62 @@ Seconds = Annotated[float, BeforeValidator(_positive_seconds)]
 """A positive, finite number of seconds (an integer is taken as a float)."""
 WholeSeconds = Annotated[int, BeforeValidator(_whole_seconds)]
 """An integer number of seconds, 1 … 65535 (what an MQTT keepalive holds)."""
+
+
+def _port(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError("must be an integer in 1..65535")
+    return value
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+        raise ValueError("must be an integer in 1..100")
+    return value
+
+
+def _delay(value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError("must be a number of seconds >= 0")
+    return float(value)
+
+
+def _noise_key(value: object) -> str:
+    text = _text(value)
+    try:
+        raw = binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("must be base64 (the device's api: encryption: key)") from None
+    if len(raw) != 32:
+        raise ValueError(f"must be the base64 of 32 bytes, this is {len(raw)} bytes")
+    return text
+
+
+def _mac(value: object) -> str:
+    text = _text(value)
+    plain = text.replace(":", "").replace("-", "").replace(".", "").lower()
+    if len(plain) != 12 or any(c not in "0123456789abcdef" for c in plain):
+        raise ValueError("must be a MAC address like 'AA:BB:CC:DD:EE:FF'")
+    return text
+
+
 Text = Annotated[str, BeforeValidator(_text)]
 """A non-empty string without NUL characters."""
+Port = Annotated[int, BeforeValidator(_port)]
+"""A TCP port, 1 … 65535."""
+Count = Annotated[int, BeforeValidator(_count)]
+"""An integer 1 … 100."""
+Delay = Annotated[float, BeforeValidator(_delay)]
+"""A finite number of seconds >= 0."""
+NoiseKey = Annotated[str, BeforeValidator(_noise_key)]
+"""An ESPHome API encryption key: the base64 of 32 bytes."""
+Mac = Annotated[str, BeforeValidator(_mac)]
+"""A MAC address: 12 hex digits, any case, with or without separators."""
 
 
 class DriverOptions(BaseModel):
@@ -105,6 +170,46 @@ class MqttOptions(DriverOptions):
     payload_offline: Text = "offline"
 
 
+class EsphomeOptions(DriverOptions):
+    ota_attempts: Count = 3
+    """Whole uploads of one image within one delivery (espota2 cannot resume)."""
+    ota_retry_delay_s: Delay = 5.0
+    """The wait before the image is sent again after a failed upload."""
+    ota_settle_s: Delay = 60.0
+    """After a connection lost past the data phase: how long to wait for the device to
+    reconnect reporting a new build before the image is sent again."""
+    ota_min_online_s: Delay = 0.0
+    """A firmware command waits until the device has been online this long (the outbox's
+    ``min_online`` precondition); 0: no wait."""
+
+
+class DeviceKeys(BaseModel):
+    """Device keys a driver takes at the top level of ``[[devices]]``: unknown keys are the
+    config parser's to refuse, every value is checked by its type."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EsphomeKeys(DeviceKeys):
+    noise_psk: NoiseKey | None = None
+    """The device's ``api: encryption: key``; None: plaintext."""
+    password: Text | None = None
+    """The legacy plaintext API password (not with ``noise_psk``)."""
+    expected_name: Text | None = None
+    """The node name the device must report; None: the device's ``id``."""
+    mac: Mac | None = None
+    """The MAC address the device must report; None: not checked."""
+    ota_port: Port = 3232
+    ota_password: Text | None = None
+
+    @field_validator("password")
+    @classmethod
+    def _not_with_a_key(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("noise_psk") is not None:
+            raise ValueError("does not go with noise_psk (a Noise device has no API password)")
+        return value
+
+
 # ---------------------------------------------------------------------------- the registry
 
 
@@ -124,6 +229,15 @@ class Built:
 
     link: Link[Any]
     sources: tuple[PresenceSource, ...] = ()
+
+
+Executors = Callable[["DeviceConfig"], Mapping[str, Executor]]
+"""``executors(device)``: the executor of each op the device gets otherwise than as one
+request on its link (firmware)."""
+
+
+def _firmware_transfer(device: DeviceConfig) -> Mapping[str, Executor]:
+    return {"firmware": FirmwareTransfer()}
 
 
 Build = Callable[["Sequence[DeviceConfig]", PresenceTracker, "SlotPool | None"], Built]
@@ -165,6 +279,17 @@ class DriverSpec:
     """The device key a ConfigError from ``build`` is told under."""
     command_defaults: Callable[[DeviceConfig], Mapping[str, Any]] = lambda _device: {}
     """Args filled into each of a device's commands when the submitter left them out."""
+    keys: type[DeviceKeys] = DeviceKeys
+    """Device keys of its own, at the top level of ``[[devices]]`` (names, types and
+    defaults); a device of another driver that gives one is refused."""
+    executors: Executors = _firmware_transfer
+    preconditions: Callable[[DeviceConfig], Mapping[str, tuple[str, Mapping[str, Any]]]] = (
+        lambda _device: {}
+    )
+    """``op -> (precondition, its args)`` each such command of the device is submitted with
+    (checked at delivery by the outbox)."""
+    """How its devices' ``firmware`` (and any other executor op) is delivered: by default
+    as ``ota.*`` requests on the device's link (:class:`~keeplink.outbox.FirmwareTransfer`)."""
 
 
 # ---------------------------------------------------------------------------- the builds
@@ -245,6 +370,52 @@ def _mqtt(
     return Built(link=link)
 
 
+def _esphome(
+    devices: Sequence[DeviceConfig], presence: PresenceTracker, slots: SlotPool | None
+) -> Built:
+    """One device, its own native API link; presence from that link (or mDNS too)."""
+    from keeplink.drivers.esphome import EsphomeDriver
+
+    (device,) = devices
+    keys = EsphomeKeys.model_validate(device.settings)
+    driver = EsphomeDriver(
+        host=device.host,
+        port=device.port,
+        device_id=device.id,
+        expected_name=keys.expected_name or device.id,
+        noise_psk=keys.noise_psk,
+        password=keys.password,
+        mac=keys.mac,
+    )
+    link: Link[Any] = Link(
+        driver,
+        name=device.id,
+        heartbeat_s=device.heartbeat_s,
+        backoff=device.backoff,
+        slots=slots,
+    )
+    return Built(link=link)
+
+
+def _esphome_ota(device: DeviceConfig) -> Mapping[str, Executor]:
+    """Firmware to the device's ``ota_port`` over espota2 (see docs/esphome.md)."""
+    options = EsphomeOptions.model_validate(device.options)
+    keys = EsphomeKeys.model_validate(device.settings)
+    ota = EsphomeOta(
+        address=lambda _: (device.host, keys.ota_port),
+        password=keys.ota_password,
+        max_attempts=options.ota_attempts,
+        retry_delay_s=options.ota_retry_delay_s,
+        settle_s=options.ota_settle_s,
+    )
+    return {"firmware": ota}
+
+
+def _esphome_preconditions(device: DeviceConfig) -> Mapping[str, tuple[str, Mapping[str, Any]]]:
+    seconds = EsphomeOptions.model_validate(device.options).ota_min_online_s
+    return {"firmware": ("min_online", {"seconds": seconds})} if seconds > 0 else {}
+
+
 REGISTRY: Final[Mapping[str, DriverSpec]] = {
     "jsonline": DriverSpec(
         name="jsonline",
@@ -279,6 +450,18 @@ REGISTRY: Final[Mapping[str, DriverSpec]] = {
         ),
         checked_key="options",
         command_defaults=lambda device: {"device": device.id},
+    ),
+    "esphome": DriverSpec(
+        name="esphome",
+        options=EsphomeOptions,
+        build=_esphome,
+        extra="esphome",
+        needs="aioesphomeapi",
+        keys=EsphomeKeys,
+        # The native API has no token, sequence numbers or window of keeplink's.
+        refused=frozenset({"token", "seq_bits", "max_in_flight"}),
+        executors=_esphome_ota,
+        preconditions=_esphome_preconditions,
     ),
 }
 """Every driver the gateway runs, by the name a device's ``driver`` key gives."""

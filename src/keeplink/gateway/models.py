@@ -240,6 +240,23 @@ class LateReplies(_Answer):
     last: LateReplySeen | None
 
 
+class DeviceInfo(_Answer):
+    """An ESPHome device's DeviceInfo, from its current session: the build it runs is its
+    ``project_version`` and ``compilation_time``."""
+
+    name: str | None = None
+    friendly_name: str | None = None
+    mac: str | None = None
+    esphome_version: str | None = None
+    project_name: str | None = None
+    project_version: str | None = None
+    compilation_time: str | None = None
+    model: str | None = None
+    manufacturer: str | None = None
+    has_deep_sleep: bool | None = None
+    encrypted: bool | None = Field(default=None, description="the session uses Noise")
+
+
 class LinkView(_Answer):
     state: str
     last_error: Error | None = None
@@ -248,6 +265,9 @@ class LinkView(_Answer):
     disconnects: int | None = None
     retry_in_s: float | None = None
     firmware: str | None = None
+    device_info: DeviceInfo | None = Field(
+        default=None, description="ESPHome devices: the DeviceInfo of the current session"
+    )
     protocol_errors: ProtocolErrors | None = None
     late_replies: LateReplies | None = None
 

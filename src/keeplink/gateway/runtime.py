@@ -33,6 +33,7 @@ from keeplink.gateway.events import (
     outbox_event_json,
     presence_event_json,
 )
+from keeplink.gateway.executors import device_executors
 from keeplink.gateway.fleet import Fleet, Unit, outbox_unit
 from keeplink.gateway.history import History, sample_queues
 from keeplink.gateway.planning import Plan, plan_links
@@ -40,8 +41,8 @@ from keeplink.gateway.presence_wiring import presence_tracker, start_mdns
 from keeplink.outbox import (
     CommandStateChanged,
     CommandStore,
+    Executor,
     Fence,
-    FirmwareTransfer,
     MemoryStore,
     Outbox,
     OutboxEvent,
@@ -93,11 +94,12 @@ class Gateway:
         """In a fleet (a PostgreSQL store): this node's leases; None on a single node."""
         self.remote: dict[str, dict[str, Any]] = {}
         """What other nodes said of the devices they own (presence, link state)."""
+        self.executors = device_executors(config)  # op -> each device's own executor
         self.outbox = Outbox(
             self.store,
             clock=clock,
             presence=self.presence,
-            executors={"firmware": FirmwareTransfer()},
+            executors=dict(self.executors),
             preconditions={"image_matches": image_matches},
             fences=self._fence if config.fleet else None,
             on_fenced=self._fenced if config.fleet else None,
@@ -202,6 +204,11 @@ class Gateway:
         for plan in plans:
             self.probes.extend(plan.sources)
         return plans
+
+    def executor(self, device_id: str, op: str) -> Executor | None:
+        """What delivers ``op`` to the device other than as a request on its link, or None."""
+        routed = self.executors.get(op)
+        return None if routed is None else routed.by_device.get(device_id)
 
     def command_args(self, device_id: str, args: Mapping[str, Any]) -> dict[str, Any]:
         """A command's args as the device's driver needs them (a Modbus unit id, the MQTT

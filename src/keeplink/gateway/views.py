@@ -11,10 +11,11 @@ import contextlib
 import json
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from keeplink._core.commands import Command, DeviceRecord
 from keeplink._core.errors import KeeplinkError
+from keeplink._driver import SessionInfo
 from keeplink._link import Link, LinkStatistics
 from keeplink.outbox import Waiting
 
@@ -148,6 +149,7 @@ async def device_view(
             "retry_in_s": retry_in,
             "last_error": last.to_wire() if last else None,
             "firmware": stats.session.firmware if stats and stats.session else None,
+            "device_info": device_info_json(config.driver, stats.session if stats else None),
             "protocol_errors": protocol_errors_json(link, stats),
             "late_replies": late_replies_json(link, stats),
         },
@@ -168,6 +170,22 @@ async def device_view(
             "last_error": link_view.get("last_error"),
         }
     return view
+
+
+DEVICE_INFO_KEYS: Final = (
+    "name", "friendly_name", "mac", "esphome_version", "project_name", "project_version",
+    "compilation_time", "model", "manufacturer", "has_deep_sleep", "encrypted",
+)  # fmt: skip
+"""What an ESPHome device's DeviceInfo says of it, as its session reports it."""
+
+
+def device_info_json(driver: str, session: SessionInfo | None) -> dict[str, Any] | None:
+    """The DeviceInfo of an ESPHome device's current session (name, MAC, the ESPHome and
+    project versions, the compilation time: the build it runs); None for other drivers or
+    while not connected."""
+    if driver != "esphome" or session is None:
+        return None
+    return {key: session.extra.get(key) for key in DEVICE_INFO_KEYS}
 
 
 async def owner_of(

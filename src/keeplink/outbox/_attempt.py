@@ -33,6 +33,9 @@ class Sender:
         """Commands being delivered by this process: from before ``sending`` is persisted
         until its outcome is, so cancel() always finds an attempt it can wait for."""
         self.cancel_requested: set[str] = set()
+        self.noted: dict[str, Command] = {}
+        """A command in flight as its executor last noted it (:meth:`Outbox.note`): its
+        outcome settles that copy, so a retry keeps the note."""
 
     async def send(self, state: DeviceState, step: Send, pending: Pending) -> bool:
         """Persist and deliver one command; its outcome joins ``pending``, to be committed
@@ -77,6 +80,9 @@ class Sender:
                     # with that error: the device refused nothing, and the breaker does
                     # not count it.
                     refused, outcome = exc, Cancelled(reason="refused before sending")
+                finally:
+                    # What the executor noted is the stored copy: settle that one.
+                    sending = self.noted.pop(sending.id, sending)
             if refused is not None:
                 settlement = Settlement(
                     transition(

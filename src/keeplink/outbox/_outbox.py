@@ -21,6 +21,7 @@ and events (``_announce``), sharing one ``_state.Shared``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 from collections.abc import Callable, Collection, Mapping
@@ -41,7 +42,7 @@ from keeplink.outbox._delivery import Dispatcher
 from keeplink.outbox._expiry import ExpiryWatch
 from keeplink.outbox._protocol import CommandStore
 from keeplink.outbox._state import Shared
-from keeplink.outbox._writes import Fence, PutDevice
+from keeplink.outbox._writes import Fence, PutDevice, Update
 from keeplink.outbox.events import DeliveryParked, OutboxEvent
 from keeplink.presence import PresenceTracker
 
@@ -200,6 +201,20 @@ class Outbox:
     def publish(self, event: OutboxEvent) -> None:
         """For executors: announce a typed event of their own (e.g. transfer progress)."""
         self._shared.events.emit(event)
+
+    async def note(self, command: Command, progress: Mapping[str, Any]) -> Command:
+        """For executors: durably record ``progress`` on a command being delivered, as its
+        ``result`` until an outcome replaces it. A later attempt (after a drop, a restart
+        or a crash) finds it in ``command.result``; a retryable failure keeps it. Returns
+        the noted command; raises InvalidRequestError (nothing written) when the command
+        is no longer ``sending`` (cancelled meanwhile), and the store's errors."""
+        noted = dataclasses.replace(command, result=dict(progress))
+        fence = self._shared.fence(command.device)
+        (written,) = await self.store.apply([Update(noted, _Q.SENDING, fence)])
+        if written is not True:
+            raise InvalidRequestError(f"command {command.id} is no longer being sent")
+        self._sender.noted[command.id] = noted
+        return noted
 
     # ------------------------------------------------------------------ devices
 

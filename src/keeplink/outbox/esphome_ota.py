@@ -22,15 +22,22 @@ Checked at every delivery, never at submit only:
   ``precondition_failed``; a file that cannot be read is a local failure of this attempt
   (``precondition_failed``, retried within the command's attempts). Neither is a
   refusal by the device.
-- **The device does not run it already**: ``installed(device, command)``, given by the
-  caller (fed, say, by the native API's DeviceInfo), is asked before each upload; when it
-  says yes the command succeeds with ``{"skipped": True}`` and nothing is sent. Past the
-  data phase a device installs and reboots on its own, so a connection lost then says
-  nothing about whether the update took: the executor then asks ``installed`` again for up
-  to ``settle_s`` (the device reboots and reconnects meanwhile) before it sends the image
-  again. A device that flaps or reconnects after a successful flash is never flashed
-  twice. Without ``installed`` such a loss is not retried here (the outbox may retry it
-  later, and the device would then install the same image again).
+- **The device does not run it already.** The build a device runs is what its native API
+  session's DeviceInfo says (:func:`build_of`: ESPHome version, project version,
+  compilation time; every new build has a new compilation time). Before the first upload
+  the executor notes that build in the command's durable progress
+  (``result["pre_flash"]``, :meth:`~keeplink.outbox.Outbox.note`): a later attempt,
+  after a drop, a reconnect, a gateway restart or a crash, that finds the device reporting
+  another build knows it rebooted into the new one and succeeds with ``{"skipped": True}``
+  without sending. Args may carry the target ``build`` (any of those keys): a device
+  already reporting it is acknowledged the same way. ``installed(device, command)``, given
+  by the caller, is asked too. Past the data phase a device installs and reboots on its
+  own, so a connection lost then says nothing about whether the update took: the executor
+  then waits up to ``settle_s`` for one of those to say yes (the device reboots and
+  reconnects meanwhile) before it sends the image again. A device that flaps or
+  reconnects after a successful flash is never flashed twice. Without a build to compare
+  (a link whose session has no DeviceInfo) and without ``installed``, such a loss is not
+  retried here.
 
 A wrong password ends the command ``rejected`` with ``auth_failed``; other refusals by the
 device end it ``rejected`` with the device's word (``not_enough_space``, …).
@@ -70,12 +77,22 @@ from keeplink._core.espota import (
     TransferStarted,
 )
 from keeplink._core.outcomes import Acknowledged, Outcome, Rejected, TimedOut, Unavailable
+from keeplink._driver import SessionInfo
 from keeplink._link import Link
 from keeplink.outbox._outbox import DeliveryContext
 from keeplink.outbox.events import FirmwareProgress
 from keeplink.outbox.firmware import _args_problem, _image_problem
 
-__all__ = ["DEFAULT_PORT", "Address", "EsphomeOta", "Installed", "PasswordFor"]
+__all__ = [
+    "BUILD_KEYS",
+    "DEFAULT_PORT",
+    "Address",
+    "EsphomeOta",
+    "Installed",
+    "PasswordFor",
+    "build_of",
+    "runs_build",
+]
 
 _log = logging.getLogger("keeplink.outbox.esphome_ota")
 
@@ -89,6 +106,27 @@ Installed: TypeAlias = Callable[[str, Command], bool | Awaitable[bool]]
 """Whether the device already runs the build the firmware command carries."""
 
 READ_SIZE: Final = 65536
+BUILD_KEYS: Final = ("esphome_version", "project_version", "compilation_time")
+"""What names the build an ESPHome device runs, from its DeviceInfo. The compilation time
+changes with every build, even one of the same project version."""
+
+
+def build_of(session: SessionInfo | None) -> dict[str, str] | None:
+    """The build a native API session says the device runs (:data:`BUILD_KEYS`), or None
+    when there is no session or it carries no DeviceInfo (no compilation time)."""
+    if session is None:
+        return None
+    build = {key: str(session.extra.get(key) or "") for key in BUILD_KEYS}
+    return build if build["compilation_time"] else None
+
+
+def runs_build(current: Mapping[str, str] | None, target: object) -> bool:
+    """Whether the ``current`` build is the ``target`` one: every key the target gives (of
+    :data:`BUILD_KEYS`) has the same value. An empty or malformed target matches nothing."""
+    if current is None or not isinstance(target, Mapping):
+        return False
+    given = {k: v for k, v in target.items() if k in BUILD_KEYS}
+    return bool(given) and all(current.get(k) == v for k, v in given.items())
 
 
 class EsphomeOta:
@@ -190,7 +228,7 @@ class EsphomeOta:
                     f"{type(exc).__name__}: {exc}"
                 )
             )
-        run = _Run(self, command, ctx, data, compressed, host, port, password)
+        run = _Run(self, link, command, ctx, data, compressed, host, port, password)
         return await run.go()
 
 
@@ -215,6 +253,7 @@ class _Run:
     def __init__(
         self,
         spec: EsphomeOta,
+        link: Link[Any],
         command: Command,
         ctx: DeliveryContext,
         data: bytes,
@@ -232,6 +271,12 @@ class _Run:
         self.port = port
         self.password = password
         self.clock: Clock = ctx.outbox.clock
+        self.link = link
+        recorded = (command.result or {}).get("pre_flash")
+        self.pre_flash: Mapping[str, str] | None = (
+            recorded if isinstance(recorded, Mapping) else None
+        )
+        """The build the device ran before this command's first upload (durable)."""
         self.bytes_sent = 0
         self.restarts = 0
         self.started = self.clock.now()
@@ -248,7 +293,9 @@ class _Run:
         last: Outcome | None = None
         for attempt in range(1, spec.max_attempts + 1):
             if await self._runs_it():
-                return self._skipped("the device already runs this build")
+                return self._skipped(self._why_installed("the device already runs this build"))
+            if self.pre_flash is None:
+                await self._note_build()
             if attempt > 1:
                 self.restarts += 1
             client = OtaClient(
@@ -295,10 +342,12 @@ class _Run:
                 self._warn(attempt, last.cause)
             if uncertain:
                 # The device had the whole image: it may have installed it and rebooted.
-                if spec.installed is None:
+                if spec.installed is None and self.pre_flash is None:
                     return last
                 if await self._settles():
-                    return self._skipped("the device runs this build after the upload")
+                    return self._skipped(
+                        self._why_installed("the device runs this build after the upload")
+                    )
             if attempt < spec.max_attempts and spec.retry_delay_s:
                 await sleep_until(self.clock, self.clock.now() + spec.retry_delay_s)
         assert last is not None
@@ -334,8 +383,48 @@ class _Run:
         spec = self.spec
         return spec.data_timeout_s if client.in_data_phase else spec.handshake_timeout_s
 
+    def _build_changed(self) -> bool:
+        current = build_of(self.link.session)
+        return self.pre_flash is not None and current is not None and current != self.pre_flash
+
+    def _why_installed(self, otherwise: str) -> str:
+        current = build_of(self.link.session)
+        if runs_build(current, self.command.args.get("build")):
+            return "the device already runs the target build"
+        if self._build_changed():
+            assert self.pre_flash is not None
+            assert current is not None
+            return (
+                f"the device rebooted into a new build since the upload began "
+                f"({self.pre_flash['compilation_time']!r} -> {current['compilation_time']!r})"
+            )
+        return otherwise
+
+    async def _note_build(self) -> None:
+        """Note the build the device runs now in the command's durable progress."""
+        current = build_of(self.link.session)
+        if current is None:
+            return
+        try:
+            self.command = await self.ctx.outbox.note(self.command, {"pre_flash": current})
+        except KeeplinkError as exc:  # cancelled meanwhile, or the store failed: send nothing
+            raise _HookFailed(
+                KeeplinkError(
+                    f"esphome_ota: cannot note the build {self.ctx.device!r} runs before "
+                    f"the upload: {exc.message}",
+                    code=exc.code,
+                )
+            ) from exc
+        self.pre_flash = current
+
     async def _runs_it(self) -> bool:
-        """What ``installed`` says; raises _HookFailed when it raises."""
+        """Whether the device runs the build now: the target build of the args, a build
+        other than the one noted before the first upload, or ``installed`` says so.
+        Raises _HookFailed when ``installed`` raises."""
+        if runs_build(build_of(self.link.session), self.command.args.get("build")):
+            return True
+        if self._build_changed():
+            return True
         hook = self.spec.installed
         if hook is None:
             return False
