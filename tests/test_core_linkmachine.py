@@ -168,13 +168,3 @@ def test_nothing_in_the_link_assigns_a_state_outside_the_machine(path: pathlib.P
         if isinstance(node, ast.Name) and node.id == "check_link_transition":
             found.append(f"line {node.lineno}: checks a transition of its own")
     assert found == []
-
-
-@pytest.mark.parametrize("path", LINK_SOURCES, ids=lambda p: p.name)
-def test_each_room_of_the_link_fits_in_a_head(path: pathlib.Path) -> None:
-    text = path.read_text(encoding="utf-8")
-    assert len(text.splitlines()) <= 600
-    for node in ast.walk(ast.parse(text)):
-        if isinstance(node, ast.ClassDef):
-            assert node.end_lineno is not None
-            assert node.end_lineno - node.lineno < 330, node.name
