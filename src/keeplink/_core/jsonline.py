@@ -40,6 +40,7 @@ __all__ = [
     "encode_frame",
     "encoded_request",
     "load_object",
+    "renumbered_request",
 ]
 
 MAX_LINE: Final = 64 * 1024
@@ -460,6 +461,24 @@ def encoded_request(
     if not 0 <= seq <= _MAX_SEQ:
         raise InvalidRequestError(f"seq {seq} is outside 0..{_MAX_SEQ}")
     return Req(seq=seq, op=op, args=args, key=key, wire=_encode_obj(obj, max_line))
+
+
+_REQ_HEAD: Final = b'{"t":"req","seq":'
+
+
+def renumbered_request(frame: Req, seq: int, *, max_line: int = MAX_LINE) -> Req:
+    """``frame`` (made by :func:`encoded_request`) under sequence number ``seq``: its line
+    is re-made around the new number, its arguments are not encoded again. Raises
+    InvalidRequestError like :func:`encoded_request`."""
+    wire = frame.wire
+    if wire is None or not wire.startswith(_REQ_HEAD) or not 0 <= seq <= _MAX_SEQ:
+        return encoded_request(seq, frame.op, frame.args, frame.key, max_line=max_line)
+    line = b"%s%d%s" % (_REQ_HEAD, seq, wire[wire.index(b",", len(_REQ_HEAD)) :])
+    if len(line) - 1 > max_line:
+        raise InvalidRequestError(
+            f"encoded frame is {len(line) - 1} bytes, over the {max_line}-byte line limit"
+        )
+    return Req(seq=seq, op=frame.op, args=frame.args, key=frame.key, wire=line)
 
 
 def encode_frame(frame: Frame, *, max_line: int = MAX_LINE) -> bytes:
