@@ -326,7 +326,15 @@ def load_object(data: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ValueError(f"invalid UTF-8 at byte {exc.start}") from None
     try:
-        obj = _DECODER.decode(text)
+        # A line that is one object and nothing else (what devices send): raw_decode
+        # alone, without decode()'s two whitespace scans; anything else goes through
+        # decode(), which also words the errors.
+        if text[:1] == "{" and text[-1:] == "}":
+            obj, end = _DECODER.raw_decode(text)
+            if end != len(text):
+                obj = _DECODER.decode(text)
+        else:
+            obj = _DECODER.decode(text)
     except ValueError as exc:  # JSONDecodeError, and the NaN/Infinity/overflow refusals
         raise ValueError(f"invalid JSON: {exc}") from None
     except RecursionError:
