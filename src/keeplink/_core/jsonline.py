@@ -382,7 +382,7 @@ class JsonLineDecoder:
             line = bytes(data[:-1]).rstrip(b"\r")
             if len(line) > self.max_line:
                 return [self._too_long(line[:_SAMPLE])]
-            return [_decode_line(line)] if line.strip() else []
+            return [_decode_line(line)] if line[:1] == b"{" or line.strip() else []
         out: list[Frame | Malformed] = []
         buffer += data
         start = 0
