@@ -1,6 +1,6 @@
 """CPU time per request through a Link, in process, no sockets: ``python -m bench.cpu``.
 
-    python -m bench.cpu [--count 5000] [--rounds 5]
+    python -m bench.cpu [--count 5000] [--rounds 5] [--calls]
 
 A quiet measure for a shared machine, where wall-clock ratios swing twofold: each mode runs
 ``count`` requests ``rounds`` times and reports the least ``time.process_time()`` per
@@ -14,6 +14,9 @@ loop, not a kernel or a peer. Modes:
 - ``jsonline, window 1`` and ``jsonline, 8 callers`` (window 1, the rest queued);
 - ``modbus, window 1`` and ``modbus, 8 callers``: read 10 holding registers.
 
+``--calls`` also counts the Python function calls per request (cProfile, one run of
+``count``): a figure no other load on the machine changes.
+
 Bounded: at most ``--count`` 20,000 and ``--rounds`` 9.
 """
 
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import pstats
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -159,8 +164,11 @@ async def raw_run() -> Run:
     return run
 
 
-async def measure(count: int, rounds: int) -> dict[str, float]:
-    """Least CPU µs per request of ``rounds`` runs, per mode."""
+async def measure(
+    count: int, rounds: int, *, calls: bool = False
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Least CPU µs per request of ``rounds`` runs, per mode; with ``calls``, the Python
+    function calls per request too."""
     links: list[Link[Any]] = []
     modes: dict[str, Run] = {"raw, window 1": await raw_run()}
     echo = ("echo", {"n": 1})
@@ -190,24 +198,33 @@ async def measure(count: int, rounds: int) -> dict[str, float]:
                 await run(count)
                 cpu = 1e6 * (time.process_time() - begin) / count
                 best[name] = min(best.get(name, cpu), cpu)
+        per_call: dict[str, float] = {}
+        for name, run in modes.items() if calls else ():
+            profile = cProfile.Profile()
+            profile.enable()
+            await run(count)
+            profile.disable()
+            per_call[name] = pstats.Stats(profile).total_calls / count
     finally:
         for link in links:
             await link.stop()
-    return best
+    return best, per_call
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", action="store_true", help="count Python calls too")
     args = parser.parse_args()
     count = max(CALLERS, min(args.count, MAX_COUNT))
     rounds = max(1, min(args.rounds, MAX_ROUNDS))
-    best = asyncio.run(measure(count, rounds))
+    best, calls = asyncio.run(measure(count, rounds, calls=args.calls))
     print(f"CPU µs per request, in process, no sockets; least of {rounds} runs of {count}")
     raw = best["raw, window 1"]
     for name, us in best.items():
-        print(f"{name:<22} {us:>8.1f}  {us / raw:>5.2f}x raw")
+        counted = f"  {calls[name]:>6.1f} calls" if name in calls else ""
+        print(f"{name:<22} {us:>8.1f}  {us / raw:>5.2f}x raw{counted}")
 
 
 if __name__ == "__main__":
