@@ -246,3 +246,21 @@ def test_an_error_keeps_text_a_store_takes() -> None:
     assert "\x00" not in info.message
     assert info.message.startswith("a") and len(info.message) == 1000
     assert info.message.endswith("…")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b'{"t":"ping"}{"t":"pong"}', b'{"t":"ping"} {}', b'{"t":"ping"', b"{}}", b'{"a":1}]}'],
+)
+def test_a_line_that_looks_like_one_object_but_is_not_is_malformed(line: bytes) -> None:
+    [item] = JsonLineDecoder().feed(line + b"\n")
+    assert isinstance(item, Malformed)
+    assert item.reason.startswith("invalid JSON: ")
+    with pytest.raises(json.JSONDecodeError) as info:
+        json.loads(line)
+    assert item.reason == f"invalid JSON: {info.value}"
+
+
+@pytest.mark.parametrize("line", [b' {"t":"ping"}', b'{"t":"ping"} ', b'\t{"t":"ping"}\t'])
+def test_whitespace_around_the_object_is_allowed(line: bytes) -> None:
+    assert JsonLineDecoder().feed(line + b"\n") == [Ping()]

@@ -29,9 +29,9 @@ from keeplink import (
     enum_or_none,
     sleep_until,
 )
-from keeplink._core.jsonline import Ack, Welcome, encode_frame
+from keeplink._core.jsonline import MAX_LINE, Ack, Req, Welcome, encode_frame
 from keeplink.drivers import JsonLineDriver
-from keeplink.testing import DeviceSimulator, FaultProxy
+from keeplink.testing import DeviceSimulator, FaultProxy, ScriptedDriver, ScriptedPeer
 from linkfixtures import TOKEN, LinkFactory
 
 S = LinkState
@@ -492,3 +492,101 @@ async def test_mixed_outcomes_each_resolve_exactly_once_to_the_right_outcome(
     assert sum(stats.outcomes.values()) == len(requests)  # each resolved exactly once
     assert stats.requests_in_flight == 0
     assert clock.live_timers == 0
+
+
+# ------------------------------------------------------------------ requests queued for the window
+
+
+def _strict_link(peer: ScriptedPeer, clock: VirtualClock, driver: Any = None) -> Link[Any]:
+    driver = driver or ScriptedDriver(peer, max_in_flight=1, heartbeat=False)
+    return Link(driver, name="strict", clock=clock, heartbeat_s=None)
+
+
+async def test_queued_requests_time_out_each_at_its_own_deadline_the_shortest_first(
+    virtual_clock: VirtualClock,
+) -> None:
+    peer = ScriptedPeer()
+    async with _strict_link(peer, virtual_clock) as link:
+        await connected(link)
+        first = asyncio.create_task(link.request("hold", {}, timeout=30))
+        held = await peer.next_request()
+        late = asyncio.create_task(link.request("echo", {"i": 1}, timeout=10))
+        soon = asyncio.create_task(link.request("echo", {"i": 2}, timeout=5))
+        await asyncio.sleep(0)
+        await virtual_clock.advance(5)
+        outcome = await soon
+        assert isinstance(outcome, TimedOut) and outcome.sent is False
+        assert not late.done()
+        await virtual_clock.advance(5)
+        outcome = await late
+        assert isinstance(outcome, TimedOut) and outcome.sent is False
+        assert peer.ack(held, {"held": True})
+        assert (await first).result == {"held": True}  # type: ignore[union-attr]
+        # The window is whole again and no queued deadline is left to fire.
+        after = asyncio.create_task(link.request("echo", {"i": 3}, timeout=5))
+        peer.ack(await peer.next_request(), {"i": 3})
+        assert isinstance(await after, Acknowledged)
+    assert [r.op for r in peer.requests] == ["hold", "echo"]
+
+
+class _OwnRequests(ScriptedDriver):
+    """Builds its own requests (an extra argument): they must not be renumbered."""
+
+    built: list[int]
+
+    def build_request(self, seq: int, op: str, args: Any, key: str | None) -> Any:
+        self.built.append(seq)
+        return super().build_request(seq, op, {**args, "via": "subclass"}, key)
+
+
+@pytest.mark.parametrize("own", [False, True])
+async def test_a_request_queued_for_the_window_goes_out_under_its_own_number(
+    virtual_clock: VirtualClock, own: bool
+) -> None:
+    peer = ScriptedPeer()
+    driver = (_OwnRequests if own else ScriptedDriver)(peer, max_in_flight=1, heartbeat=False)
+    driver.built = []
+    async with _strict_link(peer, virtual_clock, driver) as link:
+        await connected(link)
+        first = asyncio.create_task(link.request("echo", {"i": 0}, timeout=30))
+        one = await peer.next_request()
+        second = asyncio.create_task(link.request("echo", {"i": 1}, timeout=30, key="k-2"))
+        await asyncio.sleep(0)
+        peer.ack(one, {"i": 0})
+        two = await peer.next_request()
+        peer.ack(two, {"i": 1})
+        assert (await first).result == {"i": 0}  # type: ignore[union-attr]
+        outcome = await second
+    assert isinstance(outcome, Acknowledged) and outcome.seq == two.seq
+    assert two.seq != one.seq
+    extra = {"via": "subclass"} if own else {}
+    assert (two.op, two.args, two.key) == ("echo", {"i": 1, **extra}, "k-2")
+    if own:  # built to validate while it queued, then built again under its number
+        assert driver.built == [one.seq, 0, two.seq]
+
+
+@pytest.mark.parametrize("seq", [0, 1, 9, 10, 4095, 2**31, 2**32 - 1])
+@pytest.mark.parametrize("key", [None, "k-1"])
+def test_a_renumbered_jsonline_request_is_the_request_built_under_that_number(
+    seq: int, key: str | None
+) -> None:
+    driver = JsonLineDriver(host="h", port=1)
+    args = {"target": 21.5, "name": 'hall, "east"', "list": [1, {"seq": 3}]}
+    built = driver.build_request(0, "set", args, key)
+    renumbered = driver.renumber_request(built, seq)
+    direct = driver.build_request(seq, "set", args, key)
+    assert isinstance(renumbered, Req) and isinstance(direct, Req)
+    assert renumbered == direct
+    assert renumbered.wire == direct.wire == encode_frame(direct)
+
+
+def test_a_jsonline_request_that_a_longer_number_pushes_over_the_line_limit_is_refused() -> None:
+    driver = JsonLineDriver(host="h", port=1)
+    head = len(driver.build_request(0, "set", {"s": ""}, None).wire or b"") - 1
+    args = {"s": "x" * (MAX_LINE - head)}  # exactly the limit with seq 0
+    built = driver.build_request(0, "set", args, None)
+    assert built.wire is not None and len(built.wire) - 1 == MAX_LINE
+    with pytest.raises(InvalidRequestError, match="line limit"):
+        driver.build_request(10, "set", args, None)
+    with pytest.raises(InvalidRequestError, match="line limit"):
+        driver.renumber_request(built, 10)

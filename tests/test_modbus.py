@@ -419,6 +419,23 @@ async def test_invalid_arguments_fail_before_anything_is_sent(
     assert gateway.packets_in == 1
 
 
+@pytest.mark.parametrize("tid", [0, 1, 255, 256, 0xFFFF])
+@pytest.mark.parametrize(
+    ("op", "args"),
+    [
+        ("read_holding_registers", {"unit": 3, "address": 10, "count": 4, "type": "float32"}),
+        ("write_registers", {"unit": 1, "address": 0, "values": [1, 2, 3]}),
+        ("write_coils", {"unit": 2, "address": 7, "values": [True, False, True]}),
+    ],
+)
+def test_a_renumbered_request_is_the_request_built_under_that_transaction_id(
+    tid: int, op: str, args: dict[str, Any]
+) -> None:
+    driver = ModbusDriver(host=HOST, port=502)
+    renumbered = driver.renumber_request(driver.build_request(0, op, args, None), tid)
+    assert renumbered == driver.build_request(tid, op, args, None)
+
+
 def test_an_idempotency_key_is_checked_but_modbus_has_nowhere_to_send_it() -> None:
     driver = ModbusDriver(host=HOST, port=502)
     with_key = driver.build_request(7, "write_register", {"unit": 1, "address": 0, "value": 1}, "k")

@@ -72,3 +72,54 @@ async def test_when_ended_tells_once_and_at_once_if_it_has_ended() -> None:
         assert late == told  # registered after the end: told at once, with the same reason
         await asyncio.sleep(0.01)
         assert len(told) == 1
+
+
+class Recording(asyncio.Transport):
+    """Records each write the channel makes: one entry per send() it would cost."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def abort(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+
+async def test_frames_of_one_iteration_leave_together_and_a_lone_one_at_once() -> None:
+    channel: StreamChannel[bytes] = StreamChannel(Raw(), peer="recorded")
+    transport = Recording()
+    channel.connection_made(transport)
+    channel.write(b"a")
+    assert transport.writes == [b"a"]  # the first of an iteration: at once
+    channel.write(b"b")
+    channel.write(b"c")
+    assert transport.writes == [b"a"]  # corked
+    await asyncio.sleep(0)
+    assert transport.writes == [b"a", b"bc"]  # together, at the iteration's end
+    await asyncio.sleep(0)
+    channel.write(b"d")
+    assert transport.writes == [b"a", b"bc", b"d"]  # a new iteration: at once again
+    channel.data_received(b"reply")
+    channel.write(b"e")  # written after a read: at once, a batch of its own
+    assert transport.writes == [b"a", b"bc", b"d", b"e"]
+    channel.write(b"f")
+    channel.data_received(b"reply")  # a read while frames are corked leaves them corked
+    channel.write(b"g")
+    assert transport.writes == [b"a", b"bc", b"d", b"e"]
+    await asyncio.sleep(0)
+    assert transport.writes == [b"a", b"bc", b"d", b"e", b"fg"]
+    await asyncio.sleep(0)
+    # Written in a later iteration with no read between: it leaves in the next one at most.
+    channel.write(b"h")
+    await asyncio.sleep(0)
+    assert transport.writes[-1] == b"h"
+    channel.close()

@@ -112,10 +112,13 @@ class StreamChannel(asyncio.Protocol, Generic[F]):
         self._on_end: list[Callable[[LinkBrokenError], None]] = []
         # The first frame written in an event-loop iteration leaves at once; the rest of
         # that iteration's frames leave together at its end: pipelined requests cost about
-        # one send() a batch, not one each.
+        # one send() a batch, not one each. The flush at the iteration's end is scheduled
+        # by the second frame, not the first: a lone request and its reply cost no
+        # callback. A read ends the batch too (what is written after a reply answers it).
         self._out: list[bytes] = []
         self._out_size = 0
         self._in_tick = False
+        self._flush_due = False
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -130,6 +133,8 @@ class StreamChannel(asyncio.Protocol, Generic[F]):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        if not self._flush_due:
+            self._in_tick = False
         items = self._codec.feed(data)
         sink = self._sink
         if sink is not None:
@@ -255,12 +260,14 @@ class StreamChannel(asyncio.Protocol, Generic[F]):
         assert self._transport is not None
         self.bytes_out += len(data)
         if not self._in_tick:
-            # First write of this loop iteration: straight out, no added latency. Any more
-            # writes in the same iteration are corked and leave together at its end.
+            # First write of this batch: straight out, no added latency. Any more writes
+            # before the batch ends are corked and leave together at the iteration's end.
             self._in_tick = True
-            asyncio.get_running_loop().call_soon(self._end_tick)
             self._transport.write(data)
             return
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._end_tick)
         self._out.append(data)
         self._out_size += len(data)
         if self._out_size >= CORK_LIMIT:
@@ -268,6 +275,7 @@ class StreamChannel(asyncio.Protocol, Generic[F]):
 
     def _end_tick(self) -> None:
         self._in_tick = False
+        self._flush_due = False
         self._flush()
 
     def _flush(self) -> None:

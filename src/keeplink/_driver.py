@@ -96,6 +96,12 @@ class Driver(Protocol[F]):
     ``open`` raises a :class:`~keeplink.KeeplinkError` (usually ``LinkBrokenError`` with the
     OS error as ``__cause__``); anything else it raises is classified by the link. The link
     applies its own connect and handshake deadlines around ``open`` and ``handshake``.
+
+    Optional: ``renumber_request(frame, seq) -> F``, the request ``build_request`` made
+    under another sequence number, without checking or encoding its arguments again. A
+    request that waits for the window is built once to fail bad arguments at once; with
+    this method it is renumbered when its turn comes instead of built a second time. The
+    link uses it only when the class that defines ``build_request`` defines it too.
     """
 
     name: str

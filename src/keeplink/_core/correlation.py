@@ -201,21 +201,23 @@ class Correlator(Generic[T]):
         number is in flight) and :class:`ValueError` if ``deadline`` is NaN; in both cases
         nothing is registered and the state is unchanged.
         """
-        if deadline is not None and math.isnan(deadline):
+        if deadline is not None and deadline != deadline:  # NaN, without a call
             raise ValueError("deadline must be a number or None, got nan")
         entries = self._entries
-        if len(entries) >= self._max_in_flight:
+        in_flight = len(entries)
+        if in_flight >= self._max_in_flight:
             raise SequenceExhaustedError(self._exhausted_message())
         modulus = self._modulus
-        seq = self._last
-        # Bounded: fewer than `modulus` numbers are in flight, so a free one turns up within
-        # `in_flight + 1` steps; usually the first candidate is free.
-        for _ in range(modulus):
-            seq = (seq + 1) % modulus
-            if seq not in entries:
-                break
-        else:  # pragma: no cover - unreachable while len(entries) < max_in_flight <= modulus
-            raise SequenceExhaustedError(self._exhausted_message())
+        seq = (self._last + 1) % modulus
+        if seq in entries:
+            # Bounded: fewer than `modulus` numbers are in flight, so a free one turns up
+            # within `in_flight + 1` steps; usually the first candidate is free.
+            for _ in range(modulus):
+                seq = (seq + 1) % modulus
+                if seq not in entries:
+                    break
+            else:  # pragma: no cover - unreachable while in_flight < max_in_flight <= modulus
+                raise SequenceExhaustedError(self._exhausted_message())
         serial = self._serial
         self._serial = serial + 1
         self._last = seq
@@ -223,7 +225,8 @@ class Correlator(Generic[T]):
         if deadline is not None:
             heapq.heappush(self._heap, (deadline, serial, seq))
         self._allocated_total += 1
-        self._max_in_flight_seen = max(self._max_in_flight_seen, len(entries))
+        if in_flight >= self._max_in_flight_seen:
+            self._max_in_flight_seen = in_flight + 1
         return seq
 
     def resolve(self, seq: int) -> Pending[T] | None:

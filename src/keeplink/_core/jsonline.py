@@ -40,6 +40,7 @@ __all__ = [
     "encode_frame",
     "encoded_request",
     "load_object",
+    "renumbered_request",
 ]
 
 MAX_LINE: Final = 64 * 1024
@@ -325,7 +326,15 @@ def load_object(data: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ValueError(f"invalid UTF-8 at byte {exc.start}") from None
     try:
-        obj = _DECODER.decode(text)
+        # A line that is one object and nothing else (what devices send): raw_decode
+        # alone, without decode()'s two whitespace scans; anything else goes through
+        # decode(), which also words the errors.
+        if text[:1] == "{" and text[-1:] == "}":
+            obj, end = _DECODER.raw_decode(text)
+            if end != len(text):
+                obj = _DECODER.decode(text)
+        else:
+            obj = _DECODER.decode(text)
     except ValueError as exc:  # JSONDecodeError, and the NaN/Infinity/overflow refusals
         raise ValueError(f"invalid JSON: {exc}") from None
     except RecursionError:
@@ -373,7 +382,7 @@ class JsonLineDecoder:
             line = bytes(data[:-1]).rstrip(b"\r")
             if len(line) > self.max_line:
                 return [self._too_long(line[:_SAMPLE])]
-            return [_decode_line(line)] if line.strip() else []
+            return [_decode_line(line)] if line[:1] == b"{" or line.strip() else []
         out: list[Frame | Malformed] = []
         buffer += data
         start = 0
@@ -460,6 +469,24 @@ def encoded_request(
     if not 0 <= seq <= _MAX_SEQ:
         raise InvalidRequestError(f"seq {seq} is outside 0..{_MAX_SEQ}")
     return Req(seq=seq, op=op, args=args, key=key, wire=_encode_obj(obj, max_line))
+
+
+_REQ_HEAD: Final = b'{"t":"req","seq":'
+
+
+def renumbered_request(frame: Req, seq: int, *, max_line: int = MAX_LINE) -> Req:
+    """``frame`` (made by :func:`encoded_request`) under sequence number ``seq``: its line
+    is re-made around the new number, its arguments are not encoded again. Raises
+    InvalidRequestError like :func:`encoded_request`."""
+    wire = frame.wire
+    if wire is None or not wire.startswith(_REQ_HEAD) or not 0 <= seq <= _MAX_SEQ:
+        return encoded_request(seq, frame.op, frame.args, frame.key, max_line=max_line)
+    line = b"%s%d%s" % (_REQ_HEAD, seq, wire[wire.index(b",", len(_REQ_HEAD)) :])
+    if len(line) - 1 > max_line:
+        raise InvalidRequestError(
+            f"encoded frame is {len(line) - 1} bytes, over the {max_line}-byte line limit"
+        )
+    return Req(seq=seq, op=frame.op, args=frame.args, key=frame.key, wire=line)
 
 
 def encode_frame(frame: Frame, *, max_line: int = MAX_LINE) -> bytes:

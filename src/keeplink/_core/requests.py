@@ -29,13 +29,14 @@ def is_key(key: object) -> TypeGuard[str | None]:
 def check_request(op: object, args: object, key: object) -> Mapping[str, Any]:
     """Return ``args`` if ``op``, ``args`` and ``key`` make a request; raise
     InvalidRequestError (nothing was sent) naming the first part that does not."""
-    if not is_name(op):
+    # Exact-type checks first (what callers pass), the general ones only when they fail.
+    if not (op.__class__ is str and op) and not is_name(op):
         raise InvalidRequestError(f"op must be a non-empty string, got {op!r}")
-    if not isinstance(args, Mapping):
+    if args.__class__ is not dict and not isinstance(args, Mapping):
         raise InvalidRequestError(f"args must be a mapping, got {type(args).__name__}")
     for k in args:
-        if not isinstance(k, str):
+        if k.__class__ is not str and not isinstance(k, str):
             raise InvalidRequestError("args keys must be strings")
-    if not is_key(key):
+    if key is not None and not (key.__class__ is str and key) and not is_key(key):
         raise InvalidRequestError(f"key must be a non-empty string or None, got {key!r}")
     return args

@@ -2,7 +2,9 @@
 
 The waiter is registered under its sequence number before the frame is written, so a fast
 device's ack can never arrive before anyone waits for it. One clock timer, lazily re-armed,
-watches the earliest deadline in flight.
+watches the earliest deadline in flight, and another the earliest of the queued requests. A
+reply hands its window slot to the next queued request at once, and a request validated
+while it queued is renumbered, not built again, when the driver can do that.
 
 On the hot path (a usable session, a free window slot, a channel that takes the frame at
 once) a request costs no task switch but the wait for its reply: the slot is taken without
@@ -19,7 +21,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
-from keeplink._clock import deadline
 from keeplink._core.clock import Clock, Timer
 from keeplink._core.correlation import Correlator
 from keeplink._core.errors import (
@@ -70,6 +71,20 @@ class _Waiter:
     """The link's counts when the request was made: what arrived since that matched
     nothing is told with its timeout."""
     late_replies: int = 0
+    released: bool = False
+    """Its window slot was passed on when its reply came, before its caller resumed."""
+
+
+def _renumberer(driver: Driver[Any]) -> Callable[[Any, int], Any] | None:
+    """The driver's ``renumber_request(frame, seq)``, when the same class defines it and
+    ``build_request`` (a subclass that builds its own requests must renumber its own)."""
+    renumber = getattr(driver, "renumber_request", None)
+    if renumber is None:
+        return None
+    for klass in type(driver).__mro__:
+        if "build_request" in vars(klass):
+            return renumber if "renumber_request" in vars(klass) else None
+    return None  # pragma: no cover - a Driver has build_request
 
 
 class Requests(Generic[F]):
@@ -102,9 +117,14 @@ class Requests(Generic[F]):
         # The window: requests beyond the driver's in-flight limit wait here, in order, so
         # the correlator never runs out of sequence numbers.
         self._free = window
-        self._queued: collections.deque[asyncio.Future[None]] = collections.deque()
+        # (slot, expires): the slot's result is True when a window slot is handed over,
+        # False when ``expires`` passed first. One lazy timer watches the queue's deadlines.
+        self._queued: collections.deque[tuple[asyncio.Future[bool], float]] = collections.deque()
+        self._queue_timer: Timer | None = None
+        self._queue_timer_at: float | None = None
         self._expiry: Timer | None = None
         self._expiry_at: float | None = None
+        self._renumber = _renumberer(driver)
         self.side_data: dict[str, Any] = {}
         sessions.on_reply = self.on_reply
 
@@ -124,11 +144,13 @@ class Requests(Generic[F]):
         call_args: Mapping[str, Any] = {} if args is None else args
         expires = self.clock.now() + timeout
         session = self.sessions.current
+        built: F | None = None
         if session is None or session.broken is not None or not self._free or self._queued:
             # Off the fast path, validate first: bad arguments fail at once, whatever the
             # link is doing. On the fast path the one build below validates, before any
-            # await and before anything is written.
-            self.driver.build_request(0, op, call_args, key)
+            # await and before anything is written. A driver that can renumber a built
+            # request keeps this build and only changes its sequence number below.
+            built = self.driver.build_request(0, op, call_args, key)
             if self.sessions.usable() is None:
                 return self._tally(Unavailable(cause=self.unavailable()))
             if not await self._acquire(expires):
@@ -141,12 +163,16 @@ class Requests(Generic[F]):
             self._free -= 1  # a free slot, taken without suspending
         counters = self.counters
         outcome: Outcome
+        waiter: _Waiter | None = None
         try:
             future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
             waiter = _Waiter(future, timeout, counters.protocol_errors, counters.late_replies)
             seq = self.correlator.allocate_nowait(waiter, deadline=expires)
             try:
-                frame = self.driver.build_request(seq, op, call_args, key)
+                if built is not None and self._renumber is not None:
+                    frame = self._renumber(built, seq)
+                else:
+                    frame = self.driver.build_request(seq, op, call_args, key)
             except BaseException:
                 self.correlator.cancel(seq)
                 raise
@@ -178,7 +204,8 @@ class Requests(Generic[F]):
                 self._withdraw(seq, future, None)
                 raise
         finally:
-            self._release()
+            if waiter is None or not waiter.released:
+                self._release()
         counters.outcomes[OUTCOME_NAMES[type(outcome)]] += 1
         return outcome
 
@@ -189,30 +216,60 @@ class Requests(Generic[F]):
         if self._free and not self._queued:
             self._free -= 1
             return True
-        slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queued.append(slot)
-        got = False
-        try:
-            async with deadline(self.clock, expires):
-                await slot
-            got = True
-            return True
-        except TimeoutError:
+        if expires <= self.clock.now():
             return False
-        finally:
-            if not got:
-                if not slot.done():
-                    slot.cancel()
-                elif not slot.cancelled():
-                    self._release()  # handed a slot as the wait ended anyway: pass it on
+        slot: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queued.append((slot, expires))
+        if self._queue_timer_at is None or self._queue_timer_at > expires:
+            self._arm_queue_timer(expires)
+        try:
+            return await slot
+        except BaseException:
+            if not slot.done():
+                slot.cancel()
+            elif not slot.cancelled() and slot.result():
+                self._release()  # handed a slot as the wait ended anyway: pass it on
+            raise
 
     def _release(self) -> None:
-        while self._queued:
-            slot = self._queued.popleft()
+        queued = self._queued
+        while queued:
+            slot = queued.popleft()[0]
             if not slot.done():
-                slot.set_result(None)  # handed over: the free count stays as it is
+                slot.set_result(True)  # handed over: the free count stays as it is
                 return
         self._free += 1
+        if self._queue_timer is not None:
+            self._queue_timer.cancel()
+            self._queue_timer = None
+            self._queue_timer_at = None
+
+    def _arm_queue_timer(self, due: float) -> None:
+        """One lazy timer at or before the earliest deadline of a queued request, as for
+        the requests in flight (see :meth:`_arm_expiry`); it goes when the queue empties."""
+        if self._queue_timer is not None:
+            self._queue_timer.cancel()
+        self._queue_timer_at = due
+        self._queue_timer = self.clock.call_at(due, self._expire_queued)
+
+    def _expire_queued(self) -> None:
+        self._queue_timer = None
+        self._queue_timer_at = None
+        now = self.clock.now()
+        due: float | None = None
+        waiting: collections.deque[tuple[asyncio.Future[bool], float]] = collections.deque()
+        for slot, expires in self._queued:
+            if slot.done():
+                continue
+            if expires <= now:
+                slot.set_result(False)
+                continue
+            waiting.append((slot, expires))
+            if due is None or expires < due:
+                due = expires
+        self._queued = waiting
+        if due is not None:
+            self._arm_queue_timer(due)
 
     # ------------------------------------------------------------------ outcomes
 
@@ -253,7 +310,8 @@ class Requests(Generic[F]):
                 reply.seq,
             )
             return
-        future = pending.token.future
+        waiter = pending.token
+        future = waiter.future
         if future.done():
             return
         if reply.ok:
@@ -266,6 +324,10 @@ class Requests(Generic[F]):
                     message=reply.message or "rejected by the device",
                 )
             )
+        # The request is no longer in flight: its slot goes to the next queued request now,
+        # which then resumes in the same loop iteration as this one's caller.
+        waiter.released = True
+        self._release()
 
     def fail_fragile(self, session: Session[F], reason: KeeplinkError) -> None:
         """The session ended: its ``fail_on_drop`` requests end ``Unavailable`` with it."""
@@ -282,6 +344,10 @@ class Requests(Generic[F]):
             self._expiry.cancel()
         self._expiry = None
         self._expiry_at = None
+        if self._queue_timer is not None and not self._queued:
+            self._queue_timer.cancel()
+            self._queue_timer = None
+            self._queue_timer_at = None
 
     # ------------------------------------------------------------------ deadlines
 

@@ -9,6 +9,7 @@ returns that reason to the supervisor, which cleans up once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
@@ -205,7 +206,7 @@ class Sessions(Generic[F]):
         if session.push is not None:
             # Frames now go straight from the transport to on_item; this task only waits
             # for the end, which is still the one disconnect path.
-            session.push.deliver_to(lambda item: self.on_item(session, item))
+            session.push.deliver_to(functools.partial(self.on_item, session))
         while True:
             self.on_item(session, await channel.receive())
 

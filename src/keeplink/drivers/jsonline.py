@@ -50,6 +50,7 @@ from keeplink._core.jsonline import (
     Welcome,
     encode_frame,
     encoded_request,
+    renumbered_request,
 )
 from keeplink._core.requests import check_request
 from keeplink._driver import Channel, FrameChannel, HeartbeatReply, Reply, SessionInfo
@@ -172,6 +173,13 @@ class JsonLineDriver:
         check_request(op, args, key)
         # Encoded once, here: a value JSON cannot carry fails now, before anything is sent.
         return encoded_request(seq, op, dict(args), key, max_line=MAX_LINE)
+
+    def renumber_request(self, frame: Frame, seq: int) -> Frame:
+        """A request :meth:`build_request` made, under another sequence number: the same
+        line but for the number, with no second check or encoding of its arguments."""
+        if not isinstance(frame, Req):
+            raise TypeError(f"not a request: {frame!r}")
+        return renumbered_request(frame, seq, max_line=MAX_LINE)
 
     def match_reply(self, frame: Frame) -> Reply | None:
         if not isinstance(frame, Ack):

@@ -178,6 +178,7 @@ READ_OPS: Final = frozenset(op for op, spec in _OPS.items() if "count" in spec.r
 """The ops that read (``unit``, ``address``, ``count``): what a probe may send."""
 
 _READS: Final = mbap.READ_REGISTERS | mbap.READ_BITS
+_TID: Final = struct.Struct(">H")
 
 
 # ---------------------------------------------------------------------------------- frames
@@ -439,6 +440,21 @@ class ModbusDriver:
             value_type=value_type,
             word_order=word_order,
             adu=adu,
+        )
+
+    def renumber_request(self, frame: ModbusRequest, seq: int) -> ModbusRequest:
+        """A request :meth:`build_request` made, under transaction id ``seq`` (0..65535):
+        the same ADU but for its first two bytes, with no second check of its arguments."""
+        return ModbusRequest(
+            tid=seq,
+            unit=frame.unit,
+            op=frame.op,
+            function_code=frame.function_code,
+            address=frame.address,
+            count=frame.count,
+            value_type=frame.value_type,
+            word_order=frame.word_order,
+            adu=_TID.pack(seq) + frame.adu[2:],
         )
 
     def match_reply(self, frame: ModbusFrame) -> Reply | None:
