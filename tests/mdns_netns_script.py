@@ -149,6 +149,23 @@ async def scenario() -> None:
         )
         async with asyncio.timeout(STEP_BOUND_S):
             await goodbye
+
+        # It comes straight back (a reboot right after its goodbye): the goodbye's records
+        # are still cached for their last second, so the browser sees no new instance;
+        # the announcement must still bring the device back online.
+        back = loop.time()
+        broadcast = await device_zc.async_register_service(info, cooperating_responders=True)
+        async with asyncio.timeout(STEP_BOUND_S):
+            await tracker.wait_for(DEVICE, Presence.ONLINE)
+        claim = tracker.claims(DEVICE)[Source.MDNS]
+        emit(
+            "back",
+            online_in_s=round(loop.time() - back, 4),
+            claim_online=claim.online,
+            ttl_s=claim.ttl_s,
+        )
+        async with asyncio.timeout(STEP_BOUND_S):
+            await broadcast
     finally:
         await mdns.close()
         await device_zc.async_close()

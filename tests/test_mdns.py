@@ -417,6 +417,11 @@ async def test_an_announcement_wakes_a_link_out_of_a_300s_backoff_over_real_mdns
     assert (goodbye["source"], goodbye["claim_online"]) == ("MDNS", False)
     assert goodbye["offline_in_s"] < 1.0
 
+    back = events["back"]  # an announcement right after a goodbye
+    assert back["online_in_s"] < 1.0
+    assert back["claim_online"] is True
+    assert 4400 < back["ttl_s"] <= 4500
+
     assert events["closed"] == {"event": "closed", "tasks_left": [], "mdns_running": False}
 
 
