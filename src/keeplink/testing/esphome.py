@@ -52,6 +52,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from keeplink.testing._ports import free_port
+
 try:
     import aioesphomeapi  # noqa: F401 - the extra this module needs, said once
     import noise  # type: ignore[import-untyped]  # noqa: F401
@@ -179,6 +181,8 @@ class EsphomeSimulator:
     async def _listen(self) -> None:
         if self._server is not None:
             return
+        if self.port == 0 and self.host == "127.0.0.1":
+            self.port = free_port()  # it may sleep and come back: see free_port
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         self.asleep = False

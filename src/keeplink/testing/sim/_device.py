@@ -15,6 +15,7 @@ from keeplink._clock import SystemClock, sleep_until
 from keeplink._core.clock import Clock
 from keeplink._core.errors import InvalidRequestError
 from keeplink._core.jsonline import StatePush, encode_frame
+from keeplink.testing._ports import free_port
 from keeplink.testing.sim._ota import OtaReceiver
 from keeplink.testing.sim._records import AppliedCommand, SimStatistics
 from keeplink.testing.sim._session import SessionHandling
@@ -174,6 +175,8 @@ class DeviceSimulator(SessionHandling):
     async def _listen(self) -> None:
         if self._server is not None or self._asleep:
             return
+        if self.port == 0 and self.host == "127.0.0.1":
+            self.port = free_port()  # it may sleep or restart on it: see free_port
         self._server = await asyncio.start_server(
             self._serve, self.host, self.port, ssl=self.ssl_context, reuse_address=True
         )
