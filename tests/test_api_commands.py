@@ -213,12 +213,15 @@ async def test_the_client_waits_for_a_command_named_by_a_prefix(rig: Rig) -> Non
     """``wait`` follows the event stream for the whole id, whatever named the command."""
     _, answer, _ = await rig.submit("away", {"op": "set"})
     listeners = rig.server.gateway.events.listeners
+    before = len(listeners)  # the gateway's own (the history) listen already
 
     async def script() -> tuple[dict[str, Any], dict[str, Any]]:
         async with GatewayClient(rig.url, token=TOKEN) as client:
             waiting = asyncio.ensure_future(client.wait(answer["id"][:8], timeout=10))
             try:
-                await eventually(lambda: bool(listeners), what="the wait follows the stream")
+                await eventually(
+                    lambda: len(listeners) > before, what="the wait follows the stream"
+                )
                 await asyncio.sleep(0.5)  # past its re-read: the change must come as an event
                 cancelled = await client.cancel(answer["id"][:8])
                 return cancelled, await asyncio.wait_for(waiting, 10)
